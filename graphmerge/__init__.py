@@ -1,0 +1,67 @@
+"""graphmerge: merge N trained networks of one architecture into one of the same size.
+
+The public API. Each entry point imports its pass lazily so that ``import graphmerge`` stays
+cheap and the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graphmerge.errors import GraphMergeError, ModelMismatchError, TraceError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GraphMergeError",
+    "ModelMismatchError",
+    "TraceError",
+    "add_gates",
+    "analyze",
+    "compress",
+    "export_onnx",
+    "merge",
+    "widen",
+]
+
+
+def analyze(model, example_inputs, *, leaf_modules=(), concrete_args=None):
+    """Trace ``model`` on ``example_inputs`` and return its coupling groups (a GroupSet)."""
+    from graphmerge.api import analyze as _analyze
+
+    return _analyze(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+
+
+def widen(teachers, example_inputs, *, leaf_modules=(), concrete_args=None):
+    """Concatenate N teachers into one big student that computes the mean of their outputs."""
+    from graphmerge.api import widen as _widen
+
+    return _widen(teachers, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+
+
+def add_gates(big, **gate_options: Any):
+    """Insert one tied hard-concrete gate vector per widened group of a big student."""
+    from passes.gate import add_gates as _add_gates
+
+    return _add_gates(big, **gate_options)
+
+
+def compress(big, keep="gates", *, scales=None, ratio=None):
+    """Slice a (gated) big student back to the teachers' width."""
+    from passes.compress import compress as _compress
+
+    return _compress(big, keep, scales=scales, ratio=ratio)
+
+
+def merge(teachers, train_data, **options: Any):
+    """The paper's recipe end to end: widen, gate phase, compress, fine-tune."""
+    from graphmerge.recipe import merge as _merge
+
+    return _merge(teachers, train_data, **options)
+
+
+def export_onnx(model, example_inputs, path, **options: Any):
+    """Export a model to a self-contained ONNX file, checked for parity with onnxruntime."""
+    from passes.export import export_onnx as _export_onnx
+
+    return _export_onnx(model, example_inputs, path, **options)

@@ -1,0 +1,166 @@
+"""Compress: keep ``width`` channels of every widened group and slice the big student back.
+
+Every parameter and buffer is gathered along every dimension a group touches, through the same
+layout that widen scattered with (``passes.layout``), so keeping exactly teacher K's channels
+gives back teacher K's tensors bitwise (invariant I2). BatchNorm statistics, biases and scales
+are kept. An optional per-channel scale per group (the eval value of a gate) is folded into the
+input weights of the group's consumers, so the student computes what the gated big student
+computes when the dropped gates are closed (invariant I3).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from graphmerge.errors import GraphMergeError
+from passes.couple import DimLayout
+from passes.layout import pieces, student_map
+from passes.widen import WidenInfo
+
+Keep = str | dict[int, Any]
+
+
+def widen_info(big: nn.Module) -> tuple[torch.fx.GraphModule, WidenInfo]:
+    """The big GraphModule and its WidenInfo, from a big student or a gated big student."""
+    graph_module = getattr(big, "graph_module", big)
+    info = getattr(graph_module, "meta", {}).get("graphmerge")
+    if not isinstance(info, WidenInfo):
+        raise GraphMergeError(
+            f"compress needs a big student made by graphmerge.widen (or gated by graphmerge.add_gates); "
+            f"got a {type(big).__name__} without graphmerge metadata. Build it with graphmerge.widen(teachers, "
+            "example_inputs) first.")
+    return graph_module, info
+
+
+def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+    """Which big channels each widened group keeps, in ascending order.
+
+    ``keep`` is ``"teacher:K"`` or ``{group_id: scores}`` (N × width scores; the top ``width``
+    are kept, ties broken by lower index). Groups selected in units (conv groups) keep whole
+    units, ranked by the sum of their channels' scores.
+    """
+    n = info.n_teachers
+    kept: dict[int, np.ndarray] = {}
+    if isinstance(keep, str) and keep.startswith("teacher:"):
+        try:
+            teacher = int(keep.split(":", 1)[1])
+        except ValueError:
+            raise GraphMergeError(f"keep='{keep}' is not of the form 'teacher:K' with an integer K.") from None
+        if not 0 <= teacher < n:
+            raise GraphMergeError(f"keep='{keep}' names teacher {teacher}, but the big student has {n} "
+                                  f"teachers (0..{n - 1}).")
+        for group in info.groups.widened:
+            kept[group.id] = teacher * group.width + np.arange(group.width)
+        return kept
+    if not isinstance(keep, dict):
+        raise GraphMergeError(f"keep must be 'gates', 'teacher:K' or a dict of per-group scores; got {keep!r}.")
+    for group in info.groups.widened:
+        if group.id not in keep:
+            raise GraphMergeError(f"no scores for widened group {group.id} (width {group.width}): give a "
+                                  f"score for each of its {n * group.width} big channels.")
+        scores = np.asarray(torch.as_tensor(keep[group.id]).detach().cpu().double().numpy()).ravel()
+        if scores.size != n * group.width:
+            raise GraphMergeError(f"group {group.id} has {n * group.width} big channels but {scores.size} "
+                                  "scores were given.")
+        count = (counts or {}).get(group.id, group.width)
+        kept[group.id] = _top(scores, count, group.unit)
+    return kept
+
+
+def _top(scores: np.ndarray, count: int, unit: int) -> np.ndarray:
+    if unit > 1:
+        per_unit = scores.reshape(-1, unit).sum(1)
+        units = np.sort(np.argsort(-per_unit, kind="stable")[: count // unit])
+        return (units[:, None] * unit + np.arange(unit)).ravel()
+    return np.sort(np.argsort(-scores, kind="stable")[:count])
+
+
+def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | None = None,
+             ratio: float | None = None) -> nn.Module:
+    """Slice a (gated) big student to one network of the teachers' architecture.
+
+    With ``keep="gates"`` (a gated big student) the gate scores choose the channels and the
+    eval gate values are folded into the consumers. Returns an instance of the teachers' class.
+    """
+    if ratio is not None:
+        raise GraphMergeError("compress(ratio=...) is not supported yet: the student always has the "
+                              "teachers' width. Leave ratio unset.")
+    graph_module, info = widen_info(big)
+    if isinstance(keep, str) and keep == "gates":
+        if not hasattr(big, "gate_scores"):
+            raise GraphMergeError("keep='gates' needs a gated big student (graphmerge.add_gates(big)); for a "
+                                  "plain big student pass keep='teacher:K' or per-group scores.")
+        keep = big.gate_scores()
+        if scales is None:
+            scales = big.eval_gate_values()
+    kept = select_channels(info, keep)
+    state = _gather_state(graph_module.state_dict(), info, kept, scales)
+    teacher_index = int(keep.split(":")[1]) if isinstance(keep, str) else 0
+    state.update(info.untraced[teacher_index] if info.untraced else {})
+    student = copy.deepcopy(info.teacher)
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise GraphMergeError(f"the compressed weights do not load into {type(student).__name__}: {error}") from None
+    student.train(graph_module.training)
+    return student
+
+
+def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dict[int, np.ndarray],
+                  scales: dict[int, Any] | None) -> dict[str, torch.Tensor]:
+    layout = info.groups.layout
+    widths, widened, n = info.widths, info.widened, info.n_teachers
+    out: dict[str, torch.Tensor] = {}
+    for name in info.groups.graph_module.state_dict():
+        tensor = big_state[name]
+        dims = layout.params.get(name)
+        if dims is None or tensor.ndim == 0:
+            out[name] = tensor.clone()
+            continue
+        for d, dim in enumerate(dims):
+            if dim is None:
+                continue
+            index = torch.as_tensor(student_map(dim, n, widths, widened, kept))
+            tensor = tensor.index_select(d, index)
+            if scales is not None and d in layout.in_dims.get(name, ()):
+                tensor = tensor * _scale_vector(dim, info, kept, scales, tensor.ndim, d).to(tensor.dtype)
+        out[name] = tensor.contiguous()
+    return out
+
+
+def _scale_vector(dim: DimLayout, info: WidenInfo, kept: dict[int, np.ndarray], scales: dict[int, Any],
+                  ndim: int, axis: int) -> torch.Tensor:
+    """Per student position along a consumer's input dim: the scale of the channel kept there."""
+    slots = student_slots(dim, info, kept)
+    values = np.ones(len(slots[0]))
+    for p, (g, k) in enumerate(zip(*slots, strict=True)):
+        if g >= 0 and g in scales:
+            values[p] = float(torch.as_tensor(scales[g]).reshape(-1)[k])
+    shape = [1] * ndim
+    shape[axis] = -1
+    return torch.as_tensor(values).view(shape)
+
+
+def student_slots(dim: DimLayout, info: WidenInfo, kept: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """For each student position: its group (-1 if shared) and the big channel kept there."""
+    parts = pieces(dim, info.widths, info.widened)
+    if parts is None:
+        group = dim.group.copy()
+        channel = np.array([kept[g][c] for g, c in zip(dim.group, dim.channel, strict=True)])
+        return group, channel
+    groups, channels = [], []
+    for piece in parts:
+        if piece.shared:
+            groups.append(np.full(piece.length, -1))
+            channels.append(np.full(piece.length, -1))
+        else:
+            k = np.asarray(kept[piece.group])
+            groups.append(np.full(len(k) * piece.run, piece.group))
+            channels.append(np.repeat(k, piece.run))
+    return np.concatenate(groups), np.concatenate(channels)

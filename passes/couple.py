@@ -1,0 +1,370 @@
+"""Channel-coupling analysis: which channels of a traced model must be kept or dropped together.
+
+Think of it as type inference with dimension variables, done per position: every channel
+position of every activation and parameter gets an integer id; op rules (``passes.oprules``)
+say which positions are the same channel (a residual add, a BatchNorm's parameters, a conv's
+input against its weight). Solving the equalities (connected components) gives channel
+*units*; units that always travel together in the same order form a *group*.
+
+Group boundaries come from how channels are made and cut: a conv's output is one run of
+fresh ids, ``cat`` puts runs side by side, ``split``/``chunk``/slicing cut them. Two units are
+in one group only if every such run that holds one holds the other right after it.
+
+Anything a rule does not understand pins the ids it touches, with the op and the reason: a
+pinned group keeps its width. Pinning is always safe; guessing is not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from passes.groups import Group, GroupSet
+from passes.labels import NOT_A_CHANNEL, TensorLabels
+
+
+@dataclass
+class ParamUse:
+    """How one parameter or buffer's dims are labelled, and which dim writes its op's output."""
+
+    dims: list[np.ndarray | None]
+    out_dim: int | None
+    in_dims: tuple[int, ...] = ()
+
+
+@dataclass
+class DimLayout:
+    """A labelled dimension in group coordinates: per position, its group and channel index.
+
+    ``group[p] == -1`` marks positions that are not channels of any group (kernel taps, ...).
+    """
+
+    group: np.ndarray
+    channel: np.ndarray
+
+
+@dataclass
+class Layout:
+    """What widen, gate and compress need beyond the groups themselves."""
+
+    params: dict[str, list[DimLayout | None]] = field(default_factory=dict)
+    out_dims: dict[str, int | None] = field(default_factory=dict)
+    in_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    nodes: dict[str, list[DimLayout | None]] = field(default_factory=dict)
+    gate_sites: list[tuple[str, int, int, str]] = field(default_factory=list)
+    across_norm: dict[int, str] = field(default_factory=dict)
+    literal_nodes: set[str] = field(default_factory=set)
+
+
+class Propagation:
+    """The state of one analysis: id allocation, equalities, pins, and what each node carries."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.next_id = 0
+        self.edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pins: list[tuple[np.ndarray, str]] = []
+        self.runs: list[np.ndarray] = []
+        self.roles: list[tuple[str, str, np.ndarray]] = []
+        self.params: dict[str, ParamUse] = {}
+        self.units: list[tuple[np.ndarray, int]] = []
+        self.across_norm: list[tuple[np.ndarray, str]] = []
+        self.gate_sites: list[tuple[str, int, int, str]] = []
+        self.literal_nodes: set[str] = set()
+        self.labels: dict[torch.fx.Node, Any] = {}
+
+    # -- building blocks for op rules -------------------------------------------------------
+
+    def fresh(self, n: int) -> np.ndarray:
+        """``n`` new channel ids, recorded as one run (a space made by one op)."""
+        ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        self.next_id += n
+        self.runs.append(ids)
+        return ids
+
+    def run(self, ids: np.ndarray) -> None:
+        """Record that ``ids`` sit side by side in this order (a cat output, a split piece)."""
+        ids = np.asarray(ids)
+        if ids.size and np.all(ids >= 0):
+            self.runs.append(ids)
+
+    def unify(self, a: np.ndarray, b: np.ndarray, where: str) -> None:
+        """Positions of ``a`` and ``b`` are the same channels. A channel meeting a non-channel pins."""
+        a, b = np.asarray(a, np.int64).ravel(), np.asarray(b, np.int64).ravel()
+        if a.shape != b.shape:
+            self.pin(a, f"{where}: mismatched sizes {a.size} and {b.size}")
+            self.pin(b, f"{where}: mismatched sizes {a.size} and {b.size}")
+            return
+        both = (a >= 0) & (b >= 0)
+        if both.any():
+            self.edges.append((a[both], b[both]))
+        lonely = (a >= 0) ^ (b >= 0)
+        if lonely.any():
+            self.pin(np.where(a >= 0, a, b)[lonely], f"{where}: channel aligned with a non-channel axis")
+
+    def pin(self, ids: np.ndarray, reason: str) -> None:
+        ids = np.asarray(ids, np.int64).ravel()
+        ids = ids[ids >= 0]
+        if ids.size:
+            self.pins.append((ids, reason))
+
+    def pin_labels(self, value: Any, reason: str) -> None:
+        for labels in _tensor_labels_in(value):
+            self.pin(labels.all_ids(), reason)
+
+    def role(self, node: torch.fx.Node, role: str, ids: np.ndarray | None) -> None:
+        if ids is not None:
+            ids = np.asarray(ids).ravel()
+            ids = ids[ids >= 0]
+            if ids.size:
+                self.roles.append((node.name, role, ids))
+
+    def use_param(self, name: str, dims: list[np.ndarray | None], *, out_dim: int | None,
+                  in_dims: tuple[int, ...] = ()) -> None:
+        """Label parameter ``name``; a second use (weight sharing) must agree with the first."""
+        dims = [None if d is None else np.asarray(d, np.int64) for d in dims]
+        seen = self.params.get(name)
+        if seen is None:
+            self.params[name] = ParamUse(dims, out_dim, in_dims)
+            return
+        for old, new in zip(seen.dims, dims, strict=True):
+            if old is not None and new is not None:
+                self.unify(old, new, f"parameter {name} used twice")
+            elif (old is None) != (new is None):
+                self.pin(old if new is None else new, f"parameter {name} used twice with different roles")
+
+    def unit(self, ids: np.ndarray, size: int) -> None:
+        """Channels must be selected in whole consecutive units of ``size`` (conv groups, heads)."""
+        if size > 1:
+            self.units.append((np.asarray(ids, np.int64), size))
+
+    def normalised_across(self, ids: np.ndarray, what: str) -> None:
+        """A normalisation spans these channels: dropping some changes the others (I3 inexact)."""
+        self.across_norm.append((np.asarray(ids, np.int64).ravel(), what))
+
+    def param_labels(self, name: str, tensor: torch.Tensor) -> list[np.ndarray]:
+        """Fresh labels for a parameter seen through ``get_attr``: every dim of size > 1 a space."""
+        dims = []
+        for size in tensor.shape:
+            dims.append(self.fresh(size) if size > 1 else np.full(size, NOT_A_CHANNEL, np.int64))
+        return dims
+
+
+def _tensor_labels_in(value: Any):
+    if isinstance(value, TensorLabels):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensor_labels_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensor_labels_in(item)
+
+
+def couple(gm: torch.fx.GraphModule) -> GroupSet:
+    """Find the coupling groups of a traced model whose nodes carry ``meta['tensor_meta']``.
+
+    ``gm`` is not modified.
+    """
+    from passes.oprules import propagate_node
+
+    start = time.perf_counter()
+    prop = Propagation(gm)
+    for node in gm.graph.nodes:
+        prop.labels[node] = propagate_node(prop, node)
+    groups, layout = _solve(prop)
+    elapsed = time.perf_counter() - start
+    return GroupSet(groups, gm, layout, timings={"couple_s": elapsed})
+
+
+def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
+    component = _components(prop)
+    pinned_reason = _pinned_components(prop, component)
+    chains = _chains(prop, component)
+
+    param_components = set()
+    for use in prop.params.values():
+        for ids in use.dims:
+            if ids is not None:
+                param_components.update(component[ids[ids >= 0]].tolist())
+
+    group_of = np.full(len(pinned_reason) + 1, -1, np.int64)
+    channel_of = np.full(len(pinned_reason) + 1, -1, np.int64)
+    groups: list[Group] = []
+    for chain in chains:
+        if not any(c in param_components for c in chain):
+            continue
+        gid = len(groups)
+        reasons = [pinned_reason[c] for c in chain if pinned_reason[c] is not None]
+        groups.append(Group(id=gid, width=len(chain), pinned=bool(reasons),
+                            reason=_first_reason(reasons)))
+        group_of[chain] = gid
+        channel_of[chain] = np.arange(len(chain))
+
+    def to_layout(ids: np.ndarray) -> DimLayout:
+        comp = np.where(ids >= 0, component[np.maximum(ids, 0)], -1)
+        gid = np.where(comp >= 0, group_of[comp], -1)
+        return DimLayout(gid, np.where(gid >= 0, channel_of[comp], -1))
+
+    layout = Layout()
+    for name, use in prop.params.items():
+        dims = [None if ids is None else to_layout(ids) for ids in use.dims]
+        layout.params[name] = dims
+        layout.out_dims[name] = use.out_dim
+        layout.in_dims[name] = use.in_dims
+        for dim, dim_layout in enumerate(dims):
+            if dim_layout is not None:
+                _add_index_map(groups, name, dim, dim_layout)
+
+    for node, value in prop.labels.items():
+        if isinstance(value, TensorLabels):
+            layout.nodes[node.name] = [None if ids is None else to_layout(ids) for ids in value.dims()]
+
+    for node_name, role, ids in prop.roles:
+        for gid in _groups_of(ids, component, group_of):
+            target = {"producer": groups[gid].producers, "consumer": groups[gid].consumers,
+                      "member": groups[gid].members}[role]
+            if node_name not in target:
+                target.append(node_name)
+    for ids, size in prop.units:
+        for gid in _groups_of(ids, component, group_of):
+            groups[gid].unit = math.lcm(groups[gid].unit, size)
+    for ids, what in prop.across_norm:
+        for gid in _groups_of(ids, component, group_of):
+            layout.across_norm.setdefault(gid, what)
+    for site in prop.gate_sites:
+        layout.gate_sites.append(site)
+        node_name, _, _, param = site
+        for dim_layout in layout.params.get(param, [])[1:2]:
+            if dim_layout is None:
+                continue
+            for gid in np.unique(dim_layout.group[dim_layout.group >= 0]).tolist():
+                if node_name not in groups[gid].gate_sites:
+                    groups[gid].gate_sites.append(node_name)
+    layout.literal_nodes = set(prop.literal_nodes)
+    for group in groups:
+        if group.width % group.unit:
+            group.pinned = True
+            group.reason = group.reason or f"selection unit {group.unit} does not divide width {group.width}"
+    return groups, layout
+
+
+def _first_reason(reasons: list[str]) -> str | None:
+    """Prefer a reason from inside the graph over the graph boundary: it is the one to fix."""
+    if not reasons:
+        return None
+    inner = [r for r in reasons if not r.startswith(("graph input", "graph output"))]
+    return (inner or reasons)[0]
+
+
+def _groups_of(ids: np.ndarray, component: np.ndarray, group_of: np.ndarray) -> list[int]:
+    gids = group_of[component[ids]]
+    return np.unique(gids[gids >= 0]).tolist()
+
+
+def _components(prop: Propagation) -> np.ndarray:
+    n = prop.next_id
+    if prop.edges:
+        a = np.concatenate([e[0] for e in prop.edges])
+        b = np.concatenate([e[1] for e in prop.edges])
+    else:
+        a = b = np.zeros(0, np.int64)
+    matrix = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n))
+    _, component = connected_components(matrix, directed=False)
+    return component.astype(np.int64)
+
+
+def _pinned_components(prop: Propagation, component: np.ndarray) -> list[str | None]:
+    count = int(component.max()) + 1 if component.size else 0
+    reasons: list[str | None] = [None] * count
+    for ids, reason in prop.pins:
+        for comp in np.unique(component[ids]).tolist():
+            current = reasons[comp]
+            if current is None or (current.startswith(("graph input", "graph output"))
+                                   and not reason.startswith(("graph input", "graph output"))):
+                reasons[comp] = reason
+    return reasons
+
+
+def _chains(prop: Propagation, component: np.ndarray) -> list[list[int]]:
+    """Order channel units into groups: maximal chains every recorded run agrees on."""
+    succ: dict[int, int | None] = {}
+    pred: dict[int, int | None] = {}
+    seen: dict[int, None] = {}
+    for ids in prop.runs:
+        comps = component[ids]
+        if comps.size > 1:
+            keep = np.concatenate(([True], comps[1:] != comps[:-1]))
+            comps = comps[keep]
+        seq = comps.tolist()
+        for c in seq:
+            seen.setdefault(c)
+        _mark_end(succ, seq[-1])
+        _mark_end(pred, seq[0])
+        for u, v in zip(seq[:-1], seq[1:], strict=True):
+            _link(succ, u, v)
+            _link(pred, v, u)
+
+    chains: list[list[int]] = []
+    placed: set[int] = set()
+
+    def linked(u: int) -> int | None:
+        v = succ.get(u)
+        return v if v is not None and v >= 0 and pred.get(v) == u else None
+
+    has_incoming = {v for u in seen if (v := linked(u)) is not None}
+    heads = [u for u in seen if u not in has_incoming]
+    for start in heads + list(seen):
+        chain = []
+        node: int | None = start
+        while node is not None and node not in placed:
+            chain.append(node)
+            placed.add(node)
+            node = linked(node)
+        if chain:
+            chains.append(chain)
+    return chains
+
+
+_END = -1
+
+
+def _mark_end(table: dict[int, int | None], u: int) -> None:
+    table[u] = _END
+
+
+def _link(table: dict[int, int | None], u: int, v: int) -> None:
+    current = table.get(u, None)
+    if u not in table:
+        table[u] = v
+    elif current != v:
+        table[u] = _END
+
+
+def _add_index_map(groups: list[Group], name: str, dim: int, dim_layout: DimLayout) -> None:
+    gids = dim_layout.group
+    for gid in np.unique(gids[gids >= 0]).tolist():
+        positions = np.nonzero(gids == gid)[0]
+        channels = dim_layout.channel[positions]
+        order = np.argsort(channels, kind="stable")
+        width = groups[gid].width
+        if positions.size % width:
+            groups[gid].pinned = True
+            groups[gid].reason = groups[gid].reason or f"{name} dim {dim}: uneven runs of channels"
+            continue
+        run = positions.size // width
+        counts = np.bincount(channels, minlength=width)
+        if not np.all(counts == run):
+            groups[gid].pinned = True
+            groups[gid].reason = groups[gid].reason or f"{name} dim {dim}: channels used unevenly"
+            continue
+        groups[gid].index_maps[(name, dim)] = positions[order].reshape(width, run)

@@ -1,0 +1,200 @@
+"""Gate: one tied hard-concrete gate vector per widened group, at the inputs of its consumers.
+
+Gates follow Louizos et al., "Learning Sparse Neural Networks through L0 Regularization": per
+channel ``u ~ U(0,1)``, ``s = sigmoid((log u - log(1-u) + log_alpha) / beta)``,
+``g = clamp(s (zeta - gamma) + gamma, 0, 1)``; at eval ``g = clamp(sigmoid(log_alpha)(zeta -
+gamma) + gamma, 0, 1)``, deterministic. Each forward draws ONE realisation per group (per
+sample) and every site of the group multiplies by it: the tying the paper does by hand for
+ResNet skip connections. Sites are the inputs of the ops that mix across the group (conv and
+linear inputs), which sit after BatchNorm and the non-linearity, so nothing downstream can undo
+a closed gate.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from graphmerge.errors import GraphMergeError
+from passes.compress import widen_info
+from passes.layout import teacher_maps
+
+GATES = "graphmerge_gates"
+
+
+class HardConcreteGates(nn.Module):
+    """All gate parameters of a big student: ``log_alpha`` per widened group, N × width each."""
+
+    def __init__(self, sizes: dict[int, int], *, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1,
+                 init_mean: float = 1.0, init_std: float = 0.01, generator: torch.Generator | None = None):
+        super().__init__()
+        if not (gamma < 0 < 1 < zeta) or beta <= 0:
+            raise GraphMergeError(f"hard-concrete constants need gamma < 0, zeta > 1 and beta > 0; got "
+                                  f"beta={beta}, gamma={gamma}, zeta={zeta}.")
+        self.beta, self.gamma, self.zeta = beta, gamma, zeta
+        self.group_ids = list(sizes)
+        self.log_alpha = nn.ParameterDict({
+            f"g{gid}": nn.Parameter(torch.randn(size, generator=generator) * init_std + init_mean)
+            for gid, size in sizes.items()
+        })
+        offsets = np.cumsum([0, *sizes.values()])
+        self.offsets = {gid: int(o) for gid, o in zip(sizes, offsets[:-1], strict=True)}
+        self.total = int(offsets[-1])
+
+    def all_log_alpha(self) -> torch.Tensor:
+        if not self.group_ids:
+            return torch.zeros(0)
+        return torch.cat([self.log_alpha[f"g{gid}"] for gid in self.group_ids])
+
+    def forward(self, reference: torch.Tensor) -> torch.Tensor:
+        """Gate values for every channel plus a trailing 1 (for positions no gate covers)."""
+        log_alpha = self.all_log_alpha()
+        if self.training:
+            rows = reference.shape[0] if reference.ndim else 1
+            u = torch.rand(rows, self.total, device=log_alpha.device, dtype=log_alpha.dtype)
+            u = u.clamp(1e-6, 1 - 1e-6)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
+        else:
+            s = torch.sigmoid(log_alpha).unsqueeze(0)
+        gates = (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+        return torch.cat([gates, torch.ones(gates.shape[0], 1, dtype=gates.dtype, device=gates.device)], 1)
+
+    def prob_open(self, gid: int) -> torch.Tensor:
+        """P[g > 0] per channel: sigmoid(log_alpha - beta log(-gamma / zeta))."""
+        return torch.sigmoid(self.log_alpha[f"g{gid}"] - self.beta * math.log(-self.gamma / self.zeta))
+
+    def eval_value(self, gid: int) -> torch.Tensor:
+        return (torch.sigmoid(self.log_alpha[f"g{gid}"]) * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+
+
+@torch.fx.wrap
+def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Multiply ``x`` along ``dim`` by the gate values ``gates[:, index]`` (batch rows broadcast)."""
+    values = gates.index_select(1, index)
+    shape = [1] * x.ndim
+    shape[0] = values.shape[0]
+    shape[dim % x.ndim] = values.shape[1]
+    return x * values.reshape(shape)
+
+
+class GatedStudent(nn.Module):
+    """A big student with gates at every consumer of every widened group."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, n_teachers: int):
+        super().__init__()
+        self.graph_module = graph_module
+        self.n_teachers = n_teachers
+
+    @property
+    def gates(self) -> HardConcreteGates:
+        return getattr(self.graph_module, GATES)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    def gate_parameters(self):
+        return self.gates.parameters()
+
+    def weight_parameters(self):
+        gate_ids = {id(p) for p in self.gates.parameters()}
+        return (p for p in self.parameters() if id(p) not in gate_ids)
+
+    def gate_loss(self) -> torch.Tensor:
+        """Σ over groups of (1/N − mean P[g > 0])², the paper's L_half for N teachers."""
+        target = 1.0 / self.n_teachers
+        losses = [(target - self.gates.prob_open(gid).mean()) ** 2 for gid in self.gates.group_ids]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def open_fraction(self) -> dict[int, float]:
+        return {gid: float(self.gates.prob_open(gid).mean()) for gid in self.gates.group_ids}
+
+    def expected_open(self) -> dict[int, float]:
+        return {gid: float(self.gates.prob_open(gid).sum()) for gid in self.gates.group_ids}
+
+    def gate_scores(self) -> dict[int, torch.Tensor]:
+        return {gid: self.gates.log_alpha[f"g{gid}"].detach().clone() for gid in self.gates.group_ids}
+
+    def eval_gate_values(self) -> dict[int, torch.Tensor]:
+        return {gid: self.gates.eval_value(gid).detach().clone() for gid in self.gates.group_ids}
+
+    def teacher_share(self) -> dict[int, list[int]]:
+        """How many of each group's top-``width`` channels (by gate score) come from each teacher."""
+        from passes.compress import select_channels
+
+        _, info = widen_info(self)
+        kept = select_channels(info, self.gate_scores())
+        return {gid: np.bincount(k // info.widths[gid], minlength=self.n_teachers).tolist()
+                for gid, k in kept.items()}
+
+    @torch.no_grad()
+    def set_gates(self, masks: dict[int, Any], *, high: float = 20.0) -> None:
+        """Make the eval gate exactly 1 where ``masks[g]`` is True and exactly 0 where False."""
+        _, info = widen_info(self)
+        for gid, mask in masks.items():
+            mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
+            param = self.gates.log_alpha[f"g{gid}"]
+            if mask.numel() != param.numel():
+                raise GraphMergeError(f"group {gid} has {param.numel()} gates but the mask has {mask.numel()}.")
+            unit = info.groups[gid].unit
+            if unit > 1 and not bool((mask.view(-1, unit) == mask.view(-1, unit)[:, :1]).all()):
+                raise GraphMergeError(f"group {gid} is selected in whole units of {unit} channels (conv groups); "
+                                      "the mask must open or close each unit as a whole.")
+            param.copy_(torch.where(mask, torch.full_like(param, high), torch.full_like(param, -high)))
+
+
+def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1,
+              init_mean: float = 1.0, init_std: float = 0.01, seed: int | None = None) -> GatedStudent:
+    """A copy of ``big`` with one tied gate vector per widened group (``big`` is not modified)."""
+    big, info = widen_info(big)
+    groups = info.groups
+    n = info.n_teachers
+    widths, widened = info.widths, info.widened
+    sizes = {g.id: n * g.width for g in groups.widened}
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    gates = HardConcreteGates(sizes, beta=beta, gamma=gamma, zeta=zeta, init_mean=init_mean,
+                              init_std=init_std, generator=generator)
+    big.meta.pop("graphmerge")
+    try:
+        gated = copy.deepcopy(big)
+    finally:
+        big.meta["graphmerge"] = info
+    gated.meta["graphmerge"] = info
+    gated.add_submodule(GATES, gates)
+    graph = gated.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        gate_node = graph.call_module(GATES, (placeholders[0],))
+    nodes = {node.name: node for node in graph.nodes}
+    for site, (node_name, arg_index, act_dim, param) in enumerate(groups.layout.gate_sites):
+        node = nodes.get(node_name)
+        in_dim = groups.layout.params.get(param, [None, None])[1]
+        if node is None or in_dim is None or not np.isin(in_dim.group, list(widened)).any():
+            continue
+        index = _site_index(in_dim, n, widths, widened, gates)
+        buffer = f"graphmerge_gate_index_{site}"
+        gated.register_buffer(buffer, torch.as_tensor(index, dtype=torch.long), persistent=False)
+        with graph.inserting_before(node):
+            index_node = graph.get_attr(buffer)
+            gated_input = graph.call_function(apply_gate, (node.args[arg_index], gate_node, index_node, act_dim))
+        args = list(node.args)
+        args[arg_index] = gated_input
+        node.args = tuple(args)
+    gated.recompile()
+    return GatedStudent(gated, n)
+
+
+def _site_index(in_dim, n: int, widths: dict[int, int], widened: set[int], gates: HardConcreteGates) -> np.ndarray:
+    """For each big position of a consumer's input: its gate's index (``gates.total`` = no gate)."""
+    size, maps = teacher_maps(in_dim, n, widths, widened)
+    index = np.full(size, gates.total, np.int64)
+    for t in range(n):
+        for p, (g, c) in enumerate(zip(in_dim.group.tolist(), in_dim.channel.tolist(), strict=True)):
+            if g in widened:
+                index[maps[t][p]] = gates.offsets[g] + t * widths[g] + c
+    return index

@@ -1,0 +1,397 @@
+"""Widen: N teachers of one architecture become one big student that computes their mean.
+
+Every parameter and buffer is built by scattering each teacher's tensor into its block along
+every widened dimension (``passes.layout``); off-diagonal blocks start at zero and train.
+Positions all teachers share (image channels, logits) receive every teacher: shared inputs
+stack the teachers' filters, and a layer writing a shared output gets each teacher's weight
+divided by N and the mean bias, so the big student averages the teachers.
+
+The graph itself is the teachers' traced graph with width attributes rewritten; ops whose result
+depends on channel layout either stay valid by construction (cat, chunk: see ``passes.layout``)
+or get their literal sizes rewritten (view, split sizes, slices). A LayerNorm across a widened
+dim becomes N block-wise LayerNorms, which is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from passes.couple import DimLayout
+from passes.groups import GroupSet
+from passes.layout import LayoutError, shared_mask, teacher_maps
+
+
+@dataclass
+class WidenInfo:
+    """What compress and gate need to know about a big student; stored in ``big.meta``."""
+
+    groups: GroupSet
+    n_teachers: int
+    teacher: nn.Module
+    untraced: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def widths(self) -> dict[int, int]:
+        return {g.id: g.width for g in self.groups}
+
+    @property
+    def widened(self) -> set[int]:
+        return {g.id for g in self.groups.widened}
+
+
+def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
+    """Build the big student from the analysed teacher graph and N teachers (not modified)."""
+    n = len(teachers)
+    layout = groups.layout
+    widths = {g.id: g.width for g in groups}
+    widened = {g.id for g in groups.widened}
+    for g in groups.internal_pinned:
+        warnings.warn(f"group {g.id} (width {g.width}) is pinned inside the network: {g.reason}. "
+                      "widen averages its parameters, so the big student does not compute the "
+                      "teachers' mean (invariant I1 cannot hold for this model).", stacklevel=3)
+
+    big = copy.deepcopy(groups.graph_module)
+    states = [t.state_dict() for t in teachers]
+    traced_names = set(big.state_dict().keys())
+    for name, reference in big.state_dict().items():
+        dims = layout.params.get(name)
+        tensors = [s[name] for s in states]
+        new = _scatter(tensors, dims, layout.out_dims.get(name), n, widths, widened, name)
+        _set_tensor(big, name, new, reference)
+    _rewrite_modules(big, groups, n, widths, widened)
+    _rewrite_literals(big, groups, n, widths, widened)
+    big.recompile()
+    untraced = [{k: v.clone() for k, v in s.items() if k not in traced_names} for s in states]
+    big.meta["graphmerge"] = WidenInfo(groups, n, copy.deepcopy(teachers[0]), untraced)
+    return big
+
+
+def _scatter(tensors: list[torch.Tensor], dims: list[DimLayout | None] | None, out_dim: int | None,
+             n: int, widths: dict[int, int], widened: set[int], name: str) -> torch.Tensor:
+    """One big tensor from N teachers' tensors: each into its block, shared positions averaged.
+
+    Each teacher's block is written with strided copies (``index_copy`` where a dim is not one
+    contiguous range), so the cost is linear in the tensor size. A position where every dim is
+    shared belongs to all N teachers: it holds their mean. A position whose output dim is shared
+    but an input dim is widened sums N teachers' partial products at run time, so its weight is
+    divided by N.
+    """
+    reference = tensors[0]
+    if dims is None or reference.ndim == 0:
+        mean = torch.stack([t.to(torch.float64) for t in tensors]).mean(0)
+        return mean.round().to(reference.dtype) if not reference.is_floating_point() \
+            else mean.to(reference.dtype)
+    sizes, maps, shared = [], [], []
+    for d, dim in enumerate(dims):
+        if dim is None:
+            sizes.append(reference.shape[d])
+            maps.append([np.arange(reference.shape[d])] * n)
+            shared.append(np.ones(reference.shape[d], dtype=bool))
+            continue
+        try:
+            size, per_teacher = teacher_maps(dim, n, widths, widened)
+        except LayoutError as error:
+            raise LayoutError(f"{name} dim {d}: {error}") from None
+        sizes.append(size)
+        maps.append(per_teacher)
+        shared.append(shared_mask(dim, widened))
+    total = torch.zeros(sizes, dtype=reference.dtype)
+    for t, tensor in enumerate(tensors):
+        _write_block(total, tensor, [maps[d][t] for d in range(len(sizes))])
+    if all(mask.any() for mask in shared):
+        where = [np.nonzero(mask)[0] for mask in shared]
+        teacher_index = np.ix_(*where)
+        mean = torch.stack([t[teacher_index].to(torch.float64) for t in tensors]).mean(0)
+        if not reference.is_floating_point():
+            mean = mean.round()
+        big_index = np.ix_(*[maps[d][0][where[d]] for d in range(len(sizes))])
+        total[big_index] = mean.to(reference.dtype)
+    if out_dim is not None and dims[out_dim] is not None and shared[out_dim].any() \
+            and not all(mask.all() for d, mask in enumerate(shared) if d != out_dim):
+        rows = torch.as_tensor(maps[out_dim][0][shared[out_dim]])
+        masks = _big_masks(shared, maps, sizes)
+        masks[out_dim] = np.ones(len(rows), dtype=bool)
+        head = total.index_select(out_dim, rows)
+        head = torch.where(torch.as_tensor(_outer_and(masks)), head, head / n)
+        total.index_copy_(out_dim, rows, head)
+    return total
+
+
+def _big_masks(shared: list[np.ndarray], maps: list[list[np.ndarray]], sizes: list[int]) -> list[np.ndarray]:
+    """Per dim, which big positions are shared (indexed like the teachers' positions for rows)."""
+    out = []
+    for d, mask in enumerate(shared):
+        big = np.zeros(sizes[d], dtype=bool)
+        big[maps[d][0]] = mask
+        out.append(big)
+    return out
+
+
+def _write_block(total: torch.Tensor, tensor: torch.Tensor, maps: list[np.ndarray]) -> None:
+    """``total[np.ix_(*maps)] = tensor``, with views for contiguous ranges and index_copy otherwise."""
+    view = total
+    index_dims = []
+    for d, m in enumerate(maps):
+        if len(m) and m[-1] - m[0] == len(m) - 1 and (len(m) < 2 or np.all(np.diff(m) == 1)):
+            view = view.narrow(d, int(m[0]), len(m))
+        else:
+            index_dims.append(d)
+    block = tensor
+    for d in index_dims[:-1]:
+        grown = list(block.shape)
+        grown[d] = view.shape[d]
+        block = torch.zeros(grown, dtype=block.dtype).index_copy_(d, torch.as_tensor(maps[d]), block)
+    if not index_dims:
+        view.copy_(block)
+        return
+    last = index_dims[-1]
+    if len(index_dims) > 1:
+        # the grown dims already hold zeros off-block: only fill this teacher's positions
+        partial = view.index_select(last, torch.as_tensor(maps[last]))
+        keep = _outer_and([_mask(maps[d], view.shape[d]) if d in index_dims[:-1] else
+                           np.ones(partial.shape[d], dtype=bool) for d in range(partial.ndim)])
+        block = torch.where(torch.as_tensor(keep), block, partial)
+    view.index_copy_(last, torch.as_tensor(maps[last]), block)
+
+
+def _mask(index: np.ndarray, size: int) -> np.ndarray:
+    mask = np.zeros(size, dtype=bool)
+    mask[index] = True
+    return mask
+
+
+def _outer_and(masks: list[np.ndarray]) -> np.ndarray:
+    result = np.ones([1] * len(masks), dtype=bool)
+    for d, mask in enumerate(masks):
+        shape = [1] * len(masks)
+        shape[d] = -1
+        result = result & np.asarray(mask).reshape(shape)
+    return result
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, reference: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if isinstance(getattr(owner, attr), nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=reference.requires_grad))
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        setattr(owner, attr, value)
+
+
+# -- width attributes --------------------------------------------------------------------------
+
+def _rewrite_modules(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths: dict[int, int],
+                     widened: set[int]) -> None:
+    """Make every module's width attributes agree with its new tensors (so it prints and runs)."""
+    for name, module in list(big.named_modules()):
+        sync_width_attributes(module)
+        if isinstance(module, nn.LayerNorm) and module.weight is not None:
+            dim = groups.layout.params.get(f"{name}.weight", [None])[0]
+            if dim is not None and np.isin(dim.group, list(widened)).any():
+                _, maps = teacher_maps(dim, n, widths, widened)
+                _replace_module(big, name, BlockLayerNorm.from_layer_norm(module, maps))
+
+
+def sync_width_attributes(module: nn.Module) -> None:
+    """Set in/out channel, feature and group counts from the module's (resized) tensors."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        weight = module.weight
+        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        old_in = module.in_channels
+        new_in = weight.shape[0] if transposed else weight.shape[1] * module.groups
+        if module.groups > 1 and not transposed:
+            per_group = weight.shape[1]
+            new_groups = module.groups * (weight.shape[0] // max(module.out_channels, 1)) \
+                if module.out_channels else module.groups
+            module.groups = new_groups
+            new_in = per_group * new_groups
+        del old_in
+        module.in_channels = new_in
+        module.out_channels = weight.shape[1] * module.groups if transposed else weight.shape[0]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        tensor = module.weight if module.weight is not None else module.running_mean
+        if tensor is not None:
+            module.num_features = tensor.shape[0]
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        ratio = module.weight.shape[0] // module.num_channels if module.num_channels else 1
+        if module.weight.shape[0] != module.num_channels:
+            module.num_groups = module.num_groups * ratio
+            module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.shape[0]
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    setattr(owner, attr, new)
+
+
+class BlockLayerNorm(nn.Module):
+    """N LayerNorms side by side: normalises each teacher's channels of the last dim separately.
+
+    ``order`` gathers the last dim teacher-major (it may interleave when the dim holds several
+    groups); keeps the parameter names ``weight`` and ``bias`` of the LayerNorm it replaces.
+    """
+
+    def __init__(self, order: torch.Tensor, blocks: int, eps: float, weight: nn.Parameter | None,
+                 bias: nn.Parameter | None):
+        super().__init__()
+        self.blocks = blocks
+        self.eps = eps
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("inverse", torch.argsort(order), persistent=False)
+        self.weight = weight
+        self.bias = bias
+
+    @staticmethod
+    def from_layer_norm(module: nn.LayerNorm, maps: list[np.ndarray]) -> BlockLayerNorm:
+        order = torch.as_tensor(np.concatenate(maps), dtype=torch.long)
+        return BlockLayerNorm(order, len(maps), module.eps, module.weight, module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_layer_norm(x, self.order, self.inverse, self.blocks, self.eps, self.weight, self.bias)
+
+
+def block_layer_norm(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, blocks: int, eps: float,
+                     weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    grouped = x.index_select(-1, order)
+    shape = grouped.shape
+    grouped = grouped.reshape(*shape[:-1], blocks, shape[-1] // blocks)
+    normed = F.layer_norm(grouped, (shape[-1] // blocks,), eps=eps).reshape(shape)
+    out = normed.index_select(-1, inverse)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class BlockNorm(nn.Module):
+    """The parameter-free part of ``BlockLayerNorm``, for ``F.layer_norm`` calls in a graph."""
+
+    def __init__(self, order: torch.Tensor, blocks: int, eps: float):
+        super().__init__()
+        self.blocks = blocks
+        self.eps = eps
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("inverse", torch.argsort(order), persistent=False)
+
+    def forward(self, x: torch.Tensor, weight: Any = None, bias: Any = None) -> torch.Tensor:
+        return block_layer_norm(x, self.order, self.inverse, self.blocks, self.eps, weight, bias)
+
+
+# -- literal sizes in the graph ------------------------------------------------------------------
+
+def _rewrite_literals(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths: dict[int, int],
+                      widened: set[int]) -> None:
+    layout = groups.layout
+
+    def size_of(dim: DimLayout | None) -> int | None:
+        if dim is None:
+            return None
+        return teacher_maps(dim, n, widths, widened)[0]
+
+    def prefix(dim: DimLayout, stop: int) -> int:
+        return size_of(DimLayout(dim.group[:stop], dim.channel[:stop])) if stop else 0
+
+    norm_index = 0
+    for node in list(big.graph.nodes):
+        if node.target is F.layer_norm:
+            norm_index = _rewrite_layer_norm(big, node, layout, n, widths, widened, norm_index)
+            continue
+        if node.name not in layout.literal_nodes:
+            continue
+        source = node.args[0] if node.args else None
+        in_dims = layout.nodes.get(source.name) if isinstance(source, torch.fx.Node) else None
+        out_dims = layout.nodes.get(node.name)
+        target = node.target
+        if target in ("view", "reshape", torch.reshape) and out_dims is not None:
+            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+                else node.args[1:]
+            new = [size_of(out_dims[d]) if isinstance(s, int) and s != -1 and size_of(out_dims[d]) else s
+                   for d, s in enumerate(sizes)]
+            node.args = (node.args[0], tuple(new)) if len(node.args) == 2 and \
+                isinstance(node.args[1], (list, tuple)) else (node.args[0], *new)
+        elif target in ("split", torch.split) and in_dims is not None:
+            sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            layout_dim = in_dims[dim]
+            if isinstance(sizes, (list, tuple)) and layout_dim is not None:
+                bounds = np.cumsum([0, *sizes])
+                new_sizes = [prefix(layout_dim, int(b)) - prefix(layout_dim, int(a))
+                             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+                node.args = (node.args[0], new_sizes, *node.args[2:])
+            elif isinstance(sizes, int) and layout_dim is not None:
+                node.args = (node.args[0], prefix(layout_dim, sizes), *node.args[2:])
+        elif target in ("narrow", torch.narrow) and in_dims is not None:
+            dim, start, length = node.args[1], node.args[2], node.args[3]
+            layout_dim = in_dims[dim]
+            if layout_dim is not None:
+                big_start = prefix(layout_dim, start)
+                node.args = (node.args[0], dim, big_start, prefix(layout_dim, start + length) - big_start)
+        elif target is __import__("operator").getitem and in_dims is not None:
+            node.args = (node.args[0], _rewrite_index(node.args[1], in_dims, prefix))
+
+
+def _rewrite_index(index: Any, in_dims: list[DimLayout | None], prefix) -> Any:
+    items = index if isinstance(index, tuple) else (index,)
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out, d = [], 0
+    for item in items:
+        if item is Ellipsis:
+            d += len(in_dims) - n_real
+            out.append(item)
+            continue
+        if item is None:
+            out.append(item)
+            continue
+        dim = in_dims[d] if d < len(in_dims) else None
+        if isinstance(item, slice) and dim is not None and (dim.group >= 0).any():
+            if item.step not in (None, 1):
+                raise LayoutError("strided slicing along a channel dim cannot be widened")
+            length = len(dim.group)
+            start, stop, _ = item.indices(length)
+            item = slice(prefix(dim, start) if item.start is not None else None,
+                         prefix(dim, stop) if item.stop is not None else None)
+        out.append(item)
+        d += 1
+    return tuple(out) if isinstance(index, tuple) else out[0]
+
+
+def _rewrite_layer_norm(big: torch.fx.GraphModule, node: torch.fx.Node, layout, n: int,
+                        widths: dict[int, int], widened: set[int], index: int) -> int:
+    source = node.args[0]
+    dims = layout.nodes.get(source.name) if isinstance(source, torch.fx.Node) else None
+    last = dims[-1] if dims else None
+    if last is None or not np.isin(last.group, list(widened)).any():
+        return index
+    _, maps = teacher_maps(last, n, widths, widened)
+    order = torch.as_tensor(np.concatenate(maps), dtype=torch.long)
+    eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    name = f"graphmerge_block_norm_{index}"
+    big.add_submodule(name, BlockNorm(order, n, eps))
+    with big.graph.inserting_after(node):
+        replacement = big.graph.call_module(name, (source, weight, bias))
+    node.replace_all_uses_with(replacement)
+    big.graph.erase_node(node)
+    return index + 1

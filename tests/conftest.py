@@ -1,0 +1,53 @@
+"""Shared fixtures and hypothesis profiles.
+
+Profiles: "default" (200 examples) is loaded here; ``--hypothesis-profile=thorough`` (3000
+examples, used by ``make test-full``) is applied afterwards by hypothesis' own pytest plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # the packages import without `pip install -e .` too
+    sys.path.insert(0, str(REPO_ROOT))
+
+settings.register_profile("default", max_examples=200, deadline=None)
+settings.register_profile("thorough", max_examples=3000, deadline=None)
+settings.load_profile("default")
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python -m graphmerge.cli ARGS`` in a fresh process, in ``tmp_path`` by default."""
+
+    def run(*args: str, cwd: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])), "COLUMNS": "200"}
+        full_env.update(env or {})
+        return subprocess.run([sys.executable, "-m", "graphmerge.cli", *args], cwd=cwd or tmp_path,
+                              capture_output=True, text=True, timeout=timeout, env=full_env)
+
+    return run
+
+
+@pytest.fixture
+def write_file(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write dedented ``source`` to ``tmp_path/name`` and return its path."""
+
+    def write(name: str, source: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+        return path
+
+    return write
