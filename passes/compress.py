@@ -10,7 +10,6 @@ computes when the dropped gates are closed (invariant I3).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from torch import nn
 from graphmerge.errors import GraphMergeError
 from passes.couple import DimLayout
 from passes.layout import pieces, student_map
-from passes.widen import WidenInfo
+from passes.widen import WidenInfo, copy_structure, rewrite_sizes, set_tensor, sync_width_attributes
 
 Keep = str | dict[int, Any]
 
@@ -87,10 +86,10 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
 
     With ``keep="gates"`` (a gated big student) the gate scores choose the channels and the
     eval gate values are folded into the consumers. Returns an instance of the teachers' class.
+
+    With ``ratio`` (a fraction of the big student's width, e.g. 0.75 keeps three quarters of each
+    group's N × width channels) the result is a GraphModule of that width instead.
     """
-    if ratio is not None:
-        raise GraphMergeError("compress(ratio=...) is not supported yet: the student always has the "
-                              "teachers' width. Leave ratio unset.")
     graph_module, info = widen_info(big)
     if isinstance(keep, str) and keep == "gates":
         if not hasattr(big, "gate_scores"):
@@ -99,15 +98,49 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
         keep = big.gate_scores()
         if scales is None:
             scales = big.eval_gate_values()
+    if ratio is not None:
+        return _compress_to_ratio(graph_module, info, keep, scales, ratio)
     kept = select_channels(info, keep)
-    state = _gather_state(graph_module.state_dict(), info, kept, scales)
+    with torch.no_grad():
+        state = _gather_state(graph_module.state_dict(), info, kept, scales)
     teacher_index = int(keep.split(":")[1]) if isinstance(keep, str) else 0
     state.update(info.untraced[teacher_index] if info.untraced else {})
-    student = copy.deepcopy(info.teacher)
+    student = copy_structure(info.teacher)
     try:
-        student.load_state_dict(state, strict=True)
+        student.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise GraphMergeError(f"the compressed weights do not load into {type(student).__name__}: {error}") from None
+    student.train(graph_module.training)
+    return student
+
+
+def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep: Keep,
+                       scales: dict[int, Any] | None, ratio: float) -> torch.fx.GraphModule:
+    if not 0 < ratio <= 1:
+        raise GraphMergeError(f"ratio must be in (0, 1] (a fraction of the big student's width); got {ratio}.")
+    if isinstance(keep, str):
+        raise GraphMergeError("a width ratio needs channel scores (a gated big student or per-group scores); "
+                              f"keep='{keep}' keeps exactly one teacher's width.")
+    n = info.n_teachers
+    counts = {}
+    for group in info.groups.widened:
+        units = max(1, round(ratio * n * group.width / group.unit))
+        counts[group.id] = units * group.unit
+    kept = select_channels(info, keep, counts=counts)
+    widths, widened = info.widths, info.widened
+    student = copy_structure(info.groups.graph_module)
+    with torch.no_grad():
+        try:
+            state = _gather_state(graph_module.state_dict(), info, kept, scales)
+        except IndexError:
+            raise GraphMergeError("this model permutes channels (a channel shuffle), which a width ratio other "
+                                  "than the teachers' width cannot keep; compress without ratio.") from None
+    for name, tensor in state.items():
+        set_tensor(student, name, tensor)
+    for module in student.modules():
+        sync_width_attributes(module)
+    rewrite_sizes(student, info.groups, lambda dim: len(student_map(dim, n, widths, widened, kept)))
+    student.recompile()
     student.train(graph_module.training)
     return student
 
@@ -126,8 +159,9 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
         for d, dim in enumerate(dims):
             if dim is None:
                 continue
-            index = torch.as_tensor(student_map(dim, n, widths, widened, kept))
-            tensor = tensor.index_select(d, index)
+            index = student_map(dim, n, widths, widened, kept)
+            if len(index) != tensor.shape[d] or not np.array_equal(index, np.arange(len(index))):
+                tensor = tensor.index_select(d, torch.as_tensor(index))
             if scales is not None and d in layout.in_dims.get(name, ()):
                 tensor = tensor * _scale_vector(dim, info, kept, scales, tensor.ndim, d).to(tensor.dtype)
         out[name] = tensor.contiguous()

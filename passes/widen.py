@@ -59,20 +59,43 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
                       "widen averages its parameters, so the big student does not compute the "
                       "teachers' mean (invariant I1 cannot hold for this model).", stacklevel=3)
 
-    big = copy.deepcopy(groups.graph_module)
+    big = copy_structure(groups.graph_module)
     states = [t.state_dict() for t in teachers]
     traced_names = set(big.state_dict().keys())
-    for name, reference in big.state_dict().items():
+    for name in traced_names:
         dims = layout.params.get(name)
         tensors = [s[name] for s in states]
         new = _scatter(tensors, dims, layout.out_dims.get(name), n, widths, widened, name)
-        _set_tensor(big, name, new, reference)
+        set_tensor(big, name, new)
     _rewrite_modules(big, groups, n, widths, widened)
     _rewrite_literals(big, groups, n, widths, widened)
+    _rewrite_permutations(big, groups, n, widths, widened)
     big.recompile()
     untraced = [{k: v.clone() for k, v in s.items() if k not in traced_names} for s in states]
-    big.meta["graphmerge"] = WidenInfo(groups, n, copy.deepcopy(teachers[0]), untraced)
+    big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced)
     return big
+
+
+def copy_structure(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers are empty placeholders on the meta device.
+
+    The caller assigns every state_dict tensor afterwards (non-persistent buffers are copied);
+    copying the real ones first would be wasted work.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in module.state_dict(keep_vars=True).values():
+        placeholder = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        memo[id(tensor)] = nn.Parameter(placeholder, tensor.requires_grad) \
+            if isinstance(tensor, nn.Parameter) else placeholder
+    meta = getattr(module, "meta", None)
+    saved = dict(meta) if isinstance(meta, dict) else None
+    if saved is not None:
+        meta.clear()
+    try:
+        return copy.deepcopy(module, memo)
+    finally:
+        if saved is not None:
+            meta.update(saved)
 
 
 def _scatter(tensors: list[torch.Tensor], dims: list[DimLayout | None] | None, out_dim: int | None,
@@ -178,11 +201,13 @@ def _outer_and(masks: list[np.ndarray]) -> np.ndarray:
     return result
 
 
-def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, reference: torch.Tensor) -> None:
+def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer ``name`` of ``root`` by ``value`` (a Parameter stays one)."""
     owner_name, _, attr = name.rpartition(".")
     owner = root.get_submodule(owner_name) if owner_name else root
-    if isinstance(getattr(owner, attr), nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=reference.requires_grad))
+    current = getattr(owner, attr)
+    if isinstance(current, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=current.requires_grad))
     elif attr in owner._buffers:
         owner._buffers[attr] = value
     else:
@@ -208,15 +233,11 @@ def sync_width_attributes(module: nn.Module) -> None:
     if isinstance(module, nn.modules.conv._ConvNd):
         weight = module.weight
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-        old_in = module.in_channels
         new_in = weight.shape[0] if transposed else weight.shape[1] * module.groups
         if module.groups > 1 and not transposed:
-            per_group = weight.shape[1]
-            new_groups = module.groups * (weight.shape[0] // max(module.out_channels, 1)) \
-                if module.out_channels else module.groups
-            module.groups = new_groups
-            new_in = per_group * new_groups
-        del old_in
+            out_per_group = module.out_channels // module.groups
+            module.groups = weight.shape[0] // out_per_group
+            new_in = weight.shape[1] * module.groups
         module.in_channels = new_in
         module.out_channels = weight.shape[1] * module.groups if transposed else weight.shape[0]
     elif isinstance(module, nn.Linear):
@@ -226,10 +247,9 @@ def sync_width_attributes(module: nn.Module) -> None:
         if tensor is not None:
             module.num_features = tensor.shape[0]
     elif isinstance(module, nn.GroupNorm) and module.weight is not None:
-        ratio = module.weight.shape[0] // module.num_channels if module.num_channels else 1
-        if module.weight.shape[0] != module.num_channels:
-            module.num_groups = module.num_groups * ratio
-            module.num_channels = module.weight.shape[0]
+        channels_per_group = module.num_channels // module.num_groups
+        module.num_channels = module.weight.shape[0]
+        module.num_groups = module.num_channels // channels_per_group
     elif isinstance(module, nn.LayerNorm) and module.weight is not None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.Embedding):
@@ -302,21 +322,27 @@ class BlockNorm(nn.Module):
 
 def _rewrite_literals(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths: dict[int, int],
                       widened: set[int]) -> None:
-    layout = groups.layout
+    norm_index = 0
+    for node in list(big.graph.nodes):
+        if node.target is F.layer_norm:
+            norm_index = _rewrite_layer_norm(big, node, groups.layout, n, widths, widened, norm_index)
+    rewrite_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0])
 
-    def size_of(dim: DimLayout | None) -> int | None:
-        if dim is None:
-            return None
-        return teacher_maps(dim, n, widths, widened)[0]
+
+def rewrite_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of) -> None:
+    """Rewrite literal sizes (view shapes, split sizes, slice bounds) for new channel widths.
+
+    ``size_of(dim_layout)`` gives the new size of a labelled dim of the teachers' graph.
+    """
+    layout = groups.layout
 
     def prefix(dim: DimLayout, stop: int) -> int:
         return size_of(DimLayout(dim.group[:stop], dim.channel[:stop])) if stop else 0
 
-    norm_index = 0
-    for node in list(big.graph.nodes):
-        if node.target is F.layer_norm:
-            norm_index = _rewrite_layer_norm(big, node, layout, n, widths, widened, norm_index)
-            continue
+    def new_size(dim: DimLayout | None) -> int | None:
+        return None if dim is None else size_of(dim)
+
+    for node in list(gm.graph.nodes):
         if node.name not in layout.literal_nodes:
             continue
         source = node.args[0] if node.args else None
@@ -326,7 +352,7 @@ def _rewrite_literals(big: torch.fx.GraphModule, groups: GroupSet, n: int, width
         if target in ("view", "reshape", torch.reshape) and out_dims is not None:
             sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
                 else node.args[1:]
-            new = [size_of(out_dims[d]) if isinstance(s, int) and s != -1 and size_of(out_dims[d]) else s
+            new = [new_size(out_dims[d]) if isinstance(s, int) and s != -1 and new_size(out_dims[d]) else s
                    for d, s in enumerate(sizes)]
             node.args = (node.args[0], tuple(new)) if len(node.args) == 2 and \
                 isinstance(node.args[1], (list, tuple)) else (node.args[0], *new)
@@ -395,3 +421,75 @@ def _rewrite_layer_norm(big: torch.fx.GraphModule, node: torch.fx.Node, layout, 
     node.replace_all_uses_with(replacement)
     big.graph.erase_node(node)
     return index + 1
+
+
+# -- fixed channel permutations (channel shuffle) ------------------------------------------------
+
+def _rewrite_permutations(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths: dict[int, int],
+                          widened: set[int]) -> None:
+    """Replace each reshape/transpose chain that permutes a channel dim by one ``index_select``.
+
+    A channel shuffle (``view`` into (groups, C/groups), ``transpose``, ``view`` back) is a fixed
+    permutation of the teacher's channels. Run unchanged on the big student it would permute all
+    teachers' channels together; the gather computes, per teacher, exactly the teacher's
+    permutation in the big layout.
+    """
+    nodes = groups.layout.nodes
+    changed = False
+    for node in list(big.graph.nodes):
+        out = nodes.get(node.name)
+        if out is None or any(d is None for d in out) or not node.args:
+            continue
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node) or not _in_joint_block(nodes.get(source.name)):
+            continue
+        start = source
+        while _in_joint_block(nodes.get(start.name)):
+            if not start.args or not isinstance(start.args[0], torch.fx.Node):
+                raise LayoutError(f"cannot trace the channel permutation ending at {node.name} back to its input")
+            start = start.args[0]
+        before = nodes.get(start.name)
+        if before is None or any(d is None for d in before) or len(before) != len(out):
+            raise LayoutError(f"the reshape chain from {start.name} to {node.name} changes the tensor's rank; "
+                              "only fixed channel permutations are supported")
+        moved = [d for d in range(len(out)) if not (np.array_equal(out[d].group, before[d].group)
+                                                    and np.array_equal(out[d].channel, before[d].channel))]
+        if len(moved) != 1:
+            raise LayoutError(f"the reshape chain from {start.name} to {node.name} mixes several dims")
+        dim = moved[0]
+        order = _big_permutation(before[dim], out[dim], n, widths, widened)
+        buffer = f"graphmerge_permutation_{node.name}"
+        big.register_buffer(buffer, torch.as_tensor(order, dtype=torch.long), persistent=False)
+        with big.graph.inserting_before(node.next):
+            index = big.graph.get_attr(buffer)
+            gathered = big.graph.call_method("index_select", (start, dim, index))
+        node.replace_all_uses_with(gathered)
+        changed = True
+    if changed:
+        big.graph.eliminate_dead_code()
+
+
+def _in_joint_block(dims: list[DimLayout | None] | None) -> bool:
+    return dims is not None and any(d is None for d in dims)
+
+
+def _big_permutation(source: DimLayout, target: DimLayout, n: int, widths: dict[int, int],
+                     widened: set[int]) -> np.ndarray:
+    """For each big position of ``target``, the big position of ``source`` holding the same channel."""
+    where: dict[tuple[int, int], list[int]] = {}
+    for p, key in enumerate(zip(source.group.tolist(), source.channel.tolist(), strict=True)):
+        where.setdefault(key, []).append(p)
+    taken: dict[tuple[int, int], int] = {}
+    teacher_source = np.empty(len(target.group), np.int64)
+    for q, key in enumerate(zip(target.group.tolist(), target.channel.tolist(), strict=True)):
+        if key[0] < 0 or key not in where:
+            raise LayoutError("a channel permutation moves positions that are not channels")
+        k = taken.get(key, 0)
+        teacher_source[q] = where[key][k % len(where[key])]
+        taken[key] = k + 1
+    size, source_maps = teacher_maps(source, n, widths, widened)
+    _, target_maps = teacher_maps(target, n, widths, widened)
+    order = np.empty(size, np.int64)
+    for t in range(n):
+        order[target_maps[t]] = source_maps[t][teacher_source]
+    return order
