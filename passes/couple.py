@@ -241,20 +241,21 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
     for ids, what in prop.across_norm:
         for gid in _groups_of(ids, component, group_of):
             layout.across_norm.setdefault(gid, what)
-    for site in prop.gate_sites:
-        layout.gate_sites.append(site)
-        node_name, _, _, param = site
-        for dim_layout in layout.params.get(param, [])[1:2]:
-            if dim_layout is None:
-                continue
-            for gid in np.unique(dim_layout.group[dim_layout.group >= 0]).tolist():
-                if node_name not in groups[gid].gate_sites:
-                    groups[gid].gate_sites.append(node_name)
     layout.literal_nodes = set(prop.literal_nodes)
     for group in groups:
         if group.width % group.unit:
             group.pinned = True
             group.reason = group.reason or f"selection unit {group.unit} does not divide width {group.width}"
+    for site in prop.gate_sites:
+        layout.gate_sites.append(site)
+        node_name, _, _, param = site
+        in_dim = layout.in_dims.get(param, (1,))[0]
+        for dim_layout in layout.params.get(param, [])[in_dim:in_dim + 1]:
+            if dim_layout is None:
+                continue
+            for gid in np.unique(dim_layout.group[dim_layout.group >= 0]).tolist():
+                if not groups[gid].pinned and node_name not in groups[gid].gate_sites:
+                    groups[gid].gate_sites.append(node_name)
     return groups, layout
 
 

@@ -173,7 +173,9 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
     nodes = {node.name: node for node in graph.nodes}
     for site, (node_name, arg_index, act_dim, param) in enumerate(groups.layout.gate_sites):
         node = nodes.get(node_name)
-        in_dim = groups.layout.params.get(param, [None, None])[1]
+        dims = groups.layout.params.get(param, [])
+        position = groups.layout.in_dims.get(param, (1,))[0]
+        in_dim = dims[position] if position < len(dims) else None
         if node is None or in_dim is None or not np.isin(in_dim.group, list(widened)).any():
             continue
         index = _site_index(in_dim, n, widths, widened, gates)

@@ -1,0 +1,159 @@
+"""Tied hard-concrete gates: distribution, tying, placement, loss, and compression after gating."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import graphmerge
+from graphmerge.examples.resnet20 import build_model as resnet20
+from passes.gate import GATES, HardConcreteGates
+
+BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+
+
+def _teachers(n: int = 2):
+    teachers = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        teachers.append(resnet20().eval())
+    return teachers
+
+
+@pytest.fixture(scope="module")
+def big():
+    x = torch.randn(2, 3, 32, 32)
+    return graphmerge.widen(_teachers(), (x,)).eval(), x
+
+
+def test_sampled_gates_match_the_closed_form_probabilities():
+    log_alpha = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.5])
+    gates = HardConcreteGates({0: 5}, init_std=0.0)
+    with torch.no_grad():
+        gates.log_alpha["g0"].copy_(log_alpha)
+    gates.train()
+    torch.manual_seed(0)
+    samples = gates(torch.zeros(200_000))[:, :5]
+    la = log_alpha.double().numpy()
+    p_open = 1 / (1 + np.exp(-(la - BETA * math.log(-GAMMA / ZETA))))
+    threshold = (1 - GAMMA) / (ZETA - GAMMA)  # s above it clamps to exactly 1
+    p_one = 1 / (1 + np.exp(-(la - BETA * math.log(threshold / (1 - threshold)))))
+    assert np.allclose((samples > 0).double().mean(0).numpy(), p_open, atol=0.005)
+    assert np.allclose((samples == 1).double().mean(0).numpy(), p_one, atol=0.005)
+    assert torch.allclose(gates.prob_open(0).double(), torch.as_tensor(p_open), atol=1e-6)
+
+
+def test_eval_gate_is_deterministic_and_follows_the_formula():
+    gates = HardConcreteGates({3: 4}, init_std=1.0, generator=torch.Generator().manual_seed(1)).eval()
+    first, second = gates(torch.zeros(7)), gates(torch.zeros(7))
+    assert torch.equal(first, second)
+    la = gates.log_alpha["g3"].detach()
+    expected = (torch.sigmoid(la) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    assert torch.allclose(first[0, :4], expected)
+    assert first[0, 4] == 1.0  # the trailing "no gate" entry
+
+
+def test_gates_sit_at_every_consumer_of_widened_groups(big):
+    model, _ = big
+    gated = graphmerge.add_gates(model)
+    sites = [n for n in gated.graph_module.graph.nodes if getattr(n.target, "__name__", "") == "apply_gate"]
+    # ResNet20 has 21 convs and one linear; all but the first conv (reading the pinned image) read
+    # widened channels. Hand count: 18 block convs + 2 projection shortcuts + fc = 21 sites.
+    assert len(sites) == 21
+    consumers = {n.users and next(iter(n.users)).name for n in sites}
+    assert "conv1" not in consumers and "fc" in consumers
+
+
+def test_one_realisation_per_forward_shared_by_every_site_of_a_group(big):
+    model, x = big
+    gated = graphmerge.add_gates(model).train()
+    calls = []
+    handle = gated.gates.register_forward_hook(lambda module, args, out: calls.append(out))
+    gated(x)
+    handle.remove()
+    assert len(calls) == 1 and calls[0].shape[0] == x.shape[0]
+    info = model.meta["graphmerge"]
+    stream = max(info.groups.widened, key=lambda g: len(g.gate_sites))  # a residual stream
+    assert len(stream.gate_sites) >= 3
+    offset = gated.gates.offsets[stream.id]
+    wanted = set(range(offset, offset + 2 * stream.width))
+    seen = []
+    for node in gated.graph_module.graph.nodes:
+        if getattr(node.target, "__name__", "") != "apply_gate":
+            continue
+        index = getattr(gated.graph_module, node.args[2].target).numpy()
+        entries = index[np.isin(index, list(wanted))]
+        if entries.size:
+            seen.append(entries)
+    # every site of the group reads the same gate entries in the same big-channel order
+    assert len(seen) == len(stream.gate_sites)
+    assert all(np.array_equal(s, seen[0]) for s in seen) and set(seen[0].tolist()) == wanted
+
+
+def test_gate_loss_is_the_sum_of_squared_distances_to_one_half(big):
+    model, _ = big
+    gated = graphmerge.add_gates(model, init_std=0.5, seed=3)
+    expected = 0.0
+    for log_alpha in gated.gates.log_alpha.values():
+        p = torch.sigmoid(log_alpha.detach().double() - BETA * math.log(-GAMMA / ZETA))
+        expected += (0.5 - p.mean().item()) ** 2
+    assert gated.gate_loss().item() == pytest.approx(expected, rel=1e-5)
+    gated.gate_loss().backward()
+    assert all(p.grad is not None for p in gated.gate_parameters())
+
+
+def test_big_student_is_not_modified_by_add_gates(big):
+    model, x = big
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graphmerge.add_gates(model)
+    assert not hasattr(model, GATES)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_all_gates_open_at_full_ratio_reproduces_the_big_student(big):
+    model, x = big
+    gated = graphmerge.add_gates(model).eval()
+    gated.set_gates({gid: torch.ones(gated.gates.log_alpha[f"g{gid}"].numel(), dtype=torch.bool)
+                     for gid in gated.gates.group_ids})
+    wide = graphmerge.compress(gated, "gates", ratio=1.0).eval()
+    with torch.no_grad():
+        assert torch.allclose(wide(x), model(x), atol=1e-5)
+    assert sum(p.numel() for p in wide.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_half_ratio_of_one_teachers_gates_equals_compressing_to_that_teacher(big):
+    model, x = big
+    gated = graphmerge.add_gates(model).eval()
+    info = model.meta["graphmerge"]
+    gated.set_gates({g.id: torch.arange(2 * g.width) >= g.width for g in info.groups.widened})
+    half = graphmerge.compress(gated, "gates", ratio=0.5).eval()
+    teacher_one = graphmerge.compress(model, "teacher:1").eval()
+    with torch.no_grad():
+        assert torch.allclose(half(x), teacher_one(x), atol=1e-5)
+    teacher = _teachers()[0]
+    assert sum(p.numel() for p in half.parameters()) == sum(p.numel() for p in teacher.parameters())
+
+
+def test_teacher_share_counts_kept_channels_per_teacher(big):
+    model, _ = big
+    gated = graphmerge.add_gates(model)
+    info = model.meta["graphmerge"]
+    gated.set_gates({g.id: torch.arange(2 * g.width) < g.width for g in info.groups.widened})
+    assert all(share == [g.width, 0] for g in info.groups.widened
+               for share in [gated.teacher_share()[g.id]])
+
+
+def test_bad_gate_constants_and_masks_are_explained(big):
+    model, _ = big
+    with pytest.raises(graphmerge.GraphMergeError, match="gamma < 0"):
+        graphmerge.add_gates(model, gamma=0.2)
+    gated = graphmerge.add_gates(model)
+    with pytest.raises(graphmerge.GraphMergeError, match="gates but the mask has"):
+        gated.set_gates({gated.gates.group_ids[0]: [True]})
+    with pytest.raises(graphmerge.GraphMergeError, match="not of the form"):
+        graphmerge.compress(model, "teacher:x")
+    with pytest.raises(graphmerge.GraphMergeError, match="graphmerge metadata"):
+        graphmerge.compress(torch.nn.Linear(2, 2))
