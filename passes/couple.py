@@ -27,7 +27,7 @@ import torch.fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from passes.groups import Group, GroupSet
+from passes.groups import BOUNDARY_REASONS, Group, GroupSet
 from passes.labels import NOT_A_CHANNEL, TensorLabels
 
 
@@ -109,7 +109,7 @@ class Propagation:
             self.edges.append((a[both], b[both]))
         lonely = (a >= 0) ^ (b >= 0)
         if lonely.any():
-            self.pin(np.where(a >= 0, a, b)[lonely], f"{where}: channel aligned with a non-channel axis")
+            self.pin(np.where(a >= 0, a, b)[lonely], f"not a channel: {where} aligns it with a spatial or batch axis")
 
     def pin(self, ids: np.ndarray, reason: str) -> None:
         ids = np.asarray(ids, np.int64).ravel()
@@ -263,7 +263,7 @@ def _first_reason(reasons: list[str]) -> str | None:
     """Prefer a reason from inside the graph over the graph boundary: it is the one to fix."""
     if not reasons:
         return None
-    inner = [r for r in reasons if not r.startswith(("graph input", "graph output"))]
+    inner = [r for r in reasons if not r.startswith(BOUNDARY_REASONS)]
     return (inner or reasons)[0]
 
 
@@ -290,8 +290,8 @@ def _pinned_components(prop: Propagation, component: np.ndarray) -> list[str | N
     for ids, reason in prop.pins:
         for comp in np.unique(component[ids]).tolist():
             current = reasons[comp]
-            if current is None or (current.startswith(("graph input", "graph output"))
-                                   and not reason.startswith(("graph input", "graph output"))):
+            if current is None or (current.startswith(BOUNDARY_REASONS)
+                                   and not reason.startswith(BOUNDARY_REASONS)):
                 reasons[comp] = reason
     return reasons
 

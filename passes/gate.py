@@ -83,6 +83,30 @@ def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: i
     return x * values.reshape(shape)
 
 
+@torch.fx.wrap
+def gated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor,
+                    index: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor | None,
+                    out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor | None, num_heads: int,
+                    batch_first: bool, attn_mask: torch.Tensor | None = None,
+                    key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    """nn.MultiheadAttention with a gate on each head channel, between the heads and out_proj.
+
+    The heads' concatenated output is what out_proj consumes, so that is where the gate goes;
+    running the attention with an identity out-projection exposes it.
+    """
+    if batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    embed = in_proj_weight.shape[0] // 3
+    identity = torch.eye(embed, dtype=query.dtype, device=query.device)
+    heads, _ = torch.nn.functional.multi_head_attention_forward(
+        query, key, value, embed, num_heads, in_proj_weight, in_proj_bias, None, None, False, 0.0,
+        identity, None, training=False, key_padding_mask=key_padding_mask, need_weights=False,
+        attn_mask=attn_mask)
+    values = gates.index_select(1, index)
+    out = torch.nn.functional.linear(heads * values.unsqueeze(0), out_proj_weight, out_proj_bias)
+    return (out.transpose(0, 1) if batch_first else out), None
+
+
 class GatedStudent(nn.Module):
     """A big student with gates at every consumer of every widened group."""
 
@@ -181,6 +205,9 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         index = _site_index(in_dim, n, widths, widened, gates)
         buffer = f"graphmerge_gate_index_{site}"
         gated.register_buffer(buffer, torch.as_tensor(index, dtype=torch.long), persistent=False)
+        if arg_index < 0:
+            _gate_attention(gated, node, gate_node, buffer)
+            continue
         with graph.inserting_before(node):
             index_node = graph.get_attr(buffer)
             gated_input = graph.call_function(apply_gate, (node.args[arg_index], gate_node, index_node, act_dim))
@@ -189,6 +216,34 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         node.args = tuple(args)
     gated.recompile()
     return GatedStudent(gated, n)
+
+
+def _gate_attention(gated: torch.fx.GraphModule, node: torch.fx.Node, gate_node: torch.fx.Node,
+                    buffer: str) -> None:
+    """Replace a call of nn.MultiheadAttention by ``gated_attention`` on the same parameters."""
+    module = gated.get_submodule(node.target)
+    if module.dropout > 0:
+        raise GraphMergeError(f"attention '{node.target}' uses attention dropout {module.dropout}; gating its heads "
+                              "is supported only without it. Set dropout=0.0 on that module for the merge.")
+    graph = gated.graph
+    names = ("query", "key", "value")
+    inputs = [node.args[i] if len(node.args) > i else node.kwargs[names[i]] for i in range(3)]
+    with graph.inserting_before(node):
+        params = [graph.get_attr(f"{node.target}.{p}") if getattr_path(gated, f"{node.target}.{p}") is not None
+                  else None for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
+        index = graph.get_attr(buffer)
+        call = graph.call_function(gated_attention, (*inputs, gate_node, index, *params, module.num_heads,
+                                                     module.batch_first),
+                                   {k: node.kwargs[k] for k in ("attn_mask", "key_padding_mask") if k in node.kwargs})
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+
+
+def getattr_path(root: nn.Module, path: str) -> Any:
+    value: Any = root
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def _site_index(in_dim, n: int, widths: dict[int, int], widened: set[int], gates: HardConcreteGates) -> np.ndarray:

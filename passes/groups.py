@@ -126,7 +126,9 @@ class GroupSet:
         return graph
 
 
-BOUNDARY_REASONS = ("graph input", "graph output")
+# Pins that say where the network meets the world, or that a labelled axis is not a channel at
+# all (a parameter's sequence axis added to a token axis): they do not break invariant I1.
+BOUNDARY_REASONS = ("graph input", "graph output", "not a channel")
 
 
 def _is_boundary_reason(reason: str | None) -> bool:

@@ -188,8 +188,8 @@ def broadcast(prop: Propagation, node: torch.fx.Node, inputs: list[TensorLabels]
             continue
         for other in candidates[1:]:
             prop.unify(candidates[0], other, describe(node))
-        best = max(candidates, key=lambda ids: int((ids >= 0).sum()))
-        out_dims.append(best)
+        stacked = np.stack(candidates)
+        out_dims.append(np.where((stacked >= 0).all(0), candidates[0], NOT_A_CHANNEL))
     return TensorLabels.from_dims(shape, out_dims)
 
 
@@ -727,6 +727,47 @@ def embedding(prop: Propagation, node: torch.fx.Node) -> Any:
     return TensorLabels.from_dims(shape, [*x.dims(), out_ids])
 
 
+def multihead_attention(prop: Propagation, node: torch.fx.Node) -> Any:
+    """nn.MultiheadAttention: q, k and v share one space, selected in whole heads.
+
+    q·k contracts each head's channels of q with the same channels of k, and out_proj reads
+    v's: so channel i of q, k and v is one unit, and a head is kept or dropped as a whole. The
+    in-projection rows are [q; k; v], each a full copy of that space, which widens to
+    [q of every teacher; k ...; v ...]: the big module is the same module with N× heads.
+    """
+    module = prop.modules[node.target]
+    query = labels_of(prop, arg(node, 0, "query"))
+    key = labels_of(prop, arg(node, 1, "key"))
+    value = labels_of(prop, arg(node, 2, "value"))
+    shapes = meta_shapes(node)
+    if not all(isinstance(x, TensorLabels) for x in (query, key, value)) or not shapes or shapes[0] is None \
+            or not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        return unknown_op(prop, node)
+    reason = f"{describe(node)}: attention input is not a channel space"
+    embed = module.embed_dim
+    ids = [channels(prop, x.dim(x.ndim - 1), embed, reason) for x in (query, key, value)]
+    prop.unify(ids[0], ids[1], f"{describe(node)}: query and key inputs share in_proj_weight")
+    prop.unify(ids[0], ids[2], f"{describe(node)}: query and value inputs share in_proj_weight")
+    heads = prop.fresh(embed)
+    out = prop.fresh(embed)
+    qkv = np.concatenate([heads, heads, heads])
+    prop.use_param(f"{node.target}.in_proj_weight", [qkv, ids[0]], out_dim=0, in_dims=(1,))
+    if module.in_proj_bias is not None:
+        prop.use_param(f"{node.target}.in_proj_bias", [qkv], out_dim=0)
+    prop.use_param(f"{node.target}.out_proj.weight", [out, heads], out_dim=0, in_dims=(1,))
+    if module.out_proj.bias is not None:
+        prop.use_param(f"{node.target}.out_proj.bias", [out], out_dim=0)
+    prop.unit(heads, module.head_dim)
+    prop.role(node, "producer", heads)
+    prop.role(node, "producer", out)
+    prop.role(node, "consumer", ids[0])
+    prop.role(node, "consumer", heads)
+    prop.gate_sites.append((node.name, -1, -1, f"{node.target}.out_proj.weight"))
+    result = query.with_dim(query.ndim - 1, out)
+    weights = None if len(shapes) < 2 or shapes[1] is None else TensorLabels.unlabelled(shapes[1])
+    return (result, weights)
+
+
 # -- graph boundary and attributes ---------------------------------------------------------------
 
 def placeholder(prop: Propagation, node: torch.fx.Node) -> Any:
@@ -780,6 +821,7 @@ MODULE_RULES: list[tuple[type, Rule]] = [
     (nn.GroupNorm, per_channel_module),
     (nn.PReLU, per_channel_module),
     (nn.LayerNorm, layer_norm),
+    (nn.MultiheadAttention, multihead_attention),
     (nn.Embedding, embedding),
     (nn.Flatten, reshape),
     (nn.Unflatten, reshape),

@@ -254,6 +254,9 @@ def sync_width_attributes(module: nn.Module) -> None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[0] // 3
+        module.num_heads = module.embed_dim // module.head_dim
     elif isinstance(module, nn.PReLU):
         module.num_parameters = module.weight.shape[0]
 
