@@ -217,9 +217,12 @@ def render_svg(dot_text: str, path: Path) -> None:
 @app.command("demo")
 @guarded
 def demo() -> None:
-    """Trace the bundled ResNet20 and print its coupling groups."""
-    groupset, name, elapsed = analyze_spec("examples:resnet20", None, ())
+    """Merge two MNIST-1D CNN teachers into one student of the same size; print the groups and the results."""
+    from graphmerge.cli_merge import demo_command
+
+    groupset, name, elapsed = analyze_spec("examples:mnist1d_cnn", None, ())
     print_groups(groupset, name, elapsed)
+    demo_command()
 
 
 # --- commands from other modules -----------------------------------------------------------

@@ -136,10 +136,10 @@ class GatedStudent(nn.Module):
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def open_fraction(self) -> dict[int, float]:
-        return {gid: float(self.gates.prob_open(gid).mean()) for gid in self.gates.group_ids}
+        return {gid: float(self.gates.prob_open(gid).detach().mean()) for gid in self.gates.group_ids}
 
     def expected_open(self) -> dict[int, float]:
-        return {gid: float(self.gates.prob_open(gid).sum()) for gid in self.gates.group_ids}
+        return {gid: float(self.gates.prob_open(gid).detach().sum()) for gid in self.gates.group_ids}
 
     def gate_scores(self) -> dict[int, torch.Tensor]:
         return {gid: self.gates.log_alpha[f"g{gid}"].detach().clone() for gid in self.gates.group_ids}

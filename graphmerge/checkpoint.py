@@ -1,0 +1,267 @@
+"""Weights files and resumable training checkpoints, in safetensors only (never pickle).
+
+Two kinds of file:
+
+- **weights** (``save_weights`` / ``load_weights``): a plain state dict, loadable by anyone with
+  ``safetensors.torch.load_file``. Legacy ``.pt``/``.pth`` state dicts are read with
+  ``torch.load(weights_only=True)`` only, since a full unpickle runs arbitrary code.
+- **training state** (``save_state`` / ``load_state``): any nesting of dicts, lists, tuples,
+  numbers, strings, tensors and numpy arrays (model and optimizer state dicts, RNG states,
+  history). Tensors go into the safetensors file under path-like keys
+  (``optim/gate/state/0/momentum_buffer``); the structure, with a placeholder where each tensor
+  was, goes as JSON into the file's metadata. One file holds both, so one atomic rename commits
+  a consistent checkpoint.
+
+Every write goes to a temporary file in the destination folder, is fsynced, then ``os.replace``d
+over the target: a crash at any moment leaves either the old file or the new one, never a torn
+one, and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphmerge.errors import GraphMergeError, ModelMismatchError
+
+__all__ = ["capture_rng", "load_state", "load_weights", "read_state_dict", "restore_rng", "save_state",
+           "save_weights", "write_bytes_atomic"]
+
+STATE_FORMAT = "graphmerge-training-state"
+STATE_VERSION = "1"
+LEGACY_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+# --- atomic writes -------------------------------------------------------------------------
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` (see module docstring)."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise GraphMergeError(f"cannot write {path}: folder {folder} does not exist. Create it first or "
+                              f"choose another path.")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); not possible, nor needed, on Windows."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- weights -------------------------------------------------------------------------------
+
+def save_weights(path: str | Path, weights: nn.Module | Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Write a model's (or a state dict's) tensors as a safetensors file, atomically."""
+    from safetensors.torch import save
+
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    tensors = {key: _standalone(value) for key, value in state.items()}
+    write_bytes_atomic(path, save(tensors, metadata=dict(metadata or {})))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a legacy ``.pt``/``.pth`` (weights_only)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GraphMergeError(f"weights file {path} does not exist. Check the path (train a teacher with "
+                              f"`graphmerge train MODEL --data DATA --out {path.name}`).")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise GraphMergeError(f"cannot read {path} as safetensors: {exc}. Is the file complete?") from exc
+    if path.suffix not in LEGACY_SUFFIXES:
+        raise GraphMergeError(f"unknown weights format {path.name!r}: use .safetensors (preferred) or a "
+                              f"legacy .pt/.pth state dict.")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise GraphMergeError(
+            f"cannot read {path} with torch.load(weights_only=True): {str(exc).splitlines()[0]}. Only "
+            f"plain state dicts are read; re-save with safetensors.torch.save_file.") from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Accept ``{"state_dict": sd}``-style wrappers and DataParallel's ``module.`` prefix."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if _is_tensor_mapping(obj.get(key)):
+                obj = obj[key]
+                break
+    if not _is_tensor_mapping(obj):
+        raise GraphMergeError(f"{path} does not hold a state dict (names mapped to tensors). Save one "
+                              f"with safetensors.torch.save_file(model.state_dict(), path).")
+    state = dict(obj)
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor],
+                 name: str | None = None) -> nn.Module:
+    """Load weights into ``model`` strictly; a mismatch names the first bad key and both shapes."""
+    state = read_state_dict(source) if isinstance(source, str | Path) else source
+    check_state_dict(model, state, name or str(source if isinstance(source, str | Path) else "state dict"))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Raise ``ModelMismatchError`` at the first mis-shaped, missing or unexpected key."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise ModelMismatchError(
+                f"{name} does not match the model {type(model).__name__}: key {key!r} (shape "
+                f"{tuple(tensor.shape)}) is missing from the checkpoint. Check that it was saved from this "
+                f"architecture.")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ModelMismatchError(
+                f"{name} does not match the model {type(model).__name__}: {key!r} has shape "
+                f"{tuple(state[key].shape)} in the checkpoint but {tuple(tensor.shape)} in the model. Check "
+                f"that the checkpoint belongs to this architecture and width.")
+    for key in state:
+        if key not in expected:
+            raise ModelMismatchError(
+                f"{name} does not match the model {type(model).__name__}: the checkpoint has an unexpected "
+                f"key {key!r} (shape {tuple(state[key].shape)}). Check that it was saved from this "
+                f"architecture.")
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy that shares memory with nothing (safetensors refuses shared tensors)."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+# --- training state ------------------------------------------------------------------------
+
+def save_state(path: str | Path, state: Any) -> None:
+    """Write a nested training state (see module docstring) as one safetensors file, atomically."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _pack(state, "", tensors)
+    metadata = {"format": STATE_FORMAT, "version": STATE_VERSION, "state": json.dumps(structure)}
+    write_bytes_atomic(path, save(tensors, metadata=metadata))
+
+
+def load_state(path: str | Path) -> Any:
+    """Read back what ``save_state`` wrote."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise GraphMergeError(f"cannot read checkpoint {path}: {exc}. Delete it to start over.") from exc
+    if metadata.get("format") != STATE_FORMAT:
+        raise GraphMergeError(f"{path} is not a graphmerge training checkpoint (no training state in its "
+                              f"metadata). Point --checkpoint-dir at a folder graphmerge wrote.")
+    return _unpack(json.loads(metadata["state"]), tensors)
+
+
+def _pack(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able structure of ``obj`` with tensors moved into ``tensors`` under path-like keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = _standalone(obj)
+        return {"$tensor": key}
+    if isinstance(obj, np.ndarray):
+        tensors[key] = torch.from_numpy(obj.copy())
+        return {"$ndarray": key}
+    if isinstance(obj, Counter):
+        return {"$counter": [[_pack(k, f"{key}/k{i}", tensors), v] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) and not k.startswith("$") for k in obj):
+            return {k: _pack(v, f"{key}/{k}", tensors) for k, v in obj.items()}
+        return {"$items": [[_pack(k, f"{key}/k{i}", tensors), _pack(v, f"{key}/{k}", tensors)]
+                           for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"$tuple": [_pack(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_pack(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {key!r} in a checkpoint")
+
+
+def _unpack(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "$tensor" in obj:
+        return tensors[obj["$tensor"]]
+    if "$ndarray" in obj:
+        return tensors[obj["$ndarray"]].numpy()
+    if "$counter" in obj:
+        return Counter({_unpack(k, tensors): v for k, v in obj["$counter"]})
+    if "$items" in obj:
+        return {_unpack(k, tensors): _unpack(v, tensors) for k, v in obj["$items"]}
+    if "$tuple" in obj:
+        return tuple(_unpack(v, tensors) for v in obj["$tuple"])
+    return {k: _unpack(v, tensors) for k, v in obj.items()}
+
+
+# --- random number generators --------------------------------------------------------------
+
+def capture_rng() -> dict[str, Any]:
+    """Every global RNG state a training step may draw from: torch (CPU, CUDA), numpy, Python."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of ``capture_rng``."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(tuple(state["numpy"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

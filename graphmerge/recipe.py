@@ -1,0 +1,499 @@
+"""The paper's training strategy end to end: (train N teachers →) widen → gate phase → compress →
+fine-tune, resumable from a checkpoint after every epoch of every phase.
+
+Defaults follow the paper's reference code: weights trained with SGD (lr 0.01, momentum 0.9)
+in every phase; in the gate phase the gates' log-alphas have their own SGD (lr 0.1, momentum 0.9,
+never weight decay); the loss is ``task loss + λ·Σ_groups L_half`` with λ grown once per epoch,
+before the epoch, by ``λ ← λ + 0.05·√λ`` from ``λ₀ = 0.01``; fine-tuning uses MultiStepLR.
+
+Reproducibility: each phase starts by seeding every RNG from its own seed (teacher i: its seed;
+gate phase: ``seed + 2``, gate initialisation ``seed``; fine-tuning: ``seed + 1``; under torchrun
+rank r adds ``r * RANK_SEED_STRIDE``, so ranks draw independent gate noise for their samples).
+Data order depends only on (seed, epoch), and a checkpoint holds every rank's RNG states, so
+``resume=True`` after an interruption gives bitwise the result of an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import graphmerge
+from graphmerge import checkpoint as ckpt
+from graphmerge.data import first_inputs
+from graphmerge.errors import GraphMergeError
+from graphmerge.training import (
+    DistContext,
+    LossFn,
+    PhaseConfig,
+    default_milestones,
+    evaluate,
+    fit,
+    lambda_schedule,
+    resolve_loss,
+    setup_distributed,
+    sgd,
+)
+
+__all__ = ["MergeResult", "TrainResult", "merge", "train"]
+
+CHECKPOINT_NAME = "merge.safetensors"
+TRAIN_CHECKPOINT_NAME = "train.safetensors"
+OPEN_FRACTION_TOLERANCE = 0.1
+RANK_SEED_STRIDE = 7919  # rank r of a torchrun job draws its random numbers from seed + r * stride
+Data = Dataset | DataLoader
+LogSink = Callable[[dict[str, Any]], None] | str | Path | None
+
+
+@dataclass
+class MergeResult:
+    """The merged student (an instance of the teachers' class) and how it got there.
+
+    ``summary`` holds the validation metric (``metric``: ``val_acc`` or ``val_loss``) of each
+    teacher, of the big student before the gate phase, of the student straight after compression
+    and after fine-tuning. ``open_fraction`` / ``teacher_share`` are the gate report per group.
+    """
+
+    student: nn.Module
+    teachers: list[nn.Module]
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+    open_fraction: dict[int, float] = field(default_factory=dict)
+    teacher_share: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """A model trained from one seed, with its per-epoch history and final validation metrics."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    metrics: dict[str, float]
+
+
+# --- public entry points -------------------------------------------------------------------
+
+def merge(teachers: Sequence[nn.Module] | Callable[[], nn.Module], train_data: Data, *,
+          val_data: Data | None = None, loss: str | LossFn = "cross_entropy",
+          example_inputs: tuple | None = None,
+          gate_epochs: int = 10, finetune_epochs: int = 10, batch_size: int = 32,
+          weight_lr: float = 0.01, weight_momentum: float = 0.9, weight_decay: float = 0.0,
+          gate_lr: float = 0.1, gate_momentum: float = 0.9,
+          lambda_schedule: str | Callable[[int], float] = "quadratic", lambda0: float = 0.01,
+          lambda_growth: float = 0.05, gate_options: Mapping[str, Any] | None = None,
+          finetune_lr: float = 0.01, finetune_momentum: float = 0.9,
+          finetune_milestones: Sequence[int] | None = None, finetune_gamma: float = 0.1,
+          teacher_epochs: int | None = None, teacher_seeds: Sequence[int] | None = None,
+          n_teachers: int = 2, teacher_lr: float = 0.01, teacher_milestones: Sequence[int] | None = None,
+          checkpoint_dir: str | Path | None = None, resume: bool = False, seed: int = 0,
+          log: LogSink = None, progress: bool = False, device: str = "cpu") -> MergeResult:
+    """Merge teachers into one student of the same size (see the module docstring).
+
+    ``teachers``: trained modules of one architecture, or, with ``teacher_epochs``, a factory
+    ``() -> nn.Module`` from which ``n_teachers`` teachers are built and trained from
+    ``teacher_seeds`` (default ``seed + 1000 + i``), so one call runs the whole strategy. Given
+    modules plus ``teacher_epochs`` are trained further from where they are.
+    ``log``: a callable receiving one dict per epoch, or a path to append JSON lines to.
+    ``checkpoint_dir``: save after every epoch of every phase; ``resume=True`` continues there.
+    ``batch_size`` is the global batch: under torchrun each rank takes ``batch_size / world``.
+    """
+    settings = {k: v for k, v in locals().items() if k not in ("teachers", "train_data", "val_data")}
+    run = _MergeRun(teachers, train_data, val_data, settings)
+    return run.execute()
+
+
+def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | None = None,
+          loss: str | LossFn = "cross_entropy", batch_size: int = 32, lr: float = 0.01,
+          momentum: float = 0.9, weight_decay: float = 0.0, milestones: Sequence[int] | None = None,
+          gamma: float = 0.1, seed: int = 0, checkpoint_dir: str | Path | None = None, resume: bool = False,
+          log: LogSink = None, progress: bool = False, device: str = "cpu") -> TrainResult:
+    """Train one model (a teacher) in place with the paper's SGD recipe; resumable like ``merge``."""
+    ctx = setup_distributed(device)
+    logger = _Logger(log, ctx)
+    store = _Store(checkpoint_dir, TRAIN_CHECKPOINT_NAME, ctx)
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+                "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma, "seed": seed}
+    state = store.load(settings) if resume else None
+    model.to(ctx.device)
+    optimizer = sgd(model.parameters(), lr, momentum, weight_decay)
+    scheduler = _multistep(optimizer, milestones, gamma, epochs)
+    history: list[dict[str, Any]] = []
+    if state is None:
+        _seed_everything(seed)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optim"])
+        scheduler.load_state_dict(state["sched"])
+        history = state["history"]
+        ckpt.restore_rng(state["rng"])
+
+    def save(epoch: int, record: dict[str, Any]) -> None:
+        history.append(record)
+        store.save({"settings": settings, "model": model.state_dict(), "optim": optimizer.state_dict(),
+                    "sched": scheduler.state_dict(), "history": history, "rng": ckpt.capture_rng()})
+        logger(record)
+
+    phase = PhaseConfig(name="train", epochs=epochs, batch_size=batch_size, seed=seed,
+                        optimizers={"weights": optimizer}, schedulers=[scheduler], progress=progress)
+    fit(model, train_data, loss, phase, val_data=val_data, start_epoch=len(history), ctx=ctx,
+        on_epoch_end=save)
+    metrics = evaluate(model, val_data if val_data is not None else train_data, loss, ctx=ctx)
+    return TrainResult(model=model, history=history, metrics=metrics)
+
+
+# --- the merge run -------------------------------------------------------------------------
+
+class _MergeRun:
+    """One call of ``merge``: holds the settings, the checkpoint store and the growing state."""
+
+    def __init__(self, teachers: Any, train_data: Data, val_data: Data | None, settings: dict[str, Any]):
+        self.s = settings
+        self.train_data, self.val_data = train_data, val_data
+        self.eval_data = val_data if val_data is not None else train_data
+        self.ctx: DistContext = setup_distributed(settings["device"])
+        self.logger = _Logger(settings["log"], self.ctx)
+        self.store = _Store(settings["checkpoint_dir"], CHECKPOINT_NAME, self.ctx)
+        self.templates, self.factory = self._teacher_templates(teachers)
+        resolve_loss(settings["loss"])  # fail on a bad loss name before any training
+        self.lambda_at = lambda_schedule(settings["lambda_schedule"], settings["lambda0"],
+                                         settings["lambda_growth"])
+        self.state: dict[str, Any] = {"stage": "teachers", "teacher": 0, "teachers": [], "history": [],
+                                      "summary": {}, "report": {}}
+        self.resumed: dict[str, Any] | None = None
+        if settings["resume"]:
+            self.resumed = self.store.load(self._fingerprint())
+            if self.resumed is not None:
+                self.state = {k: self.resumed[k] for k in self.state}
+
+    # -- orchestration
+
+    def execute(self) -> MergeResult:
+        teachers = self._teachers()
+        self._record_teacher_metrics(teachers)
+        gated = self._gate_phase(teachers) if self._gate_phase_pending() else None
+        student = self._finetune(teachers, gated)
+        summary = self.state["summary"]
+        report = self.state["report"]
+        return MergeResult(student=student, teachers=teachers, history=self.state["history"],
+                           summary=summary, open_fraction={int(k): v for k, v in report["open"].items()},
+                           teacher_share={int(k): v for k, v in report["share"].items()})
+
+    def _gate_phase_pending(self) -> bool:
+        """True when the gate phase must run, or its last checkpoint be reloaded to compress it."""
+        stage = self.state["stage"]
+        return stage == "gate" or (stage == "finetune" and (self.resumed or {}).get("phase") == "gate")
+
+    def _teacher_templates(self, teachers: Any) -> tuple[list[nn.Module], Callable[[], nn.Module] | None]:
+        """Modules to copy teachers from, and the factory when teachers are to be built."""
+        if callable(teachers) and not isinstance(teachers, nn.Module):
+            if self.s["teacher_epochs"] is None:
+                raise GraphMergeError("merge() got a model factory but no teacher_epochs: give trained "
+                                      "teacher modules, or teacher_epochs=E to train them from seeds first.")
+            return [], teachers
+        teachers = list(teachers)
+        if len(teachers) < 2:
+            raise GraphMergeError(f"merging needs at least 2 teachers, got {len(teachers)}. Train more "
+                                  f"teachers from different seeds (graphmerge train ... --seed S).")
+        kinds = {type(t) for t in teachers}
+        if len(kinds) > 1:
+            raise GraphMergeError(f"teachers must share one architecture, got classes "
+                                  f"{', '.join(sorted(k.__name__ for k in kinds))}.")
+        return teachers, None
+
+    def _n_teachers(self) -> int:
+        return len(self.templates) if self.templates else self.s["n_teachers"]
+
+    def _teacher_seeds(self) -> list[int]:
+        seeds = self.s["teacher_seeds"]
+        seeds = list(seeds) if seeds is not None else [self.s["seed"] + 1000 + i
+                                                       for i in range(self._n_teachers())]
+        if len(seeds) != self._n_teachers() or len(set(seeds)) != len(seeds):
+            raise GraphMergeError(f"teacher_seeds must be {self._n_teachers()} distinct seeds, got {seeds}.")
+        return seeds
+
+    def _fresh_teacher(self, index: int) -> nn.Module:
+        """Teacher ``index`` before training: a copy of the given module, or built from its seed."""
+        if self.factory is None:
+            return copy.deepcopy(self.templates[index]).to(self.ctx.device)
+        _seed_everything(self._teacher_seeds()[index])
+        return self.factory().to(self.ctx.device)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must have been written with to be resumed here."""
+        ignored = ("resume", "log", "progress", "checkpoint_dir", "device", "example_inputs")
+        return {k: (getattr(v, "__qualname__", type(v).__name__) if callable(v) else v)
+                for k, v in self.s.items() if k not in ignored}
+
+    # -- phase 1: teachers
+
+    def _teachers(self) -> list[nn.Module]:
+        """The N teachers: trained here when teacher_epochs is set (resuming mid-way if needed)."""
+        if self.s["teacher_epochs"] is None:
+            if self.state["stage"] == "teachers":
+                self.state["stage"] = "gate"
+            return [copy.deepcopy(t).to(self.ctx.device).eval() for t in self.templates]
+        done = [self._fresh_teacher(i) for i in range(len(self.state["teachers"]))]
+        for teacher, weights in zip(done, self.state["teachers"], strict=True):
+            teacher.load_state_dict(weights)
+        while self.state["stage"] == "teachers":
+            done.append(self._train_teacher(self.state["teacher"]))
+        return [t.eval() for t in done]
+
+    def _train_teacher(self, index: int) -> nn.Module:
+        teacher = self._fresh_teacher(index)
+        epochs = self.s["teacher_epochs"]
+        optimizer = sgd(teacher.parameters(), self.s["teacher_lr"], self.s["weight_momentum"],
+                        self.s["weight_decay"])
+        scheduler = _multistep(optimizer, self.s["teacher_milestones"], 0.1, epochs)
+        start = self._restore_phase(teacher, {"weights": optimizer}, [scheduler], f"teacher{index}",
+                                    fresh_seed=self._teacher_seeds()[index])
+        phase = PhaseConfig(name=f"teacher{index}", epochs=epochs, batch_size=self.s["batch_size"],
+                            seed=self._teacher_seeds()[index], optimizers={"weights": optimizer},
+                            schedulers=[scheduler], progress=self.s["progress"])
+
+        def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
+            if epoch + 1 == epochs:
+                self.state["teachers"].append(teacher.state_dict())
+                last = index + 1 == self._n_teachers()
+                self.state.update(stage="gate" if last else "teachers", teacher=index + 1)
+            self._save(epoch, record, teacher, {"weights": optimizer}, [scheduler])
+
+        fit(teacher, self.train_data, self.s["loss"], phase, val_data=self.val_data, start_epoch=start,
+            ctx=self.ctx, on_epoch_end=end_of_epoch)
+        return teacher
+
+    def _record_teacher_metrics(self, teachers: list[nn.Module]) -> None:
+        summary = self.state["summary"]
+        if "teachers" in summary:
+            return
+        metrics = [evaluate(t, self.eval_data, self.s["loss"], ctx=self.ctx) for t in teachers]
+        summary["metric"] = _metric_name(metrics[0], self.val_data is not None)
+        summary["teachers"] = [_metric_value(m) for m in metrics]
+
+    # -- phase 2: gates
+
+    def _build_gated(self, teachers: list[nn.Module]) -> tuple[nn.Module, nn.Module]:
+        """widen + add_gates (deterministic given the teachers, except the gates' init noise)."""
+        inputs = self.s["example_inputs"] or first_inputs(self.train_data)
+        inputs = tuple(x.to(self.ctx.device) for x in inputs)
+        big = graphmerge.widen([t.eval() for t in teachers], inputs)
+        _seed_everything(self.s["seed"])
+        gated = graphmerge.add_gates(big, **dict(self.s["gate_options"] or {}))
+        return big.to(self.ctx.device), gated.to(self.ctx.device)
+
+    def _gate_phase(self, teachers: list[nn.Module]) -> nn.Module:
+        big, gated = self._build_gated(teachers)
+        summary = self.state["summary"]
+        if "big" not in summary:
+            summary["big"] = _metric_value(evaluate(big, self.eval_data, self.s["loss"], ctx=self.ctx))
+        del big
+        optimizers = {
+            "weights": sgd(gated.weight_parameters(), self.s["weight_lr"], self.s["weight_momentum"],
+                           self.s["weight_decay"]),
+            "gates": sgd(gated.gate_parameters(), self.s["gate_lr"], self.s["gate_momentum"]),
+        }
+        start = self._restore_phase(gated, optimizers, [], "gate", fresh_seed=self.s["seed"] + 2)
+        epochs = self.s["gate_epochs"]
+
+        def fields(epoch: int) -> dict[str, Any]:
+            return {"lambda": self.lambda_at(epoch)}
+
+        def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
+            record.update(_gate_fields(gated))
+            if epoch + 1 == epochs:
+                self._finish_gate_phase(gated)
+            self._save(epoch, record, gated, optimizers, [])
+
+        phase = PhaseConfig(name="gate", epochs=epochs, batch_size=self.s["batch_size"], seed=self.s["seed"],
+                            optimizers=optimizers, progress=self.s["progress"], epoch_fields=fields,
+                            aux_loss=lambda epoch: self.lambda_at(epoch) * gated.gate_loss())
+        fit(gated, self.train_data, self.s["loss"], phase, val_data=self.val_data, start_epoch=start,
+            ctx=self.ctx, on_epoch_end=end_of_epoch)
+        if epochs == 0 or start >= epochs:
+            self._finish_gate_phase(gated)
+        return gated
+
+    def _finish_gate_phase(self, gated: nn.Module) -> None:
+        """Gate report, warning on badly converged groups, and the move to fine-tuning."""
+        with torch.no_grad():
+            report = {"open": {str(k): float(v) for k, v in gated.open_fraction().items()},
+                      "share": {str(k): [int(c) for c in v] for k, v in gated.teacher_share().items()}}
+        self.state["report"] = report
+        self.state["stage"] = "finetune"
+        target = 1.0 / gated.n_teachers
+        far = {k: v for k, v in report["open"].items() if abs(v - target) > OPEN_FRACTION_TOLERANCE}
+        if far and self.ctx.is_main:
+            listed = ", ".join(f"group {k}: {v:.2f}" for k, v in list(far.items())[:5])
+            warnings.warn(f"after the gate phase {len(far)} group(s) are far from {target:.2f} open "
+                          f"({listed}); compression will cut channels the student still uses. Increase "
+                          f"lambda0 or gate_epochs, or use a faster-growing lambda schedule.", stacklevel=2)
+
+    # -- phase 3: compress and fine-tune
+
+    def _finetune(self, teachers: list[nn.Module], gated: nn.Module | None) -> nn.Module:
+        summary = self.state["summary"]
+        if gated is not None:
+            student = graphmerge.compress(gated.eval(), "gates").to(self.ctx.device)
+        else:  # resumed inside fine-tuning: the student has the teachers' class (compress's contract)
+            student = copy.deepcopy(teachers[0])
+        if "before_finetune" not in summary:
+            summary["before_finetune"] = _metric_value(evaluate(student, self.eval_data, self.s["loss"],
+                                                                ctx=self.ctx))
+        epochs = self.s["finetune_epochs"]
+        optimizer = sgd(student.parameters(), self.s["finetune_lr"], self.s["finetune_momentum"],
+                        self.s["weight_decay"])
+        scheduler = _multistep(optimizer, self.s["finetune_milestones"], self.s["finetune_gamma"], epochs)
+        start = self._restore_phase(student, {"weights": optimizer}, [scheduler], "finetune",
+                                    fresh_seed=self.s["seed"] + 1)
+
+        def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
+            if epoch + 1 == epochs:
+                self.state["stage"] = "done"
+            self._save(epoch, record, student, {"weights": optimizer}, [scheduler])
+
+        phase = PhaseConfig(name="finetune", epochs=epochs, batch_size=self.s["batch_size"],
+                            seed=self.s["seed"] + 1, optimizers={"weights": optimizer},
+                            schedulers=[scheduler], progress=self.s["progress"])
+        fit(student, self.train_data, self.s["loss"], phase, val_data=self.val_data, start_epoch=start,
+            ctx=self.ctx, on_epoch_end=end_of_epoch)
+        final = evaluate(student, self.eval_data, self.s["loss"], ctx=self.ctx)
+        summary["after_finetune"] = _metric_value(final)
+        return student.eval()
+
+    # -- checkpoints
+
+    def _restore_phase(self, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
+                       schedulers: Sequence[Any], phase: str, fresh_seed: int | None) -> int:
+        """Load the checkpointed model/optimiser/RNG state if it belongs to ``phase``; -> start epoch.
+
+        Without such a checkpoint the phase starts at epoch 0 with every RNG seeded from
+        ``fresh_seed`` (None: leave the RNGs as they are).
+
+        The RNG state is restored last, after every model was built, so that the run continues
+        with exactly the random stream the interrupted run would have used.
+        """
+        saved = self.resumed
+        if saved is None or saved.get("phase") != phase:
+            if fresh_seed is not None:
+                _seed_everything(fresh_seed + RANK_SEED_STRIDE * self.ctx.rank)
+            return 0
+        model.load_state_dict(saved["model"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(saved["optim"][name])
+        for scheduler, scheduler_state in zip(schedulers, saved["sched"], strict=True):
+            scheduler.load_state_dict(scheduler_state)
+        ckpt.restore_rng(saved["rng"][self.ctx.rank])
+        return saved["epoch"]
+
+    def _save(self, epoch: int, record: dict[str, Any], model: nn.Module,
+              optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Sequence[Any]) -> None:
+        """Checkpoint after a finished epoch (main rank writes, all ranks wait), then log it."""
+        self.state["history"].append(record)
+        self.store.save({**self.state, "settings": self._fingerprint(), "phase": record["phase"],
+                         "epoch": epoch + 1, "model": model.state_dict(),
+                         "optim": {k: o.state_dict() for k, o in optimizers.items()},
+                         "sched": [s.state_dict() for s in schedulers], "rng": self._rng_of_all_ranks()})
+        self.logger(record)
+
+    def _rng_of_all_ranks(self) -> list[dict[str, Any]]:
+        """Every rank's RNG state (they differ: each rank draws its own gate noise)."""
+        state = ckpt.capture_rng()
+        if not self.ctx.distributed:
+            return [state]
+        states: list[Any] = [None] * self.ctx.world_size
+        torch.distributed.all_gather_object(states, state)
+        return states
+
+
+def _gate_fields(gated: nn.Module) -> dict[str, Any]:
+    """Per-epoch gate metrics: L_half summed over groups, and the mean open fraction."""
+    with torch.no_grad():
+        l_half = float(gated.gate_loss())
+        fractions = list(gated.open_fraction().values())
+    return {"l_half": l_half, "open_fraction": float(np.mean(fractions)) if fractions else float("nan")}
+
+
+def _metric_name(metrics: Mapping[str, float], has_val: bool) -> str:
+    prefix = "val" if has_val else "train"
+    return f"{prefix}_acc" if "acc" in metrics else f"{prefix}_loss"
+
+
+def _metric_value(metrics: Mapping[str, float]) -> float:
+    return metrics["acc"] if "acc" in metrics else metrics["loss"]
+
+
+def _multistep(optimizer: torch.optim.Optimizer, milestones: Sequence[int] | None, gamma: float,
+               epochs: int) -> torch.optim.lr_scheduler.MultiStepLR:
+    marks = default_milestones(epochs) if milestones is None else list(milestones)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=marks, gamma=gamma)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# --- checkpoint store and logging ----------------------------------------------------------
+
+class _Store:
+    """The one checkpoint file of a run; only the main rank writes, every rank waits for it."""
+
+    def __init__(self, folder: str | Path | None, name: str, ctx: DistContext):
+        self.path = Path(folder) / name if folder is not None else None
+        self.ctx = ctx
+        if self.path is not None and ctx.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        if self.ctx.is_main:
+            ckpt.save_state(self.path, state)
+        self.ctx.barrier()
+
+    def load(self, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The saved state, or None (with a warning) when there is nothing to resume."""
+        if self.path is None:
+            raise GraphMergeError("resume=True needs checkpoint_dir (the folder of the run to resume).")
+        if not self.path.is_file():
+            warnings.warn(f"nothing to resume in {self.path.parent}: starting from scratch.", stacklevel=3)
+            return None
+        state = ckpt.load_state(self.path)
+        saved = json.loads(json.dumps(state["settings"], default=str))
+        wanted = json.loads(json.dumps(dict(settings), default=str))
+        for key in sorted(set(saved) | set(wanted)):
+            if saved.get(key) != wanted.get(key):
+                raise GraphMergeError(
+                    f"the checkpoint in {self.path.parent} was written with {key}={saved.get(key)!r}, but "
+                    f"this run has {key}={wanted.get(key)!r}. Resume with the original settings, or use a "
+                    f"new checkpoint folder.")
+        return state
+
+
+class _Logger:
+    """Sends each epoch record to a callable and/or appends it as a JSON line (main rank only)."""
+
+    def __init__(self, sink: LogSink, ctx: DistContext):
+        self.sink = sink
+        self.ctx = ctx
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if not self.ctx.is_main or self.sink is None:
+            return
+        if callable(self.sink):
+            self.sink(dict(record))
+            return
+        with open(self.sink, "a") as handle:
+            handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,334 @@
+"""Training loops, optimisers, schedules, metrics and the DistributedDataParallel plumbing.
+
+One loop (``fit``) serves every phase of the recipe: teacher training, the gate phase (an extra
+loss term and two optimisers) and fine-tuning. It is resumable and reproducible: the data order
+of epoch ``e`` depends only on ``(seed, e)`` (a ``DistributedSampler`` seeded per epoch, also in
+a single process), so a run restarted from the checkpoint of epoch ``e`` replays epoch ``e + 1``
+exactly.
+
+Distributed runs need no code change: under ``torchrun`` (``WORLD_SIZE``/``RANK`` set),
+``setup_distributed`` joins the process group (gloo on CPU, NCCL on GPU), the model is wrapped in
+DDP, every rank gets ``batch_size / world_size`` samples of the same global batch a single process
+would see, and metrics are all-reduced. Gradients (the gates' included: they are parameters of the
+wrapped module) are averaged, which for a mean loss is the global batch's gradient. So a DDP run
+computes what a single-process run computes, up to float summation order, except for random
+draws per sample (the gates' noise, dropout: each rank draws its own, see recipe.py) and
+BatchNorm (batch statistics per rank).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
+
+from graphmerge.errors import GraphMergeError
+
+__all__ = ["DistContext", "TrainingDiverged", "default_milestones", "evaluate", "fit", "lambda_schedule",
+           "resolve_loss", "setup_distributed", "sgd"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TrainingDiverged(GraphMergeError):
+    """The loss (or a weight) became NaN or infinite."""
+
+
+# --- distributed ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in a (possibly one-process) run."""
+
+    world_size: int = 1
+    rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum of ``values`` over all ranks (identity in a single process)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self._collective_device())
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def _collective_device(self) -> torch.device:
+        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
+    """Join the process group when launched by torchrun; otherwise a single-process context.
+
+    On GPU each rank uses ``cuda:LOCAL_RANK``. Calling it twice is harmless.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device)
+    if world_size <= 1:
+        return DistContext(device=device)
+    rank = int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return DistContext(world_size=world_size, rank=rank, device=device)
+
+
+def wrap_for_training(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """DDP-wrap ``model`` in a distributed run, so gradients (gates included) are averaged."""
+    if not ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+# --- losses, optimisers, schedules ---------------------------------------------------------
+
+def resolve_loss(loss: str | LossFn) -> tuple[LossFn, bool]:
+    """-> (loss function, whether accuracy is meaningful for it)."""
+    if callable(loss):
+        return loss, False
+    if loss == "cross_entropy":
+        return F.cross_entropy, True
+    if loss == "mse":
+        return F.mse_loss, False
+    raise GraphMergeError(f"unknown loss {loss!r}: use 'cross_entropy', 'mse' or a callable "
+                          f"(output, target) -> scalar tensor.")
+
+
+def sgd(params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9,
+        weight_decay: float = 0.0) -> torch.optim.SGD:
+    """The paper's optimiser: SGD with momentum."""
+    return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def default_milestones(epochs: int) -> list[int]:
+    """Divide the learning rate by 10 at half and three quarters of training (the paper's CIFAR
+    and ImageNet recipe); none for runs too short to have distinct milestones."""
+    return sorted({m for m in (epochs // 2, (3 * epochs) // 4) if 0 < m < epochs})
+
+
+def lambda_schedule(kind: str | Callable[[int], float], lambda0: float = 0.01,
+                    growth: float = 0.05) -> Callable[[int], float]:
+    """λ for (0-based) epoch ``e``, as a pure function so a resumed run recomputes it.
+
+    The reference code updates λ once per epoch, before the epoch: ``λ ← λ + growth·√λ`` from
+    ``λ₀`` ("quadratic": √λ grows linearly). "linear" adds the first such step,
+    ``growth·√λ₀``, every epoch; "constant" keeps ``λ₀``; a callable is used as given.
+    """
+    if callable(kind):
+        return kind
+    if lambda0 < 0:
+        raise GraphMergeError(f"lambda0 must be >= 0, got {lambda0}.")
+    if kind == "constant":
+        return lambda epoch: lambda0
+    if kind == "linear":
+        step = growth * math.sqrt(lambda0)
+        return lambda epoch: lambda0 + step * (epoch + 1)
+    if kind == "quadratic":
+        def quadratic(epoch: int) -> float:
+            value = lambda0
+            for _ in range(epoch + 1):
+                value += growth * math.sqrt(value)
+            return value
+        return quadratic
+    raise GraphMergeError(f"unknown lambda schedule {kind!r}: use quadratic, linear, constant or a "
+                          f"callable epoch -> lambda.")
+
+
+# --- data ----------------------------------------------------------------------------------
+
+def epoch_batches(data: Dataset | DataLoader, batch_size: int, *, seed: int, epoch: int,
+                  ctx: DistContext, shuffle: bool = True) -> DataLoader:
+    """This rank's batches for one epoch, in an order fixed by ``(seed, epoch)``.
+
+    ``batch_size`` is the global batch; each of ``world_size`` ranks takes its share of every
+    global batch. A DataLoader contributes its dataset, batch size and collate function;
+    graphmerge does the (seeded, resumable, distributed) shuffling itself. An IterableDataset
+    loader is used as it is.
+    """
+    collate = None
+    if isinstance(data, DataLoader):
+        if isinstance(data.dataset, IterableDataset):
+            return data
+        batch_size, collate, data = data.batch_size or batch_size, data.collate_fn, data.dataset
+    if batch_size % ctx.world_size:
+        raise GraphMergeError(f"batch size {batch_size} is not divisible by the {ctx.world_size} "
+                              f"processes; choose a multiple of {ctx.world_size}.")
+    sampler = DistributedSampler(data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
+                                 seed=seed)
+    sampler.set_epoch(epoch)
+    return DataLoader(data, batch_size=batch_size // ctx.world_size, sampler=sampler, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def _eval_shard(data: Dataset | DataLoader, batch_size: int, ctx: DistContext) -> Iterable:
+    """Every sample exactly once over all ranks (rank r takes r, r + W, ...), no padding."""
+    collate = None
+    if isinstance(data, DataLoader):
+        if isinstance(data.dataset, IterableDataset):
+            return data if ctx.is_main else []
+        batch_size, collate, data = data.batch_size or batch_size, data.collate_fn, data.dataset
+    if ctx.distributed:
+        data = Subset(data, range(ctx.rank, len(data), ctx.world_size))
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def _to_device(batch: Any, device: torch.device) -> tuple[tuple, torch.Tensor]:
+    """Split a batch into (model inputs as a tuple, target), moved to ``device``."""
+    inputs, target = batch[0], batch[1]
+    inputs = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
+    return tuple(x.to(device) for x in inputs), target.to(device)
+
+
+# --- loops ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset | DataLoader, loss: str | LossFn, *,
+             batch_size: int = 256, ctx: DistContext | None = None) -> dict[str, float]:
+    """Mean loss (and accuracy for cross-entropy) over ``data`` in eval mode, over all ranks."""
+    ctx = ctx or DistContext()
+    loss_fn, with_accuracy = resolve_loss(loss)
+    was_training = model.training
+    model.eval()
+    total_loss = correct = count = 0.0
+    try:
+        for batch in _eval_shard(data, batch_size, ctx):
+            inputs, target = _to_device(batch, ctx.device)
+            output = model(*inputs)
+            n = len(target)
+            total_loss += float(loss_fn(output, target)) * n
+            if with_accuracy:
+                correct += float((output.argmax(dim=1) == target).sum())
+            count += n
+    finally:
+        model.train(was_training)
+    total_loss, correct, count = ctx.sum([total_loss, correct, count])
+    if count == 0:
+        raise GraphMergeError("the evaluation data set is empty; give it at least one sample.")
+    metrics = {"loss": total_loss / count}
+    if with_accuracy:
+        metrics["acc"] = correct / count
+    return metrics
+
+
+@dataclass
+class PhaseConfig:
+    """What one training phase needs besides the model and the data."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    seed: int
+    optimizers: Mapping[str, torch.optim.Optimizer]
+    schedulers: Sequence[Any] = ()
+    aux_loss: Callable[[int], torch.Tensor] | None = None  # epoch -> extra term of the loss
+    epoch_fields: Callable[[int], dict[str, Any]] | None = None  # epoch -> extra record fields
+    progress: bool = True
+
+
+def fit(model: nn.Module, train_data: Dataset | DataLoader, loss: str | LossFn, phase: PhaseConfig, *,
+        val_data: Dataset | DataLoader | None = None, start_epoch: int = 0,
+        ctx: DistContext | None = None,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train ``model`` for epochs ``start_epoch .. phase.epochs - 1``; one record per epoch.
+
+    ``on_epoch_end(epoch, record)`` runs after the epoch's weights are known to be finite (the
+    recipe saves its checkpoint there). A NaN/inf loss or weight raises ``TrainingDiverged``
+    naming the phase, epoch and batch before anything is saved, so the last checkpoint stays good.
+    """
+    ctx = ctx or DistContext()
+    loss_fn, _ = resolve_loss(loss)
+    trained = wrap_for_training(model, ctx)
+    history = []
+    for epoch in range(start_epoch, phase.epochs):
+        record: dict[str, Any] = {"phase": phase.name, "epoch": epoch + 1}
+        if phase.epoch_fields is not None:
+            record.update(phase.epoch_fields(epoch))
+        batches = epoch_batches(train_data, phase.batch_size, seed=phase.seed, epoch=epoch, ctx=ctx)
+        record.update(_train_one_epoch(trained, batches, loss_fn, phase, epoch, ctx))
+        _check_finite_weights(model, phase.name, epoch)
+        for scheduler in phase.schedulers:
+            scheduler.step()
+        if val_data is not None:
+            record.update({f"val_{k}": v for k, v in evaluate(model, val_data, loss, ctx=ctx).items()})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+        history.append(record)
+    return history
+
+
+def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase: PhaseConfig,
+                     epoch: int, ctx: DistContext) -> dict[str, float]:
+    """One pass over ``batches``; returns the sample-weighted mean task loss over all ranks."""
+    model.train()
+    total = count = 0.0
+    lr = next(iter(phase.optimizers.values())).param_groups[0]["lr"]
+    for index, batch in enumerate(_progress(batches, phase, epoch, ctx)):
+        inputs, target = _to_device(batch, ctx.device)
+        task_loss = loss_fn(model(*inputs), target)
+        loss = task_loss if phase.aux_loss is None else task_loss + phase.aux_loss(epoch)
+        _check_finite_loss(loss, phase.name, epoch, index, ctx)
+        for optimizer in phase.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in phase.optimizers.values():
+            optimizer.step()
+        total += float(task_loss.detach()) * len(target)
+        count += len(target)
+    total, count = ctx.sum([total, count])
+    return {"loss": total / max(count, 1.0), "lr": lr}
+
+
+def _progress(batches: Iterable, phase: PhaseConfig, epoch: int, ctx: DistContext) -> Iterable:
+    """A per-epoch tqdm bar on the main rank of an interactive terminal; plain batches otherwise."""
+    if not (phase.progress and ctx.is_main and sys.stderr.isatty()):
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", leave=False, unit="batch")
+
+
+def _check_finite_loss(loss: torch.Tensor, phase: str, epoch: int, batch: int, ctx: DistContext) -> None:
+    """Stop before a NaN/inf step; in DDP every rank agrees, so none is left waiting in a collective."""
+    bad = 0.0 if bool(torch.isfinite(loss.detach())) else 1.0
+    if ctx.distributed:
+        bad = ctx.sum([bad])[0]
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged in the {phase} phase at epoch {epoch + 1}, batch {batch + 1}: the loss is "
+            f"{float(loss.detach())} (NaN or infinite). Nothing from this epoch was saved; the last good "
+            f"checkpoint is kept. Lower the learning rate (or lambda0 for the gate phase) and resume or "
+            f"restart.")
+
+
+def _check_finite_weights(model: nn.Module, phase: str, epoch: int) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingDiverged(
+                f"training diverged in the {phase} phase at epoch {epoch + 1}: {name!r} holds NaN or "
+                f"infinite values after the epoch's last step. Nothing from this epoch was saved; the last "
+                f"good checkpoint is kept. Lower the learning rate and resume or restart.")

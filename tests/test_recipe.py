@@ -1,0 +1,251 @@
+"""The training recipe: teachers, λ schedules, merge end to end, resume, divergence, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
+
+from graphmerge import checkpoint as ckpt
+from graphmerge.data import sine
+from graphmerge.errors import GraphMergeError
+from graphmerge.examples.mlp import build_model as build_mlp
+from graphmerge.examples.mnist1d_cnn import build_model as build_cnn
+from graphmerge.recipe import merge, train
+from graphmerge.training import DistContext, default_milestones, epoch_batches, evaluate, lambda_schedule
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_sine(n_train: int = 512, n_val: int = 128):
+    train_data, val_data, _, _ = sine(n_train=n_train, n_val=n_val, n_test=1)
+    return train_data, val_data
+
+
+def small_mnist1d(n: int = 256):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 10
+    x = torch.randn(n, 1, 40, generator=generator) + labels.view(-1, 1, 1).float() / 3
+    return TensorDataset(x, labels)
+
+
+# --- schedules and data order --------------------------------------------------------------
+
+def test_quadratic_lambda_follows_the_reference_update_before_each_epoch():
+    schedule = lambda_schedule("quadratic", 0.01, 0.05)
+    expected = 0.01
+    for epoch in range(5):
+        expected += 0.05 * math.sqrt(expected)  # updated before the epoch
+        assert schedule(epoch) == pytest.approx(expected)
+    assert lambda_schedule("constant", 0.3)(7) == 0.3
+    assert lambda_schedule("linear", 0.04, 0.05)(1) == pytest.approx(0.04 + 2 * 0.05 * 0.2)
+    assert lambda_schedule(lambda e: 2.0 * e)(3) == 6.0
+    with pytest.raises(GraphMergeError, match="unknown lambda schedule"):
+        lambda_schedule("cubic")
+
+
+def test_default_milestones_at_half_and_three_quarters():
+    assert default_milestones(100) == [50, 75]
+    assert default_milestones(1) == []
+
+
+def test_data_order_depends_only_on_seed_and_epoch():
+    data = TensorDataset(torch.arange(50).float().unsqueeze(1), torch.zeros(50))
+
+    def order(seed: int, epoch: int) -> list[float]:
+        batches = epoch_batches(data, 8, seed=seed, epoch=epoch, ctx=DistContext())
+        return torch.cat([x for x, _ in batches]).flatten().tolist()
+
+    assert order(0, 3) == order(0, 3)
+    assert order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)
+    assert sorted(order(0, 3)) == list(range(50))
+
+
+# --- teacher training ----------------------------------------------------------------------
+
+def test_teacher_training_decreases_the_sine_loss():
+    train_data, val_data = small_sine()
+    torch.manual_seed(0)
+    model = build_mlp()
+    before = evaluate(model, val_data, "mse")["loss"]
+    result = train(model, train_data, val_data=val_data, loss="mse", epochs=4, lr=0.05, milestones=[])
+    after = evaluate(result.model, val_data, "mse")["loss"]
+    assert after < before
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+
+
+def test_divergence_names_phase_and_epoch_and_keeps_last_checkpoint(tmp_path: Path):
+    train_data, _ = small_sine(n_train=64)
+    calls = {"n": 0}
+    batches_per_epoch = 2  # 64 samples / batch 32
+
+    def loss_nan_in_epoch_two(output, target):
+        calls["n"] += 1
+        value = torch.nn.functional.mse_loss(output, target)
+        return value * float("nan") if calls["n"] > batches_per_epoch else value
+
+    with pytest.raises(GraphMergeError, match=r"teacher0 phase at epoch 2, batch 1") as info:
+        merge(build_mlp, train_data, loss=loss_nan_in_epoch_two, teacher_epochs=3, gate_epochs=1,
+              finetune_epochs=1, checkpoint_dir=tmp_path)
+    assert "last good checkpoint is kept" in str(info.value)
+    saved = ckpt.load_state(tmp_path / "merge.safetensors")
+    assert (saved["phase"], saved["epoch"]) == ("teacher0", 1)
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_exploding_learning_rate_is_caught():
+    train_data, _ = small_sine(n_train=256)
+    with pytest.raises(GraphMergeError, match="diverged in the train phase at epoch 1"):
+        train(build_mlp(), train_data, loss="mse", epochs=2, lr=1e6)
+
+
+def test_merge_rejects_a_single_teacher_and_a_factory_without_epochs():
+    train_data, _ = small_sine(n_train=32)
+    with pytest.raises(GraphMergeError, match="at least 2 teachers"):
+        merge([build_mlp()], train_data, loss="mse")
+    with pytest.raises(GraphMergeError, match="teacher_epochs"):
+        merge(build_mlp, train_data, loss="mse")
+
+
+# --- merge end to end ----------------------------------------------------------------------
+
+def test_merge_sine_mlp_end_to_end(tmp_path: Path):
+    train_data, val_data = small_sine()
+    records = []
+    result = merge(build_mlp, train_data, val_data=val_data, loss="mse", teacher_epochs=2, gate_epochs=2,
+                   finetune_epochs=2, lambda0=0.5, log=records.append, checkpoint_dir=tmp_path / "ck")
+    assert type(result.student).__name__ == "SineMLP"
+    build_mlp().load_state_dict(result.student.state_dict(), strict=True)
+    phases = [(r["phase"], r["epoch"]) for r in records]
+    assert phases == [("teacher0", 1), ("teacher0", 2), ("teacher1", 1), ("teacher1", 2), ("gate", 1),
+                      ("gate", 2), ("finetune", 1), ("finetune", 2)]
+    gate_records = [r for r in records if r["phase"] == "gate"]
+    assert all({"lambda", "l_half", "open_fraction", "val_loss"} <= set(r) for r in gate_records)
+    assert gate_records[1]["lambda"] > gate_records[0]["lambda"]
+    summary = result.summary
+    assert summary["metric"] == "val_loss" and len(summary["teachers"]) == 2
+    assert summary["after_finetune"] == pytest.approx(evaluate(result.student, val_data, "mse")["loss"])
+    # the big student in eval mode is the teachers' mean: its loss is at most the mean teacher loss
+    assert summary["big"] <= sum(summary["teachers"]) / 2 + 1e-6
+    assert sum(result.teacher_share[next(iter(result.teacher_share))]) == 100
+
+
+def test_merge_cnn_with_batchnorm_and_residual_end_to_end():
+    data = small_mnist1d()
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teachers.append(train(build_cnn(), data, epochs=1, seed=seed, batch_size=64).model)
+    result = merge(teachers, data, loss="cross_entropy", gate_epochs=1, finetune_epochs=1, batch_size=64)
+    fresh = build_cnn()
+    fresh.load_state_dict(result.student.state_dict(), strict=True)
+    assert fresh(torch.randn(3, 1, 40)).shape == (3, 10)
+    assert 0.0 <= result.summary["after_finetune"] <= 1.0 and result.summary["metric"] == "train_acc"
+    assert all(0.0 <= f <= 1.0 for f in result.open_fraction.values())
+
+
+def test_far_from_half_open_gates_warn():
+    train_data, _ = small_sine(n_train=64)
+    with pytest.warns(UserWarning, match="far from 0.50 open"):
+        merge(build_mlp, train_data, loss="mse", teacher_epochs=1, gate_epochs=1, finetune_epochs=0,
+              lambda_schedule="constant", lambda0=0.0)
+
+
+# --- resume --------------------------------------------------------------------------------
+
+RESUME_SCRIPT = """
+    import os, sys
+    from graphmerge.checkpoint import save_weights
+    from graphmerge.data import sine
+    from graphmerge.examples.mlp import build_model
+    from graphmerge.recipe import merge
+
+    out, checkpoint_dir, crash_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+
+    def crash_after_checkpoint(record):  # the log runs after the epoch's checkpoint is written
+        if f"{record['phase']}:{record['epoch']}" == crash_at:
+            os._exit(17)
+
+    train_data, val_data, _, _ = sine(n_train=256, n_val=64, n_test=1)
+    result = merge(build_model, train_data, val_data=val_data, loss="mse", teacher_epochs=2, gate_epochs=3,
+                   finetune_epochs=2, lambda0=0.5, checkpoint_dir=checkpoint_dir, resume=resume,
+                   log=crash_after_checkpoint)
+    save_weights(out, result.student)
+"""
+
+
+def _run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("crash_at", ["gate:1", "teacher1:2"])
+def test_resume_after_a_kill_gives_the_uninterrupted_result_bitwise(tmp_path: Path, crash_at: str):
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(RESUME_SCRIPT))
+    reference = _run_script(script, str(tmp_path / "ref.safetensors"), str(tmp_path / "ref_ck"), "never", "0")
+    assert reference.returncode == 0, reference.stderr
+    crashed = _run_script(script, str(tmp_path / "b.safetensors"), str(tmp_path / "ck"), crash_at, "0")
+    assert crashed.returncode == 17, crashed.stderr
+    assert not (tmp_path / "b.safetensors").exists()
+    phase, epoch = crash_at.split(":")
+    saved = ckpt.load_state(tmp_path / "ck" / "merge.safetensors")
+    assert (saved["phase"], saved["epoch"]) == (phase, int(epoch))
+    resumed = _run_script(script, str(tmp_path / "b.safetensors"), str(tmp_path / "ck"), "never", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, actual = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_resume_with_different_settings_is_refused(tmp_path: Path):
+    train_data, _ = small_sine(n_train=64)
+    merge(build_mlp, train_data, loss="mse", teacher_epochs=1, gate_epochs=1, finetune_epochs=1,
+          checkpoint_dir=tmp_path)
+    with pytest.raises(GraphMergeError, match="gate_epochs=1.*gate_epochs=2"):
+        merge(build_mlp, train_data, loss="mse", teacher_epochs=1, gate_epochs=2, finetune_epochs=1,
+              checkpoint_dir=tmp_path, resume=True)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+def test_cli_train_then_merge_on_sine(run_cli, tmp_path: Path):
+    for seed in (1, 2):
+        done = run_cli("train", "examples:mlp", "--data", "sine", "--seed", str(seed), "--epochs", "1",
+                       "--batch-size", "256", "--out", f"t{seed}.safetensors")
+        assert done.returncode == 0, done.stderr
+    done = run_cli("merge", "examples:mlp", "--teacher", "t1.safetensors", "--teacher", "t2.safetensors",
+                   "--data", "sine", "--gate-epochs", "1", "--finetune-epochs", "1", "--batch-size", "256",
+                   "--out", "student.safetensors", "--log-json", "log.jsonl", "--checkpoint-dir", "ck")
+    assert done.returncode == 0, done.stderr
+    build_mlp().load_state_dict(load_file(tmp_path / "student.safetensors"), strict=True)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["gate", "finetune"]
+    assert "student after fine-tuning" in done.stdout and "gate epoch   1" in done.stdout
+
+
+def test_cli_bad_inputs_exit_2_with_a_message(run_cli, tmp_path: Path):
+    ckpt.save_weights(tmp_path / "a.safetensors", build_mlp())
+    ckpt.save_weights(tmp_path / "wide.safetensors", build_mlp(hidden=7))
+    a = ["--teacher", "a.safetensors"]
+    cases = [
+        ([*a, "--teacher", "missing.safetensors", "--data", "sine"], "missing.safetensors"),
+        ([*a, "--data", "sine"], "at least two teachers"),
+        ([*a, *a, "--data", "nope"], "unknown data spec"),
+        ([*a, "--teacher", "wide.safetensors", "--data", "sine"], "(7, 1)"),
+    ]
+    for args, message in cases:
+        done = run_cli("merge", "examples:mlp", *args, "--out", "s.safetensors")
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "s.safetensors").exists()
