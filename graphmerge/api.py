@@ -13,6 +13,7 @@ from torch import nn
 from graphmerge.errors import GraphMergeError, ModelMismatchError
 from passes.couple import couple
 from passes.groups import GroupSet
+from passes.layout import LayoutError
 from passes.trace import trace
 
 
@@ -69,7 +70,14 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, leaf_modules: S
     groups = analyze(teachers[0], example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     start = time.perf_counter()
     with torch.no_grad():
-        big = widen_pass(groups, teachers)
+        try:
+            big = widen_pass(groups, teachers)
+        except LayoutError as error:
+            raise GraphMergeError(
+                f"cannot lay out the big student of {type(teachers[0]).__name__}: {error}. The channels reach "
+                "this op in an order the teacher-major layout cannot express (for example a residual add "
+                "across a channel shuffle). Mark the submodule containing it a leaf (leaf_modules=[...]) so "
+                "its channels are pinned, or file an issue with the model.") from None
     groups.timings["widen_s"] = time.perf_counter() - start
     big.train(teachers[0].training)
     return big

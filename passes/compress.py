@@ -10,6 +10,7 @@ computes when the dropped gates are closed (invariant I3).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,7 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
     teacher_index = int(keep.split(":")[1]) if isinstance(keep, str) else 0
     state.update(info.untraced[teacher_index] if info.untraced else {})
     student = copy_structure(info.teacher)
+    state = _with_metadata(state, student)
     try:
         student.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
@@ -143,6 +145,13 @@ def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep
     student.recompile()
     student.train(graph_module.training)
     return student
+
+
+def _with_metadata(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Carry the module versions ``state_dict()._metadata`` records; some loaders require them."""
+    ordered = OrderedDict(state)
+    ordered._metadata = getattr(module.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return ordered
 
 
 def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dict[int, np.ndarray],

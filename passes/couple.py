@@ -80,6 +80,7 @@ class Propagation:
         self.across_norm: list[tuple[np.ndarray, str]] = []
         self.gate_sites: list[tuple[str, int, int, str]] = []
         self.literal_nodes: set[str] = set()
+        self.nonlinear: list[tuple[str, np.ndarray]] = []
         self.labels: dict[torch.fx.Node, Any] = {}
 
     # -- building blocks for op rules -------------------------------------------------------
@@ -242,6 +243,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
         for gid in _groups_of(ids, component, group_of):
             layout.across_norm.setdefault(gid, what)
     layout.literal_nodes = set(prop.literal_nodes)
+    _flag_nonlinear_heads(prop, groups, component, group_of)
     for group in groups:
         if group.width % group.unit:
             group.pinned = True
@@ -259,6 +261,21 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
     return groups, layout
 
 
+def _flag_nonlinear_heads(prop: Propagation, groups: list[Group], component: np.ndarray,
+                          group_of: np.ndarray) -> None:
+    """An output group that passes a non-linear op is averaged too early to give the teachers' mean.
+
+    The big student averages the teachers in the layer that writes a pinned output group; a ReLU
+    or max-pool after that layer (SqueezeNet's classifier) sees the average, not each teacher.
+    """
+    for node_name, ids in prop.nonlinear:
+        for gid in _groups_of(ids, component, group_of):
+            group = groups[gid]
+            if group.pinned and group.reason == "graph output":
+                group.reason = (f"non-linear op {node_name} after the layer that averages the teachers into "
+                                "this graph output: the big student cannot compute the teachers' mean (I1)")
+
+
 def _first_reason(reasons: list[str]) -> str | None:
     """Prefer a reason from inside the graph over the graph boundary: it is the one to fix."""
     if not reasons:
@@ -268,7 +285,8 @@ def _first_reason(reasons: list[str]) -> str | None:
 
 
 def _groups_of(ids: np.ndarray, component: np.ndarray, group_of: np.ndarray) -> list[int]:
-    gids = group_of[component[ids]]
+    ids = np.asarray(ids).ravel()
+    gids = group_of[component[ids[ids >= 0]]]
     return np.unique(gids[gids >= 0]).tolist()
 
 

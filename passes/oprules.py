@@ -938,4 +938,30 @@ def propagate_node(prop: Propagation, node: torch.fx.Node) -> Any:
     rule = find_rule(prop, node)
     if rule is None:
         return unknown_op(prop, node)
-    return rule(prop, node)
+    result = rule(prop, node)
+    if _is_nonlinear(prop, node, rule) and isinstance(result, TensorLabels):
+        prop.nonlinear.append((node.name, result.all_ids()))
+    return result
+
+
+LINEAR_UNARY = {
+    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu",
+    "cuda", "requires_grad_", F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, operator.neg, operator.pos,
+    torch.neg,
+}
+LINEAR_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+NONLINEAR_SPATIAL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                     nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d)
+
+
+def _is_nonlinear(prop: Propagation, node: torch.fx.Node, rule: Rule) -> bool:
+    """Whether an elementwise or pooling op is non-linear (it does not commute with averaging)."""
+    if node.op == "call_module":
+        module = prop.modules[node.target]
+        if rule is identity:
+            return not isinstance(module, LINEAR_MODULES)
+        return rule is spatial and isinstance(module, NONLINEAR_SPATIAL)
+    if rule is identity:
+        return node.target not in LINEAR_UNARY
+    return rule is spatial and node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                                                 F.adaptive_max_pool1d, F.adaptive_max_pool2d)

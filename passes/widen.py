@@ -355,8 +355,7 @@ def rewrite_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of) -> None:
         if target in ("view", "reshape", torch.reshape) and out_dims is not None:
             sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
                 else node.args[1:]
-            new = [new_size(out_dims[d]) if isinstance(s, int) and s != -1 and new_size(out_dims[d]) else s
-                   for d, s in enumerate(sizes)]
+            new = _view_sizes(sizes, out_dims, new_size)
             node.args = (node.args[0], tuple(new)) if len(node.args) == 2 and \
                 isinstance(node.args[1], (list, tuple)) else (node.args[0], *new)
         elif target in ("split", torch.split) and in_dims is not None:
@@ -378,6 +377,26 @@ def rewrite_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of) -> None:
                 node.args = (node.args[0], dim, big_start, prefix(layout_dim, start + length) - big_start)
         elif target is __import__("operator").getitem and in_dims is not None:
             node.args = (node.args[0], _rewrite_index(node.args[1], in_dims, prefix))
+
+
+def _view_sizes(sizes: Any, out_dims: list[DimLayout | None], new_size) -> list[Any]:
+    """New arguments of a view/reshape: every size the labels determine, except the batch dim.
+
+    A size computed in the graph (``channels // groups``) would be computed from the new width
+    with the teacher's other constants, which is not what the teacher meant; when every dim's new
+    size is known, all but the first (batch) become literals. -1 stays -1.
+    """
+    known = all(d is not None for d in out_dims) and len(out_dims) == len(sizes)
+    new = []
+    for d, size in enumerate(sizes):
+        target = new_size(out_dims[d]) if d < len(out_dims) else None
+        if isinstance(size, int) and size != -1 and target:
+            new.append(target)
+        elif known and d > 0 and isinstance(size, torch.fx.Node) and target:
+            new.append(target)
+        else:
+            new.append(size)
+    return new
 
 
 def _rewrite_index(index: Any, in_dims: list[DimLayout | None], prefix) -> Any:
@@ -437,7 +456,7 @@ def _rewrite_permutations(big: torch.fx.GraphModule, groups: GroupSet, n: int, w
     teachers' channels together; the gather computes, per teacher, exactly the teacher's
     permutation in the big layout.
     """
-    nodes = groups.layout.nodes
+    nodes = dict(groups.layout.nodes)
     changed = False
     for node in list(big.graph.nodes):
         out = nodes.get(node.name)
@@ -467,6 +486,7 @@ def _rewrite_permutations(big: torch.fx.GraphModule, groups: GroupSet, n: int, w
             index = big.graph.get_attr(buffer)
             gathered = big.graph.call_method("index_select", (start, dim, index))
         node.replace_all_uses_with(gathered)
+        nodes[gathered.name] = out
         changed = True
     if changed:
         big.graph.eliminate_dead_code()

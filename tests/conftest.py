@@ -14,7 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
+
+# One intra-op thread per test process: the suite runs on 2 processes (-n 2), and tiny convs are
+# far slower when two processes each spin two threads on two cores.
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # the packages import without `pip install -e .` too
