@@ -157,3 +157,46 @@ def test_bad_gate_constants_and_masks_are_explained(big):
         graphmerge.compress(model, "teacher:x")
     with pytest.raises(graphmerge.GraphMergeError, match="graphmerge metadata"):
         graphmerge.compress(torch.nn.Linear(2, 2))
+
+
+def test_gate_phase_reaches_half_open_and_compression_matches_the_gated_student():
+    """A short gate phase on a small regression problem: every group ends with width gates open
+    (the expected open count Σ P[g > 0] within one channel of width); rounding
+    the learned gates to 0/1 (top width by score), the compressed student computes what the
+    eval-mode gated big student computes (I3)."""
+    torch.manual_seed(0)
+    x = torch.rand(512, 1)
+    y = torch.sin(6 * x)
+    teachers = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(1, 12), torch.nn.ReLU(), torch.nn.Linear(12, 12),
+                                  torch.nn.ReLU(), torch.nn.Linear(12, 1))
+        teachers.append(net.eval())
+    big = graphmerge.widen(teachers, (x[:2],))
+    gated = graphmerge.add_gates(big, seed=0).train()
+    weights = torch.optim.SGD(gated.weight_parameters(), lr=0.01, momentum=0.9)
+    gates = torch.optim.SGD(gated.gate_parameters(), lr=0.5, momentum=0.9)
+    lam = 1.0
+    for step in range(600):
+        if step % 20 == 0:
+            lam += 0.5 * math.sqrt(lam)
+        batch = torch.randint(0, 512, (64,))
+        loss = torch.nn.functional.mse_loss(gated(x[batch]), y[batch]) + lam * gated.gate_loss()
+        weights.zero_grad()
+        gates.zero_grad()
+        loss.backward()
+        weights.step()
+        gates.step()
+    gated.eval()
+    info = big.meta["graphmerge"]
+    masks = {}
+    for group in info.groups.widened:
+        assert abs(gated.expected_open()[group.id] - group.width) <= 1.0
+        scores = gated.gate_scores()[group.id]
+        masks[group.id] = torch.zeros(2 * group.width, dtype=torch.bool)
+        masks[group.id][torch.argsort(-scores, stable=True)[:group.width]] = True
+    gated.set_gates(masks)
+    student = graphmerge.compress(gated, "gates").eval()
+    with torch.no_grad():
+        assert torch.allclose(student(x), gated(x), atol=1e-5)
