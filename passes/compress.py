@@ -104,6 +104,8 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
     kept = select_channels(info, keep)
     with torch.no_grad():
         state = _gather_state(graph_module.state_dict(), info, kept, scales)
+    # Tensors the traced graph never reads (an aux classifier skipped in eval mode) come from the
+    # kept teacher, or from teacher 0 when the channels are a mixture.
     teacher_index = int(keep.split(":")[1]) if isinstance(keep, str) else 0
     state.update(info.untraced[teacher_index] if info.untraced else {})
     student = copy_structure(info.teacher)
@@ -131,12 +133,11 @@ def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep
     kept = select_channels(info, keep, counts=counts)
     widths, widened = info.widths, info.widened
     student = copy_structure(info.groups.graph_module)
+    if any(counts[g] != info.widths[g] for g in counts) and _has_permuted_dims(info):
+        raise GraphMergeError("this model permutes channels (a channel shuffle), which a width ratio other "
+                              "than the teachers' width cannot keep; compress without ratio.")
     with torch.no_grad():
-        try:
-            state = _gather_state(graph_module.state_dict(), info, kept, scales)
-        except IndexError:
-            raise GraphMergeError("this model permutes channels (a channel shuffle), which a width ratio other "
-                                  "than the teachers' width cannot keep; compress without ratio.") from None
+        state = _gather_state(graph_module.state_dict(), info, kept, scales)
     for name, tensor in state.items():
         set_tensor(student, name, tensor)
     for module in student.modules():
@@ -152,6 +153,11 @@ def _with_metadata(state: dict[str, torch.Tensor], module: nn.Module) -> dict[st
     ordered = OrderedDict(state)
     ordered._metadata = getattr(module.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     return ordered
+
+
+def _has_permuted_dims(info: WidenInfo) -> bool:
+    return any(dim is not None and pieces(dim, info.widths, info.widened) is None
+               for dims in info.groups.layout.params.values() for dim in dims)
 
 
 def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dict[int, np.ndarray],

@@ -142,6 +142,10 @@ class Propagation:
                 self.unify(old, new, f"parameter {name} used twice")
             elif (old is None) != (new is None):
                 self.pin(old if new is None else new, f"parameter {name} used twice with different roles")
+        if seen.out_dim is None:  # first seen through get_attr; the op using it knows its roles
+            seen.out_dim = out_dim
+        if not seen.in_dims:
+            seen.in_dims = in_dims
 
     def unit(self, ids: np.ndarray, size: int) -> None:
         """Channels must be selected in whole consecutive units of ``size`` (conv groups, heads)."""
@@ -251,7 +255,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
     for site in prop.gate_sites:
         layout.gate_sites.append(site)
         node_name, _, _, param = site
-        in_dim = layout.in_dims.get(param, (1,))[0]
+        in_dim = (layout.in_dims.get(param) or (1,))[0]
         for dim_layout in layout.params.get(param, [])[in_dim:in_dim + 1]:
             if dim_layout is None:
                 continue

@@ -85,15 +85,19 @@ def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: i
 
 @torch.fx.wrap
 def gated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor,
-                    index: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor | None,
+                    in_index: torch.Tensor, index: torch.Tensor, in_proj_weight: torch.Tensor,
+                    in_proj_bias: torch.Tensor | None,
                     out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor | None, num_heads: int,
                     batch_first: bool, attn_mask: torch.Tensor | None = None,
                     key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-    """nn.MultiheadAttention with a gate on each head channel, between the heads and out_proj.
+    """nn.MultiheadAttention with gates on its inputs and on each head channel before out_proj.
 
-    The heads' concatenated output is what out_proj consumes, so that is where the gate goes;
-    running the attention with an identity out-projection exposes it.
+    The in-projection consumes the input stream, so the stream's gates multiply query, key and
+    value; the heads' concatenated output is what out_proj consumes, so the heads' gates go there
+    (running the attention with an identity out-projection exposes it). Batch-first only.
     """
+    stream = gates.index_select(1, in_index).unsqueeze(1)
+    query, key, value = query * stream, key * stream, value * stream
     if batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     embed = in_proj_weight.shape[0] // 3
@@ -198,7 +202,7 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
     for site, (node_name, arg_index, act_dim, param) in enumerate(groups.layout.gate_sites):
         node = nodes.get(node_name)
         dims = groups.layout.params.get(param, [])
-        position = groups.layout.in_dims.get(param, (1,))[0]
+        position = (groups.layout.in_dims.get(param) or (1,))[0]
         in_dim = dims[position] if position < len(dims) else None
         if node is None or in_dim is None or not np.isin(in_dim.group, list(widened)).any():
             continue
@@ -206,6 +210,10 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         buffer = f"graphmerge_gate_index_{site}"
         gated.register_buffer(buffer, torch.as_tensor(index, dtype=torch.long), persistent=False)
         if arg_index < 0:
+            stream_dim = groups.layout.params[f"{node.target}.in_proj_weight"][1]
+            stream_index = _site_index(stream_dim, n, widths, widened, gates)
+            gated.register_buffer(f"{buffer}_input", torch.as_tensor(stream_index, dtype=torch.long),
+                                  persistent=False)
             _gate_attention(gated, node, gate_node, buffer)
             continue
         with graph.inserting_before(node):
@@ -225,16 +233,25 @@ def _gate_attention(gated: torch.fx.GraphModule, node: torch.fx.Node, gate_node:
     if module.dropout > 0:
         raise GraphMergeError(f"attention '{node.target}' uses attention dropout {module.dropout}; gating its heads "
                               "is supported only without it. Set dropout=0.0 on that module for the merge.")
+    if not module.batch_first:
+        raise GraphMergeError(f"attention '{node.target}' is sequence-first (batch_first=False); its heads can be "
+                              "gated only when the batch is the first dim. Build it with batch_first=True.")
     graph = gated.graph
-    names = ("query", "key", "value")
-    inputs = [node.args[i] if len(node.args) > i else node.kwargs[names[i]] for i in range(3)]
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    call_args = {name: node.args[i] if len(node.args) > i else node.kwargs.get(name) for i, name in enumerate(names)}
+    if call_args["is_causal"]:
+        raise GraphMergeError(f"attention '{node.target}' is called with is_causal=True; pass the causal mask as "
+                              "attn_mask instead so the gated attention can apply it.")
+    inputs = [call_args["query"], call_args["key"], call_args["value"]]
+    masks = {k: call_args[k] for k in ("attn_mask", "key_padding_mask") if call_args[k] is not None}
     with graph.inserting_before(node):
         params = [graph.get_attr(f"{node.target}.{p}") if getattr_path(gated, f"{node.target}.{p}") is not None
                   else None for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
         index = graph.get_attr(buffer)
-        call = graph.call_function(gated_attention, (*inputs, gate_node, index, *params, module.num_heads,
-                                                     module.batch_first),
-                                   {k: node.kwargs[k] for k in ("attn_mask", "key_padding_mask") if k in node.kwargs})
+        in_index = graph.get_attr(f"{buffer}_input")
+        call = graph.call_function(gated_attention, (*inputs, gate_node, in_index, index, *params, module.num_heads,
+                                                     module.batch_first), masks)
     node.replace_all_uses_with(call)
     graph.erase_node(node)
 

@@ -127,9 +127,9 @@ def get_attr_name(value: Any) -> str | None:
 
 # -- generic rules -----------------------------------------------------------------------------
 
-def unknown_op(prop: Propagation, node: torch.fx.Node) -> Any:
+def unknown_op(prop: Propagation, node: torch.fx.Node, reason: str | None = None) -> Any:
     """Pin everything the op touches: its inputs, its parameters, and (by -1 labels) its outputs."""
-    reason = f"unknown op {describe(node)}: no rule in passes/oprules.py"
+    reason = reason or f"unknown op {describe(node)}: no rule in passes/oprules.py"
     for labels in tensor_args(prop, node):
         prop.pin(labels.all_ids(), reason)
     if node.op == "call_module":
@@ -310,10 +310,8 @@ def stack(prop: Propagation, node: torch.fx.Node) -> Any:
     if not all(isinstance(t, TensorLabels) for t in tensors):
         return unknown_op(prop, node)
     inner = broadcast(prop, _with_shape(node, shape[:dim] + shape[dim + 1:]), tensors)
-    order_shape = shape[:dim] + (1,) + shape[dim + 1:]
     blocks = [(tuple(d + (d >= dim) for d in dims), ids) for dims, ids in inner.blocks]
     blocks.append(((dim,), np.full(shape[dim], NOT_A_CHANNEL, np.int64)))
-    del order_shape
     return TensorLabels(shape, blocks)
 
 
@@ -429,7 +427,12 @@ def reduction(prop: Propagation, node: torch.fx.Node) -> Any:
     if not isinstance(x, TensorLabels):
         return unlabelled(node)
     dims = arg(node, 1, "dim", None)
-    keepdim = bool(arg(node, 2, "keepdim", False))
+    if isinstance(dims, torch.fx.Node):  # torch.max(a, b): elementwise, not a reduction
+        return elementwise(prop, node)
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    keepdim_position = 3 if name in ("std", "var") else 2
+    keepdim = arg(node, keepdim_position, "keepdim", False)
+    keepdim = bool(keepdim) if isinstance(keepdim, bool) else False
     if dims is None:
         prop.pin(x.all_ids(), f"{describe(node)}: reduction over all dims")
         return unlabelled(node)
@@ -463,7 +466,7 @@ def spatial(prop: Propagation, node: torch.fx.Node) -> Any:
         if ids is None:
             return unknown_op(prop, node)
         if size != x.shape[d]:
-            if d <= 1 and (ids >= 0).any():
+            if (ids >= 0).any():
                 prop.pin(ids, f"{describe(node)}: changes the size of a channel dim")
             ids = np.full(size, NOT_A_CHANNEL, np.int64)
         dims.append(ids)
@@ -554,7 +557,7 @@ def conv_function(prop: Propagation, node: torch.fx.Node) -> Any:
             (bias_node is not None and bias_name is None):
         return unknown_op(prop, node)
     transposed = node.target in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-    groups = arg(node, 7 if transposed else 6, "groups", 1)
+    groups = arg(node, 6, "groups", 1)
     weight = prop.gm.get_parameter(weight_name) if weight_name in dict(prop.gm.named_parameters()) \
         else getattr(prop.gm, weight_name)
     return _conv_like(prop, node, x, shape, weight, weight_name, bias_name, groups, transposed)
@@ -804,7 +807,7 @@ def get_attr(prop: Propagation, node: torch.fx.Node) -> Any:
 UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
     nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Tanhshrink, nn.Softsign, nn.LogSigmoid, nn.GLU,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Tanhshrink, nn.Softsign, nn.LogSigmoid,
 )
 SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -938,7 +941,10 @@ def propagate_node(prop: Propagation, node: torch.fx.Node) -> Any:
     rule = find_rule(prop, node)
     if rule is None:
         return unknown_op(prop, node)
-    result = rule(prop, node)
+    try:
+        result = rule(prop, node)
+    except Exception as error:  # a rule that cannot read this call: pin, never guess
+        result = unknown_op(prop, node, f"{describe(node)}: its rule cannot read this call ({error}); pinned")
     if _is_nonlinear(prop, node, rule) and isinstance(result, TensorLabels):
         prop.nonlinear.append((node.name, result.all_ids()))
     return result
@@ -948,6 +954,11 @@ LINEAR_UNARY = {
     "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu",
     "cuda", "requires_grad_", F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, operator.neg, operator.pos,
     torch.neg,
+}
+PRODUCTS = {
+    operator.mul, operator.truediv, operator.pow, operator.imul, operator.itruediv, torch.mul, torch.div,
+    torch.maximum, torch.minimum, torch.where, torch.pow, torch.multiply, torch.true_divide, "mul", "mul_",
+    "div", "div_", "maximum", "minimum", "where", "__mul__", "__truediv__", "__rmul__",
 }
 LINEAR_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 NONLINEAR_SPATIAL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
@@ -963,5 +974,7 @@ def _is_nonlinear(prop: Propagation, node: torch.fx.Node, rule: Rule) -> bool:
         return rule is spatial and isinstance(module, NONLINEAR_SPATIAL)
     if rule is identity:
         return node.target not in LINEAR_UNARY
+    if rule is elementwise and node.target in PRODUCTS:
+        return sum(1 for x in tensor_args(prop, node) if (x.all_ids() >= 0).any()) >= 2
     return rule is spatial and node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d,
                                                  F.adaptive_max_pool1d, F.adaptive_max_pool2d)

@@ -62,9 +62,10 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     big = copy_structure(groups.graph_module)
     states = [t.state_dict() for t in teachers]
     traced_names = set(big.state_dict().keys())
+    constants = groups.graph_module.state_dict()
     for name in traced_names:
         dims = layout.params.get(name)
-        tensors = [s[name] for s in states]
+        tensors = [_teacher_tensor(t, s, name, constants[name]) for t, s in zip(teachers, states, strict=True)]
         new = _scatter(tensors, dims, layout.out_dims.get(name), n, widths, widened, name)
         set_tensor(big, name, new)
     _rewrite_modules(big, groups, n, widths, widened)
@@ -74,6 +75,18 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     untraced = [{k: v.clone() for k, v in s.items() if k not in traced_names} for s in states]
     big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced)
     return big
+
+
+def _teacher_tensor(teacher: nn.Module, state: dict[str, torch.Tensor], name: str,
+                    traced: torch.Tensor) -> torch.Tensor:
+    """A teacher's tensor by name: from its state_dict, else a plain tensor attribute, else the
+    constant the tracer captured (``_tensor_constantN``), which all teachers share."""
+    if name in state:
+        return state[name]
+    value: Any = teacher
+    for part in name.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else traced
 
 
 def copy_structure(module: nn.Module) -> nn.Module:

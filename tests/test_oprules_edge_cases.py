@@ -1,0 +1,177 @@
+"""Op rules on calls the hand-built models do not make: functional layers, ops that change a
+channel dim's size, argument positions, constants, attention. Each either widens exactly (I1
+against the mean of the teachers' own outputs) or pins with a reason; none may crash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphmerge
+
+
+def _teachers(build, n: int = 2) -> list[nn.Module]:
+    teachers = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        model = build().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        teachers.append(model)
+    return teachers
+
+
+def _assert_i1(build, x: torch.Tensor) -> None:
+    teachers = _teachers(build)
+    big = graphmerge.widen(teachers, (x,)).eval()
+    with torch.no_grad():
+        expected = torch.stack([t(x) for t in teachers]).mean(0)
+        assert torch.allclose(big(x), expected, atol=1e-5 * max(1.0, expected.abs().max().item()))
+
+
+class FunctionalLinear(nn.Module):
+    """F.linear with parameters read through get_attr (no nn.Linear module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))
+        self.w2, self.b2 = nn.Parameter(torch.randn(3, 6)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return F.linear(torch.relu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
+
+
+def test_functional_linear_with_module_parameters_widens_exactly():
+    groups = graphmerge.analyze(FunctionalLinear(), (torch.randn(2, 4),))
+    assert sorted(g.width for g in groups.widened) == [6]
+    _assert_i1(FunctionalLinear, torch.randn(5, 4))
+    gated = graphmerge.add_gates(graphmerge.widen(_teachers(FunctionalLinear), (torch.randn(2, 4),)))
+    assert sum(1 for n in gated.graph_module.graph.nodes if getattr(n.target, "__name__", "") == "apply_gate") == 1
+
+
+class PaddedChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.b(F.pad(torch.relu(self.a(x)), (0, 1)))
+
+
+class GluHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.glu, self.b = nn.Linear(4, 8), nn.GLU(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(self.glu(self.a(x)))
+
+
+@pytest.mark.parametrize("build", [PaddedChannels, GluHead], ids=["pad-last-dim", "glu"])
+def test_ops_that_change_a_channel_dims_size_pin_it(build):
+    groups = graphmerge.analyze(build(), (torch.randn(2, 4),))
+    assert groups.internal_pinned, [g.to_dict() for g in groups]
+    with pytest.warns(UserWarning, match="pinned inside the network"):
+        big = graphmerge.widen(_teachers(build), (torch.randn(2, 4),))
+    assert big(torch.randn(3, 4)).shape == (3, 3)  # it runs; I1 is not promised with inner pins
+
+
+class StdAndMax(nn.Module):
+    """std(dim, unbiased, keepdim) reads keepdim from position 3; max(a, b) is elementwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.other, self.fc = nn.Conv2d(3, 5, 3), nn.Conv2d(3, 5, 3), nn.Linear(5, 2)
+
+    def forward(self, x):
+        y = torch.max(self.conv(x), self.other(x))
+        return self.fc((y / (y.std(2, True, True) + 1)).mean((2, 3)))
+
+
+def test_argument_positions_of_std_and_elementwise_max():
+    _assert_i1(StdAndMax, torch.randn(2, 3, 8, 8))
+
+
+class PlainTensorScale(nn.Module):
+    """A per-channel tensor kept as a plain attribute (not a parameter or buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+        self.scale = torch.linspace(0.5, 2.0, 4).view(4, 1, 1)
+
+    def forward(self, x):
+        return self.fc((self.conv(x) * self.scale).mean((2, 3)))
+
+
+def test_plain_tensor_attributes_are_constants_of_every_teacher():
+    _assert_i1(PlainTensorScale, torch.randn(2, 3, 8, 8))
+
+
+class SquaredHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y * y
+
+
+def test_a_product_after_the_averaging_layer_is_reported():
+    groups = graphmerge.analyze(SquaredHead(), (torch.randn(2, 4),))
+    assert any(g.reason.startswith("non-linear op") for g in groups.internal_pinned)
+
+
+class TinyAttention(nn.Module):
+    """Embedding -> LayerNorm -> MultiheadAttention (2 heads) -> residual -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        self.norm = nn.LayerNorm(8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, _ = self.attention(self.norm(h), self.norm(h), self.norm(h), need_weights=False)
+        return self.head((h + a).mean(1))
+
+
+def test_attention_widens_exactly_and_selects_whole_heads():
+    x = torch.randn(2, 6, 5)
+    groups = graphmerge.analyze(TinyAttention(), (x,))
+    heads = [g for g in groups.widened if g.unit == 4]
+    assert len(heads) == 1 and heads[0].width == 8  # q, k and v share one space of 2 heads x 4
+    _assert_i1(TinyAttention, x)
+    teachers = _teachers(TinyAttention)
+    big = graphmerge.widen(teachers, (x,)).eval()
+    assert big.get_submodule("attention").num_heads == 4
+    student = graphmerge.compress(big, "teacher:1")
+    assert torch.equal(student.state_dict()["attention.in_proj_weight"],
+                       teachers[1].state_dict()["attention.in_proj_weight"])
+    gated = graphmerge.add_gates(big).eval()
+    info = big.meta["graphmerge"]
+    masks = {}
+    for group in info.groups.widened:
+        mask = torch.zeros(2 * group.width, dtype=torch.bool)
+        if group.unit > 1:  # heads: keep head 1 of teacher 0 and head 1 of teacher 1 (mixing teachers)
+            for unit in (1, 3):
+                mask[unit * group.unit:(unit + 1) * group.unit] = True
+        else:  # the LayerNorm'd stream keeps teacher 0's block, so LayerNorm sees the same channels
+            mask[: group.width] = True
+        masks[group.id] = mask
+    gated.set_gates(masks)
+    student = graphmerge.compress(gated, "gates").eval()
+    with torch.no_grad():
+        expected = gated(x)
+        assert torch.allclose(student(x), expected, atol=1e-5 * max(1.0, expected.abs().max().item()))
+    with pytest.raises(graphmerge.GraphMergeError, match="whole units"):
+        bad = {gid: m.clone() for gid, m in masks.items()}
+        bad[heads[0].id][:] = False
+        bad[heads[0].id][: heads[0].width] = torch.arange(heads[0].width) % 2 == 0
+        gated.set_gates(bad)
