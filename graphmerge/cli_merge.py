@@ -27,6 +27,30 @@ SCHEDULES = ("quadratic", "linear", "constant")
 
 # --- commands ------------------------------------------------------------------------------
 
+def _device_option(device: str) -> str:
+    try:
+        return check_device(device)
+    except GraphMergeError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def check_device(device: str) -> str:
+    """A device torch can use here, or a GraphMergeError naming what is missing."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise GraphMergeError(f"--device {device!r} is not a device torch knows: use cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GraphMergeError(f"--device {device} asks for a GPU, but torch sees none here (no CUDA driver or "
+                                  "device). Use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise GraphMergeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    elif parsed.type != "cpu":
+        raise GraphMergeError(f"--device {device}: only cpu and cuda devices are supported.")
+    return device
+
+
 def train_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
@@ -34,11 +58,11 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the data order."),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Global batch size."),
-    lr: float = typer.Option(0.01, "--lr", help="SGD learning rate (momentum 0.9)."),
+    lr: float = typer.Option(0.01, "--lr", help="SGD learning rate (momentum 0.9).", min=0.0),
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint every epoch here."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --checkpoint-dir."),
     log_json: Path | None = typer.Option(None, "--log-json", help="Append one JSON record per epoch here."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N.", callback=_device_option),
 ) -> None:
     """Train one teacher from a seed (SGD, momentum 0.9, lr / 10 at half and 3/4 of training)."""
     import torch
@@ -67,10 +91,10 @@ def merge_command(
     gate_epochs: int = typer.Option(10, "--gate-epochs", min=0, help="Epochs learning the gates."),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", min=0, help="Fine-tuning epochs."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Global batch size."),
-    lr: float = typer.Option(0.01, "--lr", help="Weights' SGD learning rate in the gate phase."),
-    gate_lr: float = typer.Option(0.1, "--gate-lr", help="Gates' SGD learning rate."),
-    finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Fine-tuning SGD learning rate."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay (never on gates)."),
+    lr: float = typer.Option(0.01, "--lr", help="Weights' SGD learning rate in the gate phase.", min=0.0),
+    gate_lr: float = typer.Option(0.1, "--gate-lr", help="Gates' SGD learning rate.", min=0.0),
+    finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Fine-tuning SGD learning rate.", min=0.0),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay (never on gates).", min=0.0),
     lambda0: float = typer.Option(0.01, "--lambda0", help="Initial weight of the L_half loss."),
     lambda_schedule: str = typer.Option("quadratic", "--lambda-schedule",
                                         help="How lambda grows per epoch: quadratic, linear, constant."),
@@ -78,7 +102,7 @@ def merge_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --checkpoint-dir."),
     seed: int = typer.Option(0, "--seed", help="Seed of the gate noise and the data order."),
     log_json: Path | None = typer.Option(None, "--log-json", help="Append one JSON record per epoch here."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N.", callback=_device_option),
 ) -> None:
     """Merge trained teachers into one student of the same size (widen, gates, compress, fine-tune)."""
     from graphmerge import checkpoint, recipe

@@ -249,3 +249,16 @@ def test_cli_bad_inputs_exit_2_with_a_message(run_cli, tmp_path: Path):
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr
         assert not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--lr", "-1", "greater than or equal to 0"),
+    ("--device", "foo", "not a device torch knows"),
+    ("--device", "cuda:3", "cuda:3"),
+])
+def test_cli_train_rejects_bad_options_before_any_work(run_cli, tmp_path: Path, option, value, expected):
+    out = tmp_path / "t.safetensors"
+    result = run_cli("train", "examples:mlp", "--data", "sine", "--epochs", "1", option, value, "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert expected in " ".join(result.stderr.split()), result.stderr
+    assert not out.exists()
