@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import traceback
-import warnings
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -201,8 +200,6 @@ def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, model_nam
     one-paragraph error, so stderr is captured and only replayed when propagation succeeds
     (it may hold the model's own warnings).
     """
-    if _propagate_fake(gm, example_inputs):
-        return
     prop = _RecordingShapeProp(gm)
     captured = io.StringIO()
     try:
@@ -211,24 +208,6 @@ def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple, model_nam
     except Exception as exc:
         raise TraceError(_shape_failure_message(exc, prop.current, example_inputs, model_name)) from exc
     sys.stderr.write(captured.getvalue())
-
-
-def _propagate_fake(gm: torch.fx.GraphModule, example_inputs: tuple) -> bool:
-    """Shapes without arithmetic: run on fake tensors (seconds faster on a big model).
-
-    A model that looks at values (``.item()``, data-dependent shapes) cannot run on fake tensors;
-    then the caller runs it for real, which also gives the error message its node and line.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
-    except Exception:
-        return False
-    return True
 
 
 class _RecordingShapeProp(ShapeProp):
