@@ -133,4 +133,5 @@ def test_quick_script_writes_json_and_markdown(tmp_path: pathlib.Path) -> None:
     assert all(r["status"] == "ok" and r["p50_ms"] > 0 for r in doc["rows"])
     assert all(r["parity_max_rel"] < 1e-3 for r in doc["rows"])
     assert doc["summary"] and set(doc["big_student"]) == {"resnet20", "mlp"}
+    assert all(how.startswith("graphmerge.widen") for how in doc["big_student"].values())
     assert (tmp_path / "lat.md").read_text().startswith("| model |")
