@@ -135,11 +135,12 @@ def compile_row(name: str, teachers: list[torch.nn.Module], inputs: tuple) -> di
     }
 
 
-def benchmark_model(name: str, repeat: int, skip_compile: bool, max_compile_params: int) -> dict[str, Any]:
+def benchmark_model(name: str, repeat: int, skip_compile: bool, max_compile_params: int,
+                    dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "input": list(example_inputs(name)[0].shape)}
-    inputs = example_inputs(name)
+    inputs = tuple(x.to(dtype) for x in example_inputs(name))
     try:
-        teachers = make_teachers(lambda: build(name), 2, seed=0)
+        teachers = [t.to(dtype) for t in make_teachers(lambda: build(name), 2, seed=0)]
         row.update(analysis_row(name, teachers[0], inputs, repeat))
         tp_s, tp_error = torch_pruning_time(teachers[0], inputs, repeat)
         row["torch_pruning_s"] = tp_s
@@ -288,6 +289,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timing repeats for analysis and TP (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--analysis-only", action="store_true", help="skip widen/compress/invariants")
+    parser.add_argument("--double", action="store_true",
+                        help="teachers and inputs in float64 (tells float32 rounding from real I1 errors)")
     parser.add_argument("--max-compile-params", type=int, default=300_000_000,
                         help="skip widen/compress above this many teacher parameters (memory)")
     return parser.parse_args(argv)
@@ -305,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     md_path = pathlib.Path(args.markdown) if args.markdown else json_path.with_suffix(".md")
     rows: list[dict[str, Any]] = []
     for name in names:
-        row = benchmark_model(name, args.repeat, args.analysis_only, args.max_compile_params)
+        row = benchmark_model(name, args.repeat, args.analysis_only, args.max_compile_params,
+                              torch.float64 if args.double else torch.float32)
         rows.append(row)
         print(f"{name}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in row.items() if k not in ("model", "traceback")), flush=True)
