@@ -108,7 +108,10 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
     # kept teacher, or from teacher 0 when the channels are a mixture.
     teacher_index = int(keep.split(":")[1]) if isinstance(keep, str) else 0
     state.update(info.untraced[teacher_index] if info.untraced else {})
+    if isinstance(keep, str):
+        state.update(_teacher_counters(state, info, teacher_index))
     student = copy_structure(info.teacher)
+    state = _keep_plain_attributes(state, student)
     state = _with_metadata(state, student)
     try:
         student.load_state_dict(state, strict=True, assign=True)
@@ -146,6 +149,35 @@ def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep
     student.recompile()
     student.train(graph_module.training)
     return student
+
+
+def _teacher_counters(state: dict[str, torch.Tensor], info: WidenInfo, teacher: int) -> dict[str, torch.Tensor]:
+    """Teacher ``teacher``'s own integer counters plus what the big student counted since widen.
+
+    The big student holds one ``num_batches_tracked`` per BatchNorm for all N teachers (their
+    mean); keeping exactly one teacher's channels should give back that teacher's count.
+    """
+    if not info.counters:
+        return {}
+    return {name: value + (state[name] - info.counters_start[name])
+            for name, value in info.counters[teacher].items() if name in state and name in info.counters_start}
+
+
+def _keep_plain_attributes(state: dict[str, torch.Tensor], student: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the student's own state_dict entries; tensors the tracer saw as plain attributes (not
+    parameters or buffers) are set on the student directly, and tracer constants
+    (``_tensor_constantN``, rebuilt by the class's forward) are dropped."""
+    own = set(student.state_dict())
+    for name in [k for k in state if k not in own]:
+        tensor = state.pop(name)
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = student.get_submodule(owner_name) if owner_name else student
+        except AttributeError:
+            continue
+        if isinstance(getattr(owner, attr, None), torch.Tensor):
+            setattr(owner, attr, tensor)
+    return state
 
 
 def _with_metadata(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:

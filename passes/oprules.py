@@ -147,8 +147,18 @@ def _pin_param(prop: Propagation, name: str, tensor: torch.Tensor, reason: str) 
     prop.use_param(name, dims, out_dim=None)
 
 
+# Methods whose tensor arguments other than ``self`` lend only a dtype or device, never values.
+DTYPE_SOURCE_METHODS = {"type_as", "to"}
+
+
 def identity(prop: Propagation, node: torch.fx.Node) -> Any:
-    """Unary ops that keep the shape and never mix channels (activations, dropout, casts)."""
+    """Unary ops that keep the shape and never mix channels (activations, dropout, casts).
+
+    A tensor operand beside the input (``clamp(x, min=t)``, ``x.pow(t)``) is read per position,
+    so such a call follows the elementwise rule: its channels are unified with the input's.
+    """
+    if node.target not in DTYPE_SOURCE_METHODS and len(tensor_args(prop, node)) > 1:
+        return elementwise(prop, node)
     first = labels_of(prop, node.args[0]) if node.args else None
     shape = meta_shape(node)
     if isinstance(first, TensorLabels) and shape == first.shape:

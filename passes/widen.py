@@ -38,6 +38,11 @@ class WidenInfo:
     n_teachers: int
     teacher: nn.Module
     untraced: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # Integer scalars (BatchNorm's num_batches_tracked): one value per teacher, and the value the
+    # big student started with, so compress can hand each teacher its own count back (I2) plus
+    # whatever the big student counted since.
+    counters: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    counters_start: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def widths(self) -> dict[int, int]:
@@ -73,7 +78,10 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     _rewrite_permutations(big, groups, n, widths, widened)
     big.recompile()
     untraced = [{k: v.clone() for k, v in s.items() if k not in traced_names} for s in states]
-    big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced)
+    counter_names = [k for k, v in big.state_dict().items() if v.ndim == 0 and not v.is_floating_point()]
+    counters = [{k: s[k].clone() for k in counter_names if k in s} for s in states]
+    start = {k: v.clone() for k, v in big.state_dict().items() if k in counter_names}
+    big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced, counters, start)
     return big
 
 

@@ -496,8 +496,8 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
     """Give every parameter and normalisation buffer non-trivial random values, in place.
 
     Weights keep their default init scale (redrawn from ``seed``); norm affine weights are
-    U(0.5, 1.5), biases N(0, 0.2), BN running_mean ~ N(0, 0.5), running_var ~ U(0.5, 2), and
-    any other parameter (layer scales) U(0.5, 1.5).
+    U(0.5, 1.5), biases N(0, 0.2), BN running_mean ~ N(0, 0.5), running_var ~ U(0.5, 2),
+    num_batches_tracked in [1, 10 000), and any other parameter (layer scales) U(0.5, 1.5).
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -517,6 +517,8 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
             if getattr(module, "running_mean", None) is not None:
                 module.running_mean.copy_(0.5 * torch.randn(module.running_mean.shape, generator=generator))
                 module.running_var.copy_(uniform(module.running_var, 0.5, 2.0))
+            if getattr(module, "num_batches_tracked", None) is not None:
+                module.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (), generator=generator)))
         if not isinstance(module, _KNOWN_PARAMETRIC):
             for param in module.parameters(recurse=False):
                 param.copy_(uniform(param, 0.5, 1.5))

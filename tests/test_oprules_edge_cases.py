@@ -111,6 +111,40 @@ def test_plain_tensor_attributes_are_constants_of_every_teacher():
     _assert_i1(PlainTensorScale, torch.randn(2, 3, 8, 8))
 
 
+def test_plain_tensor_attributes_survive_compression_into_the_class():
+    """The attribute is no state_dict entry: the student gets it back as an attribute (I2, I4)."""
+    x = torch.randn(2, 3, 8, 8)
+    teachers = _teachers(PlainTensorScale)
+    big = graphmerge.widen(teachers, (x,))
+    for k, teacher in enumerate(teachers):
+        student = graphmerge.compress(big, f"teacher:{k}")
+        assert isinstance(student, PlainTensorScale)
+        assert torch.equal(student.scale, teacher.scale)
+        assert set(student.state_dict()) == set(teacher.state_dict())
+        body = [name for name in teacher.state_dict() if not name.startswith("fc.")]  # fc: the averaging head
+        assert all(torch.equal(student.state_dict()[name], teacher.state_dict()[name]) for name in body)
+
+
+class TensorClampBound(nn.Module):
+    """A learned per-channel lower bound applied with clamp: the bound is read per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+        self.low = nn.Parameter(torch.zeros(4, 1, 1))
+
+    def forward(self, x):
+        return self.fc(torch.clamp(self.conv(x), min=self.low).mean((2, 3)))
+
+
+def test_a_tensor_operand_of_a_unary_op_joins_the_input_group():
+    groups = graphmerge.analyze(TensorClampBound(), (torch.randn(2, 3, 8, 8),))
+    assert [g.width for g in groups.widened] == [4]  # conv out, clamp bound, fc in: one group
+    (group,) = groups.widened
+    assert {name for name, _ in group.index_maps} >= {"conv.weight", "low", "fc.weight"}
+    _assert_i1(TensorClampBound, torch.randn(2, 3, 8, 8))
+
+
 class SquaredHead(nn.Module):
     def __init__(self):
         super().__init__()
