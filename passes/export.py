@@ -21,6 +21,7 @@ constant); that is detected from the exported input shapes and reported as a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -383,6 +384,8 @@ def _export_dynamo(
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple({0: batch} for _ in inputs)
+        if _takes_var_positional(model):
+            dynamic_shapes = (dynamic_shapes,)  # one entry for the ``*args`` tuple as a whole
     with _quiet():
         program = torch.onnx.export(
             model,
@@ -397,6 +400,16 @@ def _export_dynamo(
         )
         # external_data=False still switches to a side file past the protobuf limit.
         program.save(str(tmp_path), external_data=False)
+
+
+def _takes_var_positional(model: nn.Module) -> bool:
+    """Whether ``forward`` reads its inputs as ``*args``, as wrappers such as GatedStudent do:
+    torch.export then matches ``dynamic_shapes`` against that one tuple."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(parameters) and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL
 
 
 def _export_torchscript(
@@ -586,9 +599,19 @@ def _full_text(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost ``__cause__``: torch.onnx wraps the real error in a generic "step 1/3" one."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
 def _summarize(exc: BaseException) -> str:
     op = _failed_op(exc)
-    base = f"{type(exc).__name__}: {_first_line(exc)}"
+    root = _root_cause(exc)
+    base = f"{type(root).__name__}: {_first_line(root)}"
     return f"{base} (op {op})" if op and op not in base else base
 
 

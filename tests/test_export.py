@@ -245,7 +245,42 @@ def test_parity_error_is_relative_to_output_scale() -> None:
     assert max_abs == pytest.approx(0.2) and max_rel == pytest.approx(0.2)  # scale floor 1
 
 
-ZOO = [("resnet18", (2, 3, 64, 64)), ("mobilenet_v2", (2, 3, 64, 64)), ("squeezenet1_0", (2, 3, 64, 64))]
+def test_gated_and_plain_big_students_export_with_the_recommended_exporter(tmp_path: pathlib.Path) -> None:
+    """GatedStudent.forward takes ``*args``: dynamic shapes must still fit (no TorchScript fallback)."""
+    import graphmerge
+
+    teachers = [_bn_stats(ConvNet()).eval() for _ in range(2)]
+    x = torch.randn(2, 3, 8, 8)
+    big = graphmerge.widen(teachers, (x,))
+    gated = graphmerge.add_gates(big).eval()
+    for name, model in (("big", big), ("gated", gated)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback would warn
+            report = export_onnx_report(model, x, tmp_path / f"{name}.onnx")
+        assert report.exporter == "dynamo"
+        x3 = torch.randn(3, 3, 8, 8)
+        (got,) = _ort_run(report.path, x3)
+        with torch.no_grad():
+            want = model(x3).numpy()
+            mean = torch.stack([t(x3) for t in teachers]).mean(0).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        if name == "big":  # I1 survives the export: the ONNX big student is the teachers' mean
+            np.testing.assert_allclose(got, mean, rtol=1e-4, atol=1e-5)
+
+
+def _zoo_cases() -> list[tuple[str, tuple]]:
+    """Three representative models by default; every torchvision classifier with GRAPHMERGE_FULL_ZOO=1."""
+    if os.environ.get("GRAPHMERGE_FULL_ZOO") != "1":
+        return [("resnet18", (2, 3, 64, 64)), ("mobilenet_v2", (2, 3, 64, 64)), ("squeezenet1_0", (2, 3, 64, 64))]
+    from tests.zoo_models import ALL_MODELS, INPUT_SIZE
+
+    return [(name, (2, 3, INPUT_SIZE.get(name, 64), INPUT_SIZE.get(name, 64))) for name in ALL_MODELS]
+
+
+ZOO = _zoo_cases()
+# Above this many parameters an fp32 model, its ONNX file and two runtimes' copies do not fit
+# beside a second test process in this machine's 24 GiB; benchmarks/zoo.py uses the same cap.
+EXPORT_PARAM_CAP = 300_000_000
 
 
 @pytest.mark.zoo
@@ -254,6 +289,9 @@ def test_torchvision_models_export_with_parity(tmp_path: pathlib.Path, name: str
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = _bn_stats(torchvision.models.get_model(name, weights=None))
+    params = sum(p.numel() for p in model.parameters())
+    if params > EXPORT_PARAM_CAP:
+        pytest.skip(f"{name}: {params / 1e6:.0f} M parameters, above the {EXPORT_PARAM_CAP / 1e6:.0f} M memory cap")
     report = export_onnx_report(model, torch.randn(*shape), tmp_path / f"{name}.onnx")
     assert report.max_rel <= 1e-4
     x = torch.randn(3, *shape[1:])
