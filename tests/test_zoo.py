@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import graphmerge
+from passes.compress import widen_info
 from tests.models import make_teachers
-from tests.test_invariants import check_i1, check_i2, check_i4, output_layer_name
+from tests.test_invariants import check_i1, check_i2, check_i3, check_i4, output_layer_name
 from tests.zoo_models import (
     ALL_MODELS,
     EXPECTED_INTERNAL_PINNED,
@@ -23,6 +24,17 @@ torch.set_num_threads(1)  # two xdist workers on two cores
 pytestmark = pytest.mark.zoo
 
 INVARIANT_MODELS = [n for n in (ALL_MODELS if full_zoo() else REPRESENTATIVE) if n not in EXPECTED_INTERNAL_PINNED]
+
+# I1 in float64 for these: in float32 the rounding of twelve-plus LayerNorm/attention layers over
+# the widened stream alone exceeds 1e-4 of the output (vit_b_16: 9.5e-2 relative with random
+# weights, 1.4e-11 in float64; benchmarks/zoo.py --double), which says nothing about widen.
+FLOAT64_I1 = {name for name in ALL_MODELS if name.startswith("vit_")}
+# A LayerNorm over a widened channel dim normalises over the channels that are kept, so I3 is
+# exact only when every group keeps one teacher's block (the test's mixed=False).
+I3_ONE_TEACHER = {name for name in ALL_MODELS if name.startswith(("vit_", "convnext"))}
+# Above this many parameters N=2 teachers, the big student and its compressed copies do not fit
+# in this machine's 24 GiB beside the second test process (benchmarks/zoo.py uses the same cap).
+PARAM_CAP = 300_000_000
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -44,10 +56,19 @@ def test_zoo_model_is_analysed(name: str) -> None:
 
 @pytest.mark.parametrize("name", INVARIANT_MODELS)
 def test_zoo_model_invariants(name: str) -> None:
-    """I1 (big = mean of teachers), I2 (bitwise recovery of each teacher), I4 (class round trip)."""
+    """I1 (big = mean of teachers), I2 (bitwise recovery of each teacher), I3 (exact compression
+    of a mixture of both teachers' channels), I4 (class round trip)."""
     inputs = example_inputs(name)
     teachers = make_teachers(lambda: build(name), 2, seed=1)
+    params = sum(p.numel() for p in teachers[0].parameters())
+    if params > PARAM_CAP:
+        pytest.skip(f"{name}: {params / 1e6:.0f} M parameters, above the {PARAM_CAP / 1e6:.0f} M memory cap")
+    if name in FLOAT64_I1:
+        teachers = [t.double() for t in teachers]
+        inputs = tuple(x.double() for x in inputs)
     big = graphmerge.widen(teachers, inputs)
     check_i1(teachers, big, inputs)
     check_i2(teachers, big, output_layer_name(teachers[0], inputs))
+    _, info = widen_info(big)
+    check_i3(big, info.groups, 2, inputs, seed=0, mixed=name not in I3_ONE_TEACHER)
     check_i4(graphmerge.compress(big, "teacher:1"), teachers[0], inputs)

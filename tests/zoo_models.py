@@ -22,7 +22,7 @@ INPUT_SIZE["inception_v3"] = 96
 REPRESENTATIVE = [
     "resnet18", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5",
     "squeezenet1_0", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny", "googlenet",
-    "mnasnet0_5", "vgg11",
+    "mnasnet0_5", "vgg11", "vit_b_32",
 ]
 
 # Models whose analysis pins groups inside the network (so I1 cannot hold), with the reason
