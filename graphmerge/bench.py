@@ -41,6 +41,7 @@ from passes.export import (
     eval_mode,
     export_onnx_report,
     flatten_outputs,
+    import_onnxruntime,
     normalize_inputs,
     parity_error,
 )
@@ -148,7 +149,7 @@ def benchmark(
 
 def resolve_providers(requested: Sequence[str]) -> list[str]:
     """Map "cpu"/"cuda"/"auto" to the devices this machine can run, failing clearly otherwise."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     available = ort.get_available_providers()
     cuda_ok = "CUDAExecutionProvider" in available and torch.cuda.is_available()
@@ -176,7 +177,7 @@ def resolve_providers(requested: Sequence[str]) -> list[str]:
 
 def machine_info(threads: int | None = None, devices: Sequence[str] = ("cpu",)) -> dict[str, Any]:
     """Describe what the numbers were measured on; latency without this is meaningless."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     n_threads = threads or torch.get_num_threads()
     info: dict[str, Any] = {
@@ -335,7 +336,7 @@ def _ort_cell(
     """An onnxruntime session; on CUDA, inputs and outputs are bound on the device once."""
     if prep.onnx_path is None:
         return _Cell(name, "onnxruntime", device, None, status=f"n/a: export failed: {prep.export_error}")
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -346,7 +347,14 @@ def _ort_cell(
     # (measured: resnet20 eager 1.4 ms -> 26 ms on 2 cores). Off for a fair comparison.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(prep.onnx_path), options, providers=[_ORT_PROVIDERS[device]])
+    try:
+        session = ort.InferenceSession(str(prep.onnx_path), options, providers=[_ORT_PROVIDERS[device]])
+    except Exception as exc:  # a provider that cannot start must not end the whole run
+        return _Cell(name, "onnxruntime", device, None, status=f"n/a: session failed: {str(exc).splitlines()[0]}")
+    if _ORT_PROVIDERS[device] not in session.get_providers():  # onnxruntime falls back to CPU silently
+        return _Cell(name, "onnxruntime", device, None,
+                     status=f"n/a: onnxruntime could not start {_ORT_PROVIDERS[device]} "
+                            f"(session uses {session.get_providers()})")
     names = [i.name for i in session.get_inputs()]
     feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs, strict=False)}
     outputs = session.run(None, feeds)

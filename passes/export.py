@@ -533,8 +533,22 @@ def _opset_of(proto: Any) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def import_onnxruntime() -> Any:
+    """The onnxruntime module, or a clear error saying which extra installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise GraphMergeError(
+            "onnxruntime is not installed, and the parity check and the benchmark run the ONNX file with it. "
+            "Install one of the two mutually exclusive extras: pip install 'graphmerge[cpu]' (onnxruntime) or "
+            "'graphmerge[gpu]' (onnxruntime-gpu, CUDA machines); or call export_onnx(..., check=False) to skip "
+            "the check."
+        ) from None
+    return onnxruntime
+
+
 def _ort_session(path: pathlib.Path) -> Any:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

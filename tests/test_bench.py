@@ -135,3 +135,34 @@ def test_quick_script_writes_json_and_markdown(tmp_path: pathlib.Path) -> None:
     assert doc["summary"] and set(doc["big_student"]) == {"resnet20", "mlp"}
     assert all(how.startswith("graphmerge.widen") for how in doc["big_student"].values())
     assert (tmp_path / "lat.md").read_text().startswith("| model |")
+
+
+def test_a_cuda_session_that_falls_back_to_cpu_is_not_reported_as_cuda(tmp_path: pathlib.Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime quietly runs on CPU when CUDA cannot start: the cell must say n/a, not time it."""
+    import onnxruntime as ort
+
+    from passes.export import export_onnx
+
+    model, inputs = _models()["small"]
+    path = export_onnx(model.eval(), inputs, tmp_path / "small.onnx")
+    real_session = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda p, o, providers: real_session(p, o, providers=["CPUExecutionProvider"]))
+    prep = bench._Prepared(model, inputs, 0, path, path.stat().st_size, "dynamo", None, None)
+    cell = bench._ort_cell("small", prep, inputs, [model(*inputs)], "cuda", threads=1)
+    assert cell.run is None
+    assert cell.status.startswith("n/a: onnxruntime could not start CUDAExecutionProvider")
+
+
+def test_missing_onnxruntime_is_a_clear_error_naming_the_extra(tmp_path: pathlib.Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from passes.export import export_onnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    model, inputs = _models()["small"]
+    with pytest.raises(GraphMergeError, match=r"graphmerge\[cpu\]"):
+        export_onnx(model.eval(), inputs, tmp_path / "small.onnx")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(GraphMergeError, match=r"graphmerge\[cpu\]"):
+        bench.resolve_providers(["cpu"])
