@@ -1,17 +1,6 @@
-"""One exception type for every mistake a user can make.
+"""The exception types of the public API; they live in ``passes.errors`` so that the passes
+never import the driver package."""
 
-The CLI prints its message as one paragraph and exits with code 2; the API raises it. Messages
-name the cause (file, line, op, group, parameter) and the fix.
-"""
+from passes.errors import GraphMergeError, ModelMismatchError, TraceError
 
-
-class GraphMergeError(Exception):
-    """A bad input or an unsupported model, explained for the person who supplied it."""
-
-
-class TraceError(GraphMergeError):
-    """The model could not be traced by torch.fx or run on its example inputs."""
-
-
-class ModelMismatchError(GraphMergeError):
-    """Teachers, checkpoints or a student do not share one architecture."""
+__all__ = ["GraphMergeError", "ModelMismatchError", "TraceError"]

@@ -16,6 +16,7 @@ Data order depends only on (seed, epoch), and a checkpoint holds every rank's RN
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 import warnings
@@ -232,8 +233,11 @@ class _MergeRun:
     def _fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint must have been written with to be resumed here."""
         ignored = ("resume", "log", "progress", "checkpoint_dir", "device", "example_inputs")
-        return {k: (getattr(v, "__qualname__", type(v).__name__) if callable(v) else v)
-                for k, v in self.s.items() if k not in ignored}
+        settings = {k: (getattr(v, "__qualname__", type(v).__name__) if callable(v) else v)
+                    for k, v in self.s.items() if k not in ignored}
+        settings["teachers_sha256"] = _state_digest(self.templates)
+        settings["data_sizes"] = [_size(d) for d in (self.train_data, self.val_data)]
+        return settings
 
     # -- phase 1: teachers
 
@@ -446,6 +450,26 @@ def _seed_everything(seed: int) -> None:
 
 
 # --- checkpoint store and logging ----------------------------------------------------------
+
+def _state_digest(modules: Sequence[nn.Module]) -> str | None:
+    """SHA-256 over every tensor of the given teachers: resuming with other teachers is refused."""
+    if not modules:
+        return None
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _size(data: Any) -> int | None:
+    """Samples in a data set (or batches in a loader); None when it has no length."""
+    try:
+        return len(data.dataset) if hasattr(data, "dataset") else len(data)
+    except TypeError:
+        return None
+
 
 class _Store:
     """The one checkpoint file of a run; only the main rank writes, every rank waits for it."""

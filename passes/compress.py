@@ -18,8 +18,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphmerge.errors import GraphMergeError
 from passes.couple import DimLayout
+from passes.errors import GraphMergeError
 from passes.layout import pieces, student_map
 from passes.widen import WidenInfo, copy_structure, rewrite_sizes, set_tensor, sync_width_attributes
 

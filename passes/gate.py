@@ -21,8 +21,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphmerge.errors import GraphMergeError
 from passes.compress import widen_info
+from passes.errors import GraphMergeError
 from passes.layout import teacher_maps
 
 GATES = "graphmerge_gates"

@@ -217,6 +217,24 @@ def test_resume_with_different_settings_is_refused(tmp_path: Path):
               checkpoint_dir=tmp_path, resume=True)
 
 
+def test_resume_with_other_teachers_or_other_data_is_refused(tmp_path: Path):
+    train_data, _ = small_sine(n_train=64)
+    torch.manual_seed(1)
+    teachers = [build_mlp(8) for _ in range(2)]
+    merge(teachers, train_data, loss="mse", gate_epochs=1, finetune_epochs=1, checkpoint_dir=tmp_path)
+    torch.manual_seed(2)
+    others = [build_mlp(8) for _ in range(2)]  # same architecture, other weights
+    with pytest.raises(GraphMergeError, match="teachers_sha256"):
+        merge(others, train_data, loss="mse", gate_epochs=1, finetune_epochs=1, checkpoint_dir=tmp_path,
+              resume=True)
+    smaller, _ = small_sine(n_train=32)
+    with pytest.raises(GraphMergeError, match="data_sizes"):
+        merge(teachers, smaller, loss="mse", gate_epochs=1, finetune_epochs=1, checkpoint_dir=tmp_path,
+              resume=True)
+    merge(teachers, train_data, loss="mse", gate_epochs=1, finetune_epochs=1, checkpoint_dir=tmp_path,
+          resume=True)  # the same teachers and data resume
+
+
 # --- CLI -----------------------------------------------------------------------------------
 
 def test_cli_train_then_merge_on_sine(run_cli, tmp_path: Path):
