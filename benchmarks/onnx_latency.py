@@ -6,13 +6,11 @@ For each model family this builds three networks and benchmarks them in ONE inte
 - teacher: the model with random weights;
 - student: the same architecture with different random weights — what ``graphmerge merge``
   produces. Same architecture, so the same latency is expected (ratio 1 within noise);
-- big student: the 2x-wide network. Built with ``graphmerge.widen([teacher, student])`` when
-  that pass is available; otherwise the same architecture instantiated at twice the width (the
-  same shapes widen produces: every hidden width doubled, input and output unchanged). The output
-  says which was used.
+- big student: ``graphmerge.widen([teacher, student])``, checked against the two models' mean
+  output before it is timed.
 
 Families: a CIFAR ResNet20 (32x32, batches 1/8/32), torchvision resnet18 (224x224, batches 1/8)
-and a small MLP. Usage::
+and a 784-256-256-10 MLP (batches 1/8/32). Usage::
 
     python benchmarks/onnx_latency.py              # full run (~2-3 min on 2 cores)
     python benchmarks/onnx_latency.py --quick      # smoke test: tiny counts, skips resnet18
@@ -45,7 +43,7 @@ FAMILIES = ("resnet20", "resnet18", "mlp")
 
 
 # --------------------------------------------------------------------------------------------
-# Models with a width argument (the fallback big student is the same class at width x2)
+# The benchmarked models
 # --------------------------------------------------------------------------------------------
 
 
@@ -66,11 +64,11 @@ class _Block(nn.Module):
 
 
 class CifarResNet20(nn.Module):
-    """ResNet20 for 32x32 inputs; ``width`` multiplies every hidden width (16/32/64)."""
+    """ResNet20 for 32x32 inputs (hidden widths 16/32/64)."""
 
-    def __init__(self, width: int = 1, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        w = [16 * width, 32 * width, 64 * width]
+        w = [16, 32, 64]
         self.conv1 = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(w[0])
         blocks, cin = [], w[0]
@@ -87,42 +85,29 @@ class CifarResNet20(nn.Module):
 
 
 class MLP(nn.Module):
-    """784-256-256-10 MLP; ``width`` multiplies the hidden widths."""
+    """784-256-256-10 MLP."""
 
-    def __init__(self, width: int = 1) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        h = 256 * width
+        h = 256
         self.net = nn.Sequential(nn.Linear(784, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-def resnet18(width: int = 1) -> nn.Module:
-    """torchvision resnet18 with every hidden width times ``width`` (its constructor has no such knob)."""
+def resnet18() -> nn.Module:
     import torchvision
-    from torchvision.models.resnet import BasicBlock
 
-    model = torchvision.models.resnet18()
-    if width == 1:
-        return model
-    model.inplanes = 64 * width
-    model.conv1 = nn.Conv2d(3, 64 * width, 7, 2, 3, bias=False)
-    model.bn1 = nn.BatchNorm2d(64 * width)
-    model.layer1 = model._make_layer(BasicBlock, 64 * width, 2)
-    model.layer2 = model._make_layer(BasicBlock, 128 * width, 2, stride=2)
-    model.layer3 = model._make_layer(BasicBlock, 256 * width, 2, stride=2)
-    model.layer4 = model._make_layer(BasicBlock, 512 * width, 2, stride=2)
-    model.fc = nn.Linear(512 * width, 1000)
-    return model
+    return torchvision.models.resnet18()
 
 
-# name -> (constructor taking width, example input shape, batches, (warmup, min_time, min_iters))
-Spec = tuple[Callable[[int], nn.Module], tuple[int, ...], tuple[int, ...], tuple[int, float, int]]
+# name -> (constructor, example input shape, batches, (warmup, min_time, min_iters))
+Spec = tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, ...], tuple[int, float, int]]
 SPECS: dict[str, Spec] = {
-    "resnet20": (lambda w: CifarResNet20(w), (2, 3, 32, 32), (1, 8, 32), (3, 0.5, 20)),
+    "resnet20": (CifarResNet20, (2, 3, 32, 32), (1, 8, 32), (3, 0.5, 20)),
     "resnet18": (resnet18, (2, 3, 224, 224), (1, 8), (2, 0.5, 5)),
-    "mlp": (lambda w: MLP(w), (2, 784), (1, 8, 32), (3, 0.5, 20)),
+    "mlp": (MLP, (2, 784), (1, 8, 32), (3, 0.5, 20)),
 }
 QUICK_SHAPES = {"resnet18": (2, 3, 64, 64)}
 
@@ -146,17 +131,15 @@ def build_trio(family: str, shape: Sequence[int]) -> tuple[dict[str, tuple[nn.Mo
     """teacher, student (same arch, other weights) and big student; returns (models, how big was built)."""
     ctor = SPECS[family][0]
     torch.manual_seed(0)
-    teacher = _randomize_bn(ctor(1), 0)
+    teacher = _randomize_bn(ctor(), 0)
     torch.manual_seed(1)
-    student = _randomize_bn(ctor(1), 1)
+    student = _randomize_bn(ctor(), 1)
     x = torch.randn(*shape)
-    big, how = _big_student(ctor, teacher, student, x)
+    big, how = _big_student(teacher, student, x)
     return {"teacher": (teacher, (x,)), "student": (student, (x,)), "big student": (big, (x,))}, how
 
 
-def _big_student(
-    ctor: Callable[[int], nn.Module], teacher: nn.Module, student: nn.Module, x: torch.Tensor
-) -> tuple[nn.Module, str]:
+def _big_student(teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> tuple[nn.Module, str]:
     """The big student graphmerge.widen builds from the two models, checked against their mean."""
     import graphmerge
 
