@@ -152,12 +152,15 @@ class Phase:
     on_epoch_end: Callable[[int, Stack], None] | None = None
 
 
-def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phase) -> Stack:
+def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phase, mode: str = "vmap") -> Stack:
     """SGD with momentum (PyTorch's convention) on every model of ``stack`` at once, in place.
 
     Every model draws its own shuffle each epoch; the last batch may be short, as with a
     DataLoader. A gated template (``WithGateLoss``) adds λ·gate_loss; gates get ``gate_lr``
-    and no weight decay.
+    and no weight decay. ``mode="vmap"`` computes all models' gradients in one batched call;
+    ``mode="loop"`` calls the same functional gradient once per model (on this CPU faster for
+    1-D convolutions with BatchNorm, whose batched kernels vmap runs slowly); the update step
+    and everything else are shared.
     """
     loss_fn = task_loss(task)
     gated = isinstance(stack.template, WithGateLoss)
@@ -169,6 +172,10 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
         return loss_fn(out, yb)
 
     step = vmap(grad_and_value(objective), in_dims=(0, 0, 0, 0, None), randomness="different")
+    if mode == "loop":
+        step = _looped(grad_and_value(objective), stack.size)
+    elif mode != "vmap":
+        raise ValueError(f"mode must be 'vmap' or 'loop', got {mode!r}")
     names = list(stack.params)
     is_gate = [("graphmerge_gates" in k) for k in names]
     if not stack.momentum:
@@ -188,6 +195,18 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
         if phase.on_epoch_end:
             phase.on_epoch_end(epoch, stack)
     return stack
+
+
+def _looped(single: Callable, m: int) -> Callable:
+    """The batched step's signature and result, one model at a time (buffers updated in place
+    through the views ``v[i]`` of the stacked tensors)."""
+
+    def step(params: dict, buffers: dict, xb: torch.Tensor, yb: torch.Tensor, lam: float) -> tuple[dict, None]:
+        grads = [single({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}, xb[i], yb[i],
+                        lam)[0] for i in range(m)]
+        return {k: torch.stack([g[k] for g in grads]) for k in params}, None
+
+    return step
 
 
 @torch.no_grad()
@@ -258,6 +277,7 @@ class Benchmark:
     out: Path
     seed: int = 0
     time_unbatched: bool = True
+    mode: str = "vmap"  # how ``train`` runs the models of a stack: "vmap" or "loop"
     log: Callable[[str], None] = print
 
 
@@ -314,7 +334,7 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
         ms = [milestones[i] for i in alive.tolist()]
         phase = Phase(start, stop, b.batch_size, lambda e, ms=ms: step_lr(b.lr, ms, e), weight_decay=b.weight_decay,
                       seed=bench.seed + start)
-        train(stack, x, y, task, phase)
+        train(stack, x, y, task, phase, bench.mode)
         finished = (epochs_t[alive] == stop).nonzero().flatten().tolist()
         keep = (epochs_t[alive] != stop).nonzero().flatten().tolist()
         done[stop] = stack.select(finished)
@@ -359,7 +379,7 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
     ms = [b.milestone(b.unit)] * ft_stack.size
     t3 = time.perf_counter()
     train(ft_stack, x, y, task, Phase(0, b.unit, b.batch_size, lambda e: step_lr(b.lr, ms, e),
-                                      weight_decay=b.weight_decay, seed=bench.seed + 7))
+                                      weight_decay=b.weight_decay, seed=bench.seed + 7), bench.mode)
     timings["finetune_s"] = time.perf_counter() - t3
     after = metric(task, predict(ft_stack, xt), yt).view(len(order), r)
     for k, name in enumerate(order):
@@ -387,6 +407,7 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
         "gate_history": {"N=2": hist2, "N=3": hist3},
         "teacher_share": teacher_shares(gate2),
         "timings_s": timings,
+        "mode": bench.mode,
         "machine": machine(),
     }
     if bench.time_unbatched:
@@ -427,7 +448,7 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str) -> t
     phase = Phase(0, b.unit, b.batch_size, lambda e: torch.full((stack.size,), b.lr), gate_lr=b.gate_lr,
                   weight_decay=b.weight_decay, aux=lam, seed=bench.seed + 3, on_epoch_end=record)
     x, y = bench.data["train"]
-    train(stack, x, y, bench.task, phase)
+    train(stack, x, y, bench.task, phase, bench.mode)
     bench.log(f"  gate phase {tag}: {b.unit} epochs, {stack.size} runs, {time.perf_counter() - t0:.0f} s")
     trained = []
     for i, g in enumerate(gated):
@@ -610,6 +631,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and plots")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small ops: 1 is fastest)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=("vmap", "loop"), default=None,
+                        help="how the runs of a stack train: one vmap call, or a loop over models (default: "
+                             "the task's faster one on this CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args
@@ -634,7 +658,8 @@ def report(results: Path = RESULTS) -> str:
         teachers = np.asarray(result["teachers"])
         parts.append(f"Teachers A, B (mean over runs): {teachers.mean(0).round(4).tolist()}\n")
         timing = ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
-        parts.append(f"Wall time (batched, {result['machine']['torch_threads']} torch thread): {timing}.")
+        parts.append(f"Wall time (all runs of a phase at once, {result.get('mode', 'vmap')}, "
+                     f"{result['machine']['torch_threads']} torch thread): {timing}.")
         if "unbatched_estimate" in result:
             u = result["unbatched_estimate"]
             parts.append(f" One model at a time (estimate: {u['note']}): {u['estimated_total_s']:.0f} s "

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     budget = common.Budget(unit=unit, lr=0.05, batch_size=64, weight_decay=5e-4, lambda_growth=0.05 * 150 / unit)
     bench = common.Benchmark(name="digits", task="classification", build=DigitsLeNet,
                              example_inputs=lambda: (torch.rand(2, 1, 8, 8),), data=load(args.quick), budget=budget,
-                             runs=args.runs or (2 if args.quick else 10), out=args.out, seed=args.seed)
+                             runs=args.runs or (2 if args.quick else 10), out=args.out, seed=args.seed,
+                             mode=args.mode or "vmap")
     result, gated = common.run_protocol(bench)
     common.plot_first_layer(gated, "conv1.weight", args.out, "digits")
     return result

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     budget = common.Budget(unit=unit, lr=0.05, batch_size=128, weight_decay=5e-4, lambda_growth=0.05 * 150 / unit)
     bench = common.Benchmark(name="mnist1d", task="classification", build=MNIST1DCNN, example_inputs=example_inputs,
                              data=load(args.quick), budget=budget, runs=args.runs or (2 if args.quick else 10),
-                             out=args.out, seed=args.seed)
+                             out=args.out, seed=args.seed,
+                             mode=args.mode or "loop")
     result, gated = common.run_protocol(bench)
     common.plot_first_layer(gated, "stem.weight", args.out, "mnist1d")
     return result

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     budget = common.Budget(unit=unit, lr=0.01, batch_size=32, milestones=SINE_MILESTONES if unit == 150 else {})
     bench = common.Benchmark(
         name="sine", task="regression", build=SineMLP, example_inputs=lambda: (torch.rand(16, 1),),
-        data=load(quick), budget=budget, runs=args.runs or (2 if quick else 50), out=args.out, seed=args.seed)
+        data=load(quick), budget=budget, runs=args.runs or (2 if quick else 50), out=args.out, seed=args.seed,
+                             mode=args.mode or "vmap")
     result, gated = common.run_protocol(bench)
     plot_curves(result, args.out)
     plot_hidden_units(gated, args.out)
