@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -163,7 +164,7 @@ def test_far_from_half_open_gates_warn():
 # --- resume --------------------------------------------------------------------------------
 
 RESUME_SCRIPT = """
-    import os, sys
+    import os, signal, sys
     from graphmerge.checkpoint import save_weights
     from graphmerge.data import sine
     from graphmerge.examples.mlp import build_model
@@ -173,7 +174,7 @@ RESUME_SCRIPT = """
 
     def crash_after_checkpoint(record):  # the log runs after the epoch's checkpoint is written
         if f"{record['phase']}:{record['epoch']}" == crash_at:
-            os._exit(17)
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: as a killed job dies
 
     train_data, val_data, _, _ = sine(n_train=256, n_val=64, n_test=1)
     result = merge(build_model, train_data, val_data=val_data, loss="mse", teacher_epochs=2, gate_epochs=3,
@@ -189,21 +190,31 @@ def _run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("crash_at", ["gate:1", "teacher1:2"])
-def test_resume_after_a_kill_gives_the_uninterrupted_result_bitwise(tmp_path: Path, crash_at: str):
-    script = tmp_path / "run.py"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The resume script, and the student of one run that nothing interrupts."""
+    folder = tmp_path_factory.mktemp("resume")
+    script = folder / "run.py"
     script.write_text(textwrap.dedent(RESUME_SCRIPT))
-    reference = _run_script(script, str(tmp_path / "ref.safetensors"), str(tmp_path / "ref_ck"), "never", "0")
+    reference = _run_script(script, str(folder / "ref.safetensors"), str(folder / "ref_ck"), "never", "0")
     assert reference.returncode == 0, reference.stderr
+    return script, load_file(folder / "ref.safetensors")
+
+
+# Killed after: a teacher epoch, a gate epoch, the last gate epoch (resume must compress), a
+# fine-tuning epoch.
+@pytest.mark.parametrize("crash_at", ["teacher1:2", "gate:1", "gate:3", "finetune:1"])
+def test_resume_after_a_kill_gives_the_uninterrupted_result_bitwise(tmp_path: Path, crash_at: str, uninterrupted):
+    script, expected = uninterrupted
     crashed = _run_script(script, str(tmp_path / "b.safetensors"), str(tmp_path / "ck"), crash_at, "0")
-    assert crashed.returncode == 17, crashed.stderr
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     assert not (tmp_path / "b.safetensors").exists()
     phase, epoch = crash_at.split(":")
     saved = ckpt.load_state(tmp_path / "ck" / "merge.safetensors")
     assert (saved["phase"], saved["epoch"]) == (phase, int(epoch))
     resumed = _run_script(script, str(tmp_path / "b.safetensors"), str(tmp_path / "ck"), "never", "1")
     assert resumed.returncode == 0, resumed.stderr
-    expected, actual = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "b.safetensors")
+    actual = load_file(tmp_path / "b.safetensors")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
