@@ -166,3 +166,25 @@ def test_missing_onnxruntime_is_a_clear_error_naming_the_extra(tmp_path: pathlib
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(GraphMergeError, match=r"graphmerge\[cpu\]"):
         bench.resolve_providers(["cpu"])
+
+
+def test_bench_command_end_to_end_with_weights(run_cli, tmp_path: pathlib.Path) -> None:
+    """`graphmerge bench MODEL MODEL=WEIGHTS --json`: rows for both models, runtimes and batches."""
+    from graphmerge.checkpoint import save_weights
+    from graphmerge.examples.mlp import SineMLP
+
+    torch.manual_seed(5)
+    student = SineMLP()
+    save_weights(tmp_path / "student.safetensors", student)
+    done = run_cli("bench", "examples:mlp", "examples:mlp=student.safetensors", "--batch", "1,4", "--json",
+                   "out.json", "--warmup", "1", "--min-time", "0", "--min-iters", "3", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    rows = report["rows"]
+    assert {(r["model"], r["runtime"], r["batch"]) for r in rows} == {
+        (m, rt, b) for m in ("mlp", "mlp=student.safetensors")
+        for rt in ("onnxruntime", "torch") for b in (1, 4)}
+    assert all(r["status"] == "ok" and r["p50_ms"] > 0 for r in rows)
+    assert {r["params"] for r in rows} == {sum(p.numel() for p in student.parameters())}
+    assert report["machine"]["onnxruntime"] and report["machine"]["cpu"]
+    assert "p50" in done.stdout
