@@ -450,6 +450,11 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str) -> t
     x, y = bench.data["train"]
     train(stack, x, y, bench.task, phase, bench.mode)
     bench.log(f"  gate phase {tag}: {b.unit} epochs, {stack.size} runs, {time.perf_counter() - t0:.0f} s")
+    target = 1 / len(teachers[0])
+    far = {g: round(v[-1], 2) for g, v in history["open"].items() if abs(v[-1] - target) > 0.1}
+    if far:
+        bench.log(f"  WARNING: after the gate phase {tag} groups {far} are far from {target:.2f} open: compression "
+                  "cuts channels the big student still uses; raise --lambda0/--lambda-growth/--gate-lr")
     trained = []
     for i, g in enumerate(gated):
         state = {k[len("gated."):]: v[i] for k, v in {**stack.params, **stack.buffers}.items()}
@@ -631,12 +636,21 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and plots")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small ops: 1 is fastest)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lambda0", type=float, default=None, help="λ at the first gate epoch")
+    parser.add_argument("--lambda-growth", type=float, default=None, help="c in λ <- λ + c·√λ per gate epoch")
+    parser.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gates' SGD")
     parser.add_argument("--mode", choices=("vmap", "loop"), default=None,
                         help="how the runs of a stack train: one vmap call, or a loop over models (default: "
                              "the task's faster one on this CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args
+
+
+def gate_overrides(args: argparse.Namespace) -> dict[str, float]:
+    """The gate-phase settings given on the command line, as ``Budget`` keyword arguments."""
+    given = {"lambda0": args.lambda0, "lambda_growth": args.lambda_growth, "gate_lr": args.gate_lr}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def report(results: Path = RESULTS) -> str:

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(__doc__.splitlines()[0], argv)
     quick = args.quick
     unit = args.unit or (2 if quick else 150)
-    budget = common.Budget(unit=unit, lr=0.01, batch_size=32, milestones=SINE_MILESTONES if unit == 150 else {})
+    budget = common.Budget(unit=unit, lr=0.01, batch_size=32, milestones=SINE_MILESTONES if unit == 150 else {},
+                           **common.gate_overrides(args))
     bench = common.Benchmark(
         name="sine", task="regression", build=SineMLP, example_inputs=lambda: (torch.rand(16, 1),),
         data=load(quick), budget=budget, runs=args.runs or (2 if quick else 50), out=args.out, seed=args.seed,
