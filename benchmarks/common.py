@@ -412,8 +412,8 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
     }
     if bench.time_unbatched:
         result["unbatched_estimate"] = unbatched_estimate(bench, teachers[0][:2], gate2[0])
-    if curves:
-        result["curves"] = curves
+    if curves:  # 4 decimals: the plot needs no more, and the JSON stays small enough to commit
+        result["curves"] = {k: np.round(np.asarray(v, dtype=float), 4).tolist() for k, v in curves.items()}
     bench.out.mkdir(parents=True, exist_ok=True)
     (bench.out / f"{bench.name}.json").write_text(json.dumps(result, indent=1))
     print_table(result)
