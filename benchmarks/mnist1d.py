@@ -6,7 +6,7 @@ which 500 are held out for validation, 1 000 test); never downloaded. Model:
 flatten, linear). 10 seeds per strategy, test accuracy. Budget (unit u = 1/6 of it, default
 u = 15, 90 epochs per strategy): teachers 2u each (lr /10 at 5/6), gate phase u, fine-tune u;
 batch 128, SGD lr 0.05, momentum 0.9, weight decay 5e-4; gate phase λ0 4, λ += 0.5·√λ per
-epoch, gates' SGD lr 0.5 (see GATES below; --lambda0/--lambda-growth/--gate-lr override).
+epoch, gates' SGD lr 0.5 (common.CNN_GATES; --lambda0/--lambda-growth/--gate-lr override).
 
     python benchmarks/mnist1d.py                       # 10 seeds (writes benchmarks/results/)
     python benchmarks/mnist1d.py --quick --out /tmp/x  # smoke test
@@ -38,26 +38,10 @@ def load(quick: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"train": (x, y), "val": val.tensors, "test": test.tensors}
 
 
-# Gate phase: the sine settings (λ0 0.01, gates' lr 0.1) are tuned for 47 000 gate steps; in the
-# few hundred steps here they leave the gates almost untouched (P[g>0] stayed near 0.93, measured,
-# so compression would cut channels still in use). As in ``make demo``, λ starts high and the
-# gates get a faster optimiser; with these settings every group ends at 1/N open (measured on
-# digits with 2 runs: 0.50/0.50/0.50 for N=2, 0.33/0.34/0.34 for N=3).
-GATES = {"lambda0": 4.0, "lambda_growth": 0.5, "gate_lr": 0.5}
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(__doc__.splitlines()[0], argv)
-    unit = args.unit or (1 if args.quick else 15)
-    budget = common.Budget(unit=unit, lr=0.05, batch_size=128, weight_decay=5e-4,
-                           **{**GATES, **common.gate_overrides(args)})
-    bench = common.Benchmark(name="mnist1d", task="classification", build=MNIST1DCNN, example_inputs=example_inputs,
-                             data=load(args.quick), budget=budget, runs=args.runs or (2 if args.quick else 10),
-                             out=args.out, seed=args.seed,
-                             mode=args.mode or "loop")
-    result, gated = common.run_protocol(bench)
-    common.plot_first_layer(gated, "stem.weight", args.out, "mnist1d")
-    return result
+    return common.run_classification(args, "mnist1d", MNIST1DCNN, example_inputs, load(args.quick), batch_size=128,
+                                     mode="loop", first_layer="stem.weight")
 
 
 if __name__ == "__main__":
