@@ -159,8 +159,7 @@ def _teacher_counters(state: dict[str, torch.Tensor], info: WidenInfo, teacher: 
     """
     if not info.counters:
         return {}
-    return {name: value + (state[name] - info.counters_start[name])
-            for name, value in info.counters[teacher].items() if name in state and name in info.counters_start}
+    return {name: value + (state[name] - info.counters_start[name]) for name, value in info.counters[teacher].items()}
 
 
 def _keep_plain_attributes(state: dict[str, torch.Tensor], student: nn.Module) -> dict[str, torch.Tensor]:
@@ -176,7 +175,7 @@ def _keep_plain_attributes(state: dict[str, torch.Tensor], student: nn.Module) -
         except AttributeError:
             continue
         if isinstance(getattr(owner, attr, None), torch.Tensor):
-            setattr(owner, attr, tensor)
+            set_tensor(student, name, tensor)
     return state
 
 

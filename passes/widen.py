@@ -78,11 +78,16 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     _rewrite_permutations(big, groups, n, widths, widened)
     big.recompile()
     untraced = [{k: v.clone() for k, v in s.items() if k not in traced_names} for s in states]
-    counter_names = [k for k, v in big.state_dict().items() if v.ndim == 0 and not v.is_floating_point()]
-    counters = [{k: s[k].clone() for k in counter_names if k in s} for s in states]
-    start = {k: v.clone() for k, v in big.state_dict().items() if k in counter_names}
+    start = {k: v.clone() for k, v in big.state_dict().items() if _is_counter(v)}
+    counters = [{k: s[k].clone() for k in start if k in s} for s in states]
     big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced, counters, start)
     return big
+
+
+def _is_counter(tensor: torch.Tensor) -> bool:
+    """An integer scalar such as BatchNorm's ``num_batches_tracked`` (not a flag: bools are not counts)."""
+    return tensor.ndim == 0 and not tensor.is_floating_point() and not tensor.is_complex() \
+        and tensor.dtype != torch.bool
 
 
 def _teacher_tensor(teacher: nn.Module, state: dict[str, torch.Tensor], name: str,

@@ -1,4 +1,4 @@
-"""CI smoke test of the paper-reproduction benchmarks: each script's ``--quick`` mode, in a
+"""CI smoke test of the benchmark scripts: each script's ``--quick`` mode, in a
 subprocess, writing into a temporary folder (never over the committed results)."""
 
 from __future__ import annotations
@@ -34,3 +34,32 @@ def test_quick_mode_runs_and_reports_every_strategy(script: str, tmp_path: Path)
     for png in ("box", "gates", "first_layer"):
         assert (tmp_path / f"{script}_{png}.png").stat().st_size > 0
     assert "student" in done.stdout and "bo3 model" in done.stdout  # the rich table was printed
+
+
+@pytest.mark.slow
+def test_train_modes_quick_reports_both_modes_for_every_task(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "train_modes.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "train_modes.json").read_text())["rows"]
+    assert [r["task"] for r in rows] == ["sine", "mnist1d", "digits"]
+    for r in rows:
+        assert r["vmap_ms_per_step"] > 0 and r["loop_ms_per_step"] > 0
+        assert r["vmap_over_loop"] == pytest.approx(r["vmap_ms_per_step"] / r["loop_ms_per_step"])
+
+
+@pytest.mark.slow
+def test_zoo_quick_reports_every_model_with_consistent_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "zoo.json"
+    done = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "zoo.py"), "--quick", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["models"] and (tmp_path / "zoo.md").exists()
+    for row in report["models"]:
+        assert "error" not in row, row.get("error")
+        assert row["i1_ok"] and row["i2_ok"] and row["i4_ok"], row["model"]
+        assert row["analyze_s"] == pytest.approx(row["trace_s"] + row["couple_s"])
+        if row.get("torch_pruning_s"):
+            assert row["ratio_vs_tp"] == pytest.approx(row["analyze_s"] / row["torch_pruning_s"])
+            assert row["fx_trace_vs_tp"] == pytest.approx(row["fx_trace_s"] / row["torch_pruning_s"])

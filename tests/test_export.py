@@ -278,20 +278,17 @@ def _zoo_cases() -> list[tuple[str, tuple]]:
 
 
 ZOO = _zoo_cases()
-# Above this many parameters an fp32 model, its ONNX file and two runtimes' copies do not fit
-# beside a second test process in this machine's 24 GiB; benchmarks/zoo.py uses the same cap.
-EXPORT_PARAM_CAP = 300_000_000
 
 
 @pytest.mark.zoo
 @pytest.mark.parametrize(("name", "shape"), ZOO, ids=[n for n, _ in ZOO])
 def test_torchvision_models_export_with_parity(tmp_path: pathlib.Path, name: str, shape: tuple) -> None:
     torchvision = pytest.importorskip("torchvision")
+    from tests.zoo_models import skip_above_param_cap
+
     torch.manual_seed(0)
     model = _bn_stats(torchvision.models.get_model(name, weights=None))
-    params = sum(p.numel() for p in model.parameters())
-    if params > EXPORT_PARAM_CAP:
-        pytest.skip(f"{name}: {params / 1e6:.0f} M parameters, above the {EXPORT_PARAM_CAP / 1e6:.0f} M memory cap")
+    skip_above_param_cap(name, model)
     report = export_onnx_report(model, torch.randn(*shape), tmp_path / f"{name}.onnx")
     assert report.max_rel <= 1e-4
     x = torch.randn(3, *shape[1:])

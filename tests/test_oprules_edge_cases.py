@@ -125,6 +125,29 @@ def test_plain_tensor_attributes_survive_compression_into_the_class():
         assert all(torch.equal(student.state_dict()[name], teacher.state_dict()[name]) for name in body)
 
 
+class FlagBuffer(nn.Module):
+    """A 0-dim bool buffer read in forward beside a counted BatchNorm: a flag, not a counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+        self.register_buffer("flag", torch.tensor(True))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x)))) * self.flag
+
+
+def test_scalar_flags_and_counters_come_back_per_teacher():
+    teachers = _teachers(FlagBuffer)
+    for count, teacher in zip((7, 19), teachers, strict=True):
+        teacher.bn.num_batches_tracked.fill_(count)
+    big = graphmerge.widen(teachers, (torch.randn(3, 4),))
+    for k, teacher in enumerate(teachers):
+        student = graphmerge.compress(big, f"teacher:{k}")
+        assert student.flag.dtype == torch.bool and bool(student.flag)
+        assert int(student.bn.num_batches_tracked) == int(teacher.bn.num_batches_tracked)
+
+
 class TensorClampBound(nn.Module):
     """A learned per-channel lower bound applied with clamp: the bound is read per channel."""
 

@@ -17,6 +17,7 @@ from tests.zoo_models import (
     build,
     example_inputs,
     full_zoo,
+    skip_above_param_cap,
 )
 
 torch.set_num_threads(1)  # two xdist workers on two cores
@@ -32,9 +33,6 @@ FLOAT64_I1 = {name for name in ALL_MODELS if name.startswith("vit_")}
 # A LayerNorm over a widened channel dim normalises over the channels that are kept, so I3 is
 # exact only when every group keeps one teacher's block (the test's mixed=False).
 I3_ONE_TEACHER = {name for name in ALL_MODELS if name.startswith(("vit_", "convnext"))}
-# Above this many parameters N=2 teachers, the big student and its compressed copies do not fit
-# in this machine's 24 GiB beside the second test process (benchmarks/zoo.py uses the same cap).
-PARAM_CAP = 300_000_000
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -60,9 +58,7 @@ def test_zoo_model_invariants(name: str) -> None:
     of a mixture of both teachers' channels), I4 (class round trip)."""
     inputs = example_inputs(name)
     teachers = make_teachers(lambda: build(name), 2, seed=1)
-    params = sum(p.numel() for p in teachers[0].parameters())
-    if params > PARAM_CAP:
-        pytest.skip(f"{name}: {params / 1e6:.0f} M parameters, above the {PARAM_CAP / 1e6:.0f} M memory cap")
+    skip_above_param_cap(name, teachers[0])
     if name in FLOAT64_I1:
         teachers = [t.double() for t in teachers]
         inputs = tuple(x.double() for x in inputs)
