@@ -20,9 +20,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from passes.compress import widen_info
-from passes.groups import GroupSet
-from passes.layout import teacher_maps
+from graphmerge.passes.compress import widen_info
+from graphmerge.passes.groups import GroupSet
+from graphmerge.passes.layout import teacher_maps
 
 
 def average(models: Sequence[nn.Module]) -> nn.Module:

@@ -62,7 +62,7 @@ def plot_hidden_units(gated, out: Path) -> None:
     units coloured by the teacher they come from (run 0)."""
     import matplotlib.pyplot as plt
 
-    from passes.compress import select_channels, widen_info
+    from graphmerge.passes.compress import select_channels, widen_info
 
     _, info = widen_info(gated)
     gid = info.groups.widened[0].id

@@ -41,14 +41,14 @@ def widen(teachers, example_inputs, *, leaf_modules=(), concrete_args=None):
 
 def add_gates(big, **gate_options: Any):
     """Insert one tied hard-concrete gate vector per widened group of a big student."""
-    from passes.gate import add_gates as _add_gates
+    from graphmerge.passes.gate import add_gates as _add_gates
 
     return _add_gates(big, **gate_options)
 
 
 def compress(big, keep="gates", *, scales=None, ratio=None):
     """Slice a (gated) big student back to the teachers' width."""
-    from passes.compress import compress as _compress
+    from graphmerge.passes.compress import compress as _compress
 
     return _compress(big, keep, scales=scales, ratio=ratio)
 
@@ -62,6 +62,6 @@ def merge(teachers, train_data, **options: Any):
 
 def export_onnx(model, example_inputs, path, **options: Any):
     """Export a model to a self-contained ONNX file, checked for parity with onnxruntime."""
-    from passes.export import export_onnx as _export_onnx
+    from graphmerge.passes.export import export_onnx as _export_onnx
 
     return _export_onnx(model, example_inputs, path, **options)

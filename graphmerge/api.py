@@ -11,10 +11,10 @@ import torch.fx
 from torch import nn
 
 from graphmerge.errors import GraphMergeError, ModelMismatchError
-from passes.couple import couple
-from passes.groups import GroupSet
-from passes.layout import LayoutError
-from passes.trace import trace
+from graphmerge.passes.couple import couple
+from graphmerge.passes.groups import GroupSet
+from graphmerge.passes.layout import LayoutError
+from graphmerge.passes.trace import trace
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -63,7 +63,7 @@ def check_same_architecture(teachers: Sequence[nn.Module]) -> None:
 def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, leaf_modules: Sequence[Any] = (),
           concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
     """Concatenate N teachers into one big student (an fx GraphModule) computing their mean."""
-    from passes.widen import widen as widen_pass
+    from graphmerge.passes.widen import widen as widen_pass
 
     teachers = list(teachers)
     check_same_architecture(teachers)

@@ -9,7 +9,7 @@ on whichever model happened to be measured during the disturbance.
 Runtimes: onnxruntime (CPUExecutionProvider always; CUDAExecutionProvider with io-binding when
 the installed runtime and torch both offer CUDA), torch eager, and optionally ``torch.compile``
 (opt-in: compiling takes minutes on small CPUs). Every ONNX file is exported with
-:func:`passes.export.export_onnx_report`, so it has already passed the checker and a parity
+:func:`graphmerge.passes.export.export_onnx_report`, so it has already passed the checker and a parity
 check; the parity reported per row is measured again on the benchmark's own inputs.
 
 onnxruntime's worker threads are told not to spin while idle: spinning is its default and makes
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from graphmerge.errors import GraphMergeError
-from passes.export import (
+from graphmerge.passes.export import (
     batch_like,
     eval_mode,
     export_onnx_report,

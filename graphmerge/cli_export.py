@@ -1,7 +1,7 @@
 """The ``graphmerge export`` and ``graphmerge bench`` commands.
 
 Thin wrappers: parse and check the command line, load models and weights, call
-:func:`passes.export.export_onnx_report` or :func:`graphmerge.bench.benchmark`, print the result.
+:func:`graphmerge.passes.export.export_onnx_report` or :func:`graphmerge.bench.benchmark`, print the result.
 Every bad input raises :class:`~graphmerge.errors.GraphMergeError`; the CLI entry point prints it
 as one paragraph and exits 2. Registered by ``graphmerge/cli.py``.
 """
@@ -51,7 +51,7 @@ def export_command(
     """Export a model to one self-contained ONNX file, checked against torch with onnxruntime."""
     from rich.console import Console
 
-    from passes.export import export_onnx_report
+    from graphmerge.passes.export import export_onnx_report
 
     if tolerance <= 0:
         raise GraphMergeError(f"--tolerance must be positive, got {tolerance}.")

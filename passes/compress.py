@@ -1,7 +1,7 @@
 """Compress: keep ``width`` channels of every widened group and slice the big student back.
 
 Every parameter and buffer is gathered along every dimension a group touches, through the same
-layout that widen scattered with (``passes.layout``), so keeping exactly teacher K's channels
+layout that widen scattered with (``graphmerge.passes.layout``), so keeping exactly teacher K's channels
 gives back teacher K's tensors bitwise (invariant I2). BatchNorm statistics, biases and scales
 are kept. An optional per-channel scale per group (the eval value of a gate) is folded into the
 input weights of the group's consumers, so the student computes what the gated big student
@@ -18,10 +18,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.couple import DimLayout
-from passes.errors import GraphMergeError
-from passes.layout import pieces, student_map
-from passes.widen import WidenInfo, copy_structure, rewrite_sizes, set_tensor, sync_width_attributes
+from graphmerge.passes.couple import DimLayout
+from graphmerge.passes.errors import GraphMergeError
+from graphmerge.passes.layout import pieces, student_map
+from graphmerge.passes.widen import WidenInfo, copy_structure, rewrite_sizes, set_tensor, sync_width_attributes
 
 Keep = str | dict[int, Any]
 

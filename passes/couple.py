@@ -1,7 +1,7 @@
 """Channel-coupling analysis: which channels of a traced model must be kept or dropped together.
 
 Think of it as type inference with dimension variables, done per position: every channel
-position of every activation and parameter gets an integer id; op rules (``passes.oprules``)
+position of every activation and parameter gets an integer id; op rules (``graphmerge.passes.oprules``)
 say which positions are the same channel (a residual add, a BatchNorm's parameters, a conv's
 input against its weight). Solving the equalities (connected components) gives channel
 *units*; units that always travel together in the same order form a *group*.
@@ -27,8 +27,8 @@ import torch.fx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from passes.groups import BOUNDARY_REASONS, Group, GroupSet
-from passes.labels import NOT_A_CHANNEL, TensorLabels
+from graphmerge.passes.groups import BOUNDARY_REASONS, Group, GroupSet
+from graphmerge.passes.labels import NOT_A_CHANNEL, TensorLabels
 
 
 @dataclass
@@ -180,7 +180,7 @@ def couple(gm: torch.fx.GraphModule) -> GroupSet:
 
     ``gm`` is not modified.
     """
-    from passes.oprules import propagate_node
+    from graphmerge.passes.oprules import propagate_node
 
     start = time.perf_counter()
     prop = Propagation(gm)

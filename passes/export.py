@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from passes.errors import GraphMergeError
+from graphmerge.passes.errors import GraphMergeError
 
 __all__ = [
     "BatchParity",

@@ -21,9 +21,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.compress import widen_info
-from passes.errors import GraphMergeError
-from passes.layout import teacher_maps
+from graphmerge.passes.compress import widen_info
+from graphmerge.passes.errors import GraphMergeError
+from graphmerge.passes.layout import teacher_maps
 
 GATES = "graphmerge_gates"
 
@@ -153,7 +153,7 @@ class GatedStudent(nn.Module):
 
     def teacher_share(self) -> dict[int, list[int]]:
         """How many of each group's top-``width`` channels (by gate score) come from each teacher."""
-        from passes.compress import select_channels
+        from graphmerge.passes.compress import select_channels
 
         _, info = widen_info(self)
         kept = select_channels(info, self.gate_scores())

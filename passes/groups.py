@@ -3,7 +3,7 @@
 A *group* is a set of channel positions that must be kept or dropped together: the output
 channels of a conv, the BatchNorm after it, every residual add they flow into, the input
 channels of every conv that reads them, a flatten's runs of features, and so on. The coupling
-pass (``passes.couple``) finds them; widen, gate and compress only read them.
+pass (``graphmerge.passes.couple``) finds them; widen, gate and compress only read them.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class GroupSet:
 
     Besides the groups it keeps what the later passes need to rebuild tensors: the traced
     graph, and for every labelled dimension the channel *units* it carries (see
-    ``passes.couple``), which widen uses to lay out the big student.
+    ``graphmerge.passes.couple``), which widen uses to lay out the big student.
     """
 
     def __init__(self, groups: list[Group], graph_module: Any, layout: Any = None,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from passes.couple import DimLayout
+from graphmerge.passes.couple import DimLayout
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.couple import Propagation
-from passes.labels import NOT_A_CHANNEL, TensorLabels, factor_block
+from graphmerge.passes.couple import Propagation
+from graphmerge.passes.labels import NOT_A_CHANNEL, TensorLabels, factor_block
 
 Rule = Callable[[Propagation, torch.fx.Node], Any]
 

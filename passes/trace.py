@@ -30,7 +30,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.errors import TraceError
+from graphmerge.passes.errors import TraceError
 
 __all__ = ["trace"]
 

@@ -1,13 +1,13 @@
 """Widen: N teachers of one architecture become one big student that computes their mean.
 
 Every parameter and buffer is built by scattering each teacher's tensor into its block along
-every widened dimension (``passes.layout``); off-diagonal blocks start at zero and train.
+every widened dimension (``graphmerge.passes.layout``); off-diagonal blocks start at zero and train.
 Positions all teachers share (image channels, logits) receive every teacher: shared inputs
 stack the teachers' filters, and a layer writing a shared output gets each teacher's weight
 divided by N and the mean bias, so the big student averages the teachers.
 
 The graph itself is the teachers' traced graph with width attributes rewritten; ops whose result
-depends on channel layout either stay valid by construction (cat, chunk: see ``passes.layout``)
+depends on channel layout either stay valid by construction (cat, chunk: see ``graphmerge.passes.layout``)
 or get their literal sizes rewritten (view, split sizes, slices). A LayerNorm across a widened
 dim becomes N block-wise LayerNorms, which is exact.
 """
@@ -25,9 +25,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.couple import DimLayout
-from passes.groups import GroupSet
-from passes.layout import LayoutError, shared_mask, teacher_maps
+from graphmerge.passes.couple import DimLayout
+from graphmerge.passes.groups import GroupSet
+from graphmerge.passes.layout import LayoutError, shared_mask, teacher_maps
 
 
 @dataclass

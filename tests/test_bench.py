@@ -142,7 +142,7 @@ def test_a_cuda_session_that_falls_back_to_cpu_is_not_reported_as_cuda(tmp_path:
     """onnxruntime quietly runs on CPU when CUDA cannot start: the cell must say n/a, not time it."""
     import onnxruntime as ort
 
-    from passes.export import export_onnx
+    from graphmerge.passes.export import export_onnx
 
     model, inputs = _models()["small"]
     path = export_onnx(model.eval(), inputs, tmp_path / "small.onnx")
@@ -157,7 +157,7 @@ def test_a_cuda_session_that_falls_back_to_cpu_is_not_reported_as_cuda(tmp_path:
 
 def test_missing_onnxruntime_is_a_clear_error_naming_the_extra(tmp_path: pathlib.Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from passes.export import export_onnx
+    from graphmerge.passes.export import export_onnx
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     model, inputs = _models()["small"]

@@ -19,8 +19,8 @@ from torch import nn
 from graphmerge.cli import PALETTE, PINNED_COLOUR, graph_to_dot, write_atomic
 from graphmerge.errors import GraphMergeError
 from graphmerge.loading import load_model, parse_input_shape
-from passes.groups import Group, GroupSet
-from passes.trace import trace
+from graphmerge.passes.groups import Group, GroupSet
+from graphmerge.passes.trace import trace
 
 MLP_FILE = """
     import torch

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphmerge
-from passes.groups import Group, GroupSet
+from graphmerge.passes.groups import Group, GroupSet
 from tests.models import CASES, ModelCase, images
 
 torch.set_num_threads(1)  # two xdist workers on two cores

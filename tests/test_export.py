@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-import passes.export as export_mod
+import graphmerge.passes.export as export_mod
 from graphmerge.errors import GraphMergeError
-from passes.export import ExportResult, export_onnx, export_onnx_report
+from graphmerge.passes.export import ExportResult, export_onnx, export_onnx_report
 
 
 class ConvNet(nn.Module):

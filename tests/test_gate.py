@@ -10,7 +10,7 @@ import torch
 
 import graphmerge
 from graphmerge.examples.resnet20 import build_model as resnet20
-from passes.gate import GATES, HardConcreteGates
+from graphmerge.passes.gate import GATES, HardConcreteGates
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 

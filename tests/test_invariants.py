@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graphmerge
-from passes.groups import GroupSet
+from graphmerge.passes.groups import GroupSet
 from tests.models import CASES, ModelCase, clone_for_loading, make_teachers
 from tests.randarch import CLASSES, build, example_inputs, specs, unsupported_patterns
 

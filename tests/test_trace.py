@@ -1,4 +1,4 @@
-"""passes.trace: tracing, shape metadata, leaf modules, and the errors users see."""
+"""graphmerge.passes.trace: tracing, shape metadata, leaf modules, and the errors users see."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from graphmerge.errors import TraceError
-from passes.trace import trace
+from graphmerge.passes.trace import trace
 
 
 class DataDependent(nn.Module):

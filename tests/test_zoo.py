@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import graphmerge
-from passes.compress import widen_info
+from graphmerge.passes.compress import widen_info
 from tests.models import make_teachers
 from tests.test_invariants import check_i1, check_i2, check_i3, check_i4, output_layer_name
 from tests.zoo_models import (
