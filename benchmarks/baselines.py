@@ -17,12 +17,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from torch import nn
-
 from graphmerge.passes.compress import widen_info
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import teacher_maps
+from scipy.optimize import linear_sum_assignment
+from torch import nn
 
 
 def average(models: Sequence[nn.Module]) -> nn.Module:

@@ -39,9 +39,10 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import graphmerge  # noqa: E402
 from graphmerge.passes.couple import couple  # noqa: E402
 from graphmerge.passes.trace import trace  # noqa: E402
+
+import graphmerge  # noqa: E402
 from tests.models import clone_for_loading, make_teachers  # noqa: E402
 from tests.test_invariants import expected_student_state, output_layer_name  # noqa: E402
 from tests.zoo_models import ALL_MODELS, build, example_inputs  # noqa: E402

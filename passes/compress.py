@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-from torch import nn
-
 from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.layout import pieces, student_map
 from graphmerge.passes.widen import WidenInfo, copy_structure, rewrite_sizes, set_tensor, sync_width_attributes
+from torch import nn
 
 Keep = str | dict[int, Any]
 

@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-
 from graphmerge.passes.groups import BOUNDARY_REASONS, Group, GroupSet
 from graphmerge.passes.labels import NOT_A_CHANNEL, TensorLabels
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 
 @dataclass

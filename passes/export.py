@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from graphmerge.passes.errors import GraphMergeError
 from torch import nn
 from torch.utils import _pytree as pytree
-
-from graphmerge.passes.errors import GraphMergeError
 
 __all__ = [
     "BatchParity",

@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-from torch import nn
-
 from graphmerge.passes.compress import widen_info
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.layout import teacher_maps
+from torch import nn
 
 GATES = "graphmerge_gates"
 

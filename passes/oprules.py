@@ -17,10 +17,9 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
-
 from graphmerge.passes.couple import Propagation
 from graphmerge.passes.labels import NOT_A_CHANNEL, TensorLabels, factor_block
+from torch import nn
 
 Rule = Callable[[Propagation, torch.fx.Node], Any]
 

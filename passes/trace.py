@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 import torch.fx
+from graphmerge.passes.errors import TraceError
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
-
-from graphmerge.passes.errors import TraceError
 
 __all__ = ["trace"]
 

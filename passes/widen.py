@@ -23,11 +23,10 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
-
 from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import LayoutError, shared_mask, teacher_maps
+from torch import nn
 
 
 @dataclass

@@ -141,7 +141,6 @@ def test_a_cuda_session_that_falls_back_to_cpu_is_not_reported_as_cuda(tmp_path:
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime quietly runs on CPU when CUDA cannot start: the cell must say n/a, not time it."""
     import onnxruntime as ort
-
     from graphmerge.passes.export import export_onnx
 
     model, inputs = _models()["small"]

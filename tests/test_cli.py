@@ -14,13 +14,13 @@ from collections import Counter
 
 import pytest
 import torch
+from graphmerge.passes.groups import Group, GroupSet
+from graphmerge.passes.trace import trace
 from torch import nn
 
 from graphmerge.cli import PALETTE, PINNED_COLOUR, graph_to_dot, write_atomic
 from graphmerge.errors import GraphMergeError
 from graphmerge.loading import load_model, parse_input_shape
-from graphmerge.passes.groups import Group, GroupSet
-from graphmerge.passes.trace import trace
 
 MLP_FILE = """
     import torch

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
+from graphmerge.passes.groups import Group, GroupSet
 from torch import nn
 
 import graphmerge
-from graphmerge.passes.groups import Group, GroupSet
 from tests.models import CASES, ModelCase, images
 
 torch.set_num_threads(1)  # two xdist workers on two cores

@@ -6,16 +6,16 @@ import os
 import pathlib
 import warnings
 
+import graphmerge.passes.export as export_mod
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from graphmerge.passes.export import ExportResult, export_onnx, export_onnx_report
 from torch import nn
 
-import graphmerge.passes.export as export_mod
 from graphmerge.errors import GraphMergeError
-from graphmerge.passes.export import ExportResult, export_onnx, export_onnx_report
 
 
 class ConvNet(nn.Module):

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from graphmerge.passes.gate import GATES, HardConcreteGates
 
 import graphmerge
 from graphmerge.examples.resnet20 import build_model as resnet20
-from graphmerge.passes.gate import GATES, HardConcreteGates
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 

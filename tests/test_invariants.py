@@ -13,12 +13,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from graphmerge.passes.groups import GroupSet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import graphmerge
-from graphmerge.passes.groups import GroupSet
 from tests.models import CASES, ModelCase, clone_for_loading, make_teachers
 from tests.randarch import CLASSES, build, example_inputs, specs, unsupported_patterns
 

@@ -6,12 +6,12 @@ import inspect
 
 import pytest
 import torch
+from graphmerge.passes.trace import trace
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 from graphmerge.errors import TraceError
-from graphmerge.passes.trace import trace
 
 
 class DataDependent(nn.Module):

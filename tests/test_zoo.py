@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphmerge.passes.compress import widen_info
 
 import graphmerge
-from graphmerge.passes.compress import widen_info
 from tests.models import make_teachers
 from tests.test_invariants import check_i1, check_i2, check_i3, check_i4, output_layer_name
 from tests.zoo_models import (
