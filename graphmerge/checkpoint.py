@@ -2,9 +2,11 @@
 
 Two kinds of file:
 
-- **weights** (``save_weights`` / ``load_weights``): a plain state dict, loadable by anyone with
-  ``safetensors.torch.load_file``. Legacy ``.pt``/``.pth`` state dicts are read with
-  ``torch.load(weights_only=True)`` only, since a full unpickle runs arbitrary code.
+- **weights** (``save_weights`` / ``read_state_dict`` / ``load_weights``): a plain state dict, loadable by
+  anyone with ``safetensors.torch.load_file``. Torch state dicts (``.pt``/``.pth``/``.bin``/``.ckpt``) are
+  read with ``torch.load(weights_only=True)`` only, since a full unpickle runs arbitrary code. This is
+  the one weights reader of the package: ``merge --teacher``, ``export --weights`` and ``bench M=W``
+  all go through it, so they accept and refuse the same files with the same messages.
 - **training state** (``save_state`` / ``load_state``): any nesting of dicts, lists, tuples,
   numbers, strings, tensors and numpy arrays (model and optimizer state dicts, RNG states,
   history). Tensors go into the safetensors file under path-like keys
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Mapping
@@ -33,13 +36,15 @@ import torch
 from torch import nn
 
 from graphmerge.errors import GraphMergeError, ModelMismatchError
+from graphmerge.passes.util import one_line
 
-__all__ = ["capture_rng", "load_state", "load_weights", "read_state_dict", "restore_rng", "save_state",
-           "save_weights", "write_bytes_atomic"]
+__all__ = ["capture_rng", "check_state_dict", "load_state", "load_weights", "read_state_dict", "restore_rng",
+           "save_state", "save_weights", "write_bytes_atomic"]
 
 STATE_FORMAT = "graphmerge-training-state"
 STATE_VERSION = "1"
-LEGACY_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 # --- atomic writes -------------------------------------------------------------------------
@@ -88,28 +93,50 @@ def save_weights(path: str | Path, weights: nn.Module | Mapping[str, torch.Tenso
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a legacy ``.pt``/``.pth`` (weights_only)."""
+    """Read a state dict from ``.safetensors`` or a torch pickle (``.pt``/``.pth``/``.bin``/``.ckpt``).
+
+    Pickles are read with ``torch.load(weights_only=True)`` only: a full unpickle runs arbitrary code
+    from the file. ``{"state_dict": sd}``-style wrappers and DataParallel's ``module.`` prefix are
+    unwrapped. The one reader behind ``merge --teacher``, ``export --weights`` and ``bench M=W``.
+    """
     path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise GraphMergeError(f"unknown weights format of {path}: use .safetensors (preferred) or a torch state "
+                              f"dict ending in {', '.join(PICKLE_SUFFIXES)} (read with weights_only=True).")
     if not path.is_file():
         raise GraphMergeError(f"weights file {path} does not exist. Check the path (train a teacher with "
                               f"`graphmerge train MODEL --data DATA --out {path.name}`).")
-    if path.suffix == ".safetensors":
+    if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
-            raise GraphMergeError(f"cannot read {path} as safetensors: {exc}. Is the file complete?") from exc
-    if path.suffix not in LEGACY_SUFFIXES:
-        raise GraphMergeError(f"unknown weights format {path.name!r}: use .safetensors (preferred) or a "
-                              f"legacy .pt/.pth state dict.")
+            raise GraphMergeError(f"cannot read {path} as safetensors: {one_line(exc)}. Is the file complete? "
+                                  f"Re-save it with safetensors.torch.save_file(model.state_dict(), path).") from exc
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # UnpicklingError for non-tensor pickles, RuntimeError for corrupt files
         raise GraphMergeError(
-            f"cannot read {path} with torch.load(weights_only=True): {str(exc).splitlines()[0]}. Only "
-            f"plain state dicts are read; re-save with safetensors.torch.save_file.") from exc
+            f"cannot read {path} with torch.load(weights_only=True): {_unpickling_cause(exc)}. graphmerge only "
+            f"reads plain state dicts (tensors in dicts), never a full unpickle; re-save with "
+            f"torch.save(model.state_dict(), path) or safetensors.torch.save_file.") from exc
     return _unwrap_state_dict(obj, path)
+
+
+def _unpickling_cause(exc: Exception) -> str:
+    """The informative part of torch.load's error (torch's own text goes on to suggest weights_only=False,
+    which graphmerge never uses)."""
+    text = str(exc)
+    refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    if refused:
+        return f"it pickles {refused.group(1)}, not only tensors"
+    if text.startswith("Weights only load failed"):
+        lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+        detail = [line for line in lines if not line.startswith(("Please file an issue", "Check the documentation"))]
+        return f"{type(exc).__name__}: {detail[0].rstrip('.') if detail else 'not a plain state dict'}"
+    return one_line(exc, limit=160)
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -120,8 +147,8 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not _is_tensor_mapping(obj):
-        raise GraphMergeError(f"{path} does not hold a state dict (names mapped to tensors). Save one "
-                              f"with safetensors.torch.save_file(model.state_dict(), path).")
+        raise GraphMergeError(f"{path} does not hold a state dict (a mapping of names to tensors). Save one "
+                              f"with torch.save(model.state_dict(), path) or safetensors.torch.save_file.")
     state = dict(obj)
     if all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
@@ -142,25 +169,31 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
-    """Raise ``ModelMismatchError`` at the first mis-shaped, missing or unexpected key."""
+    """Raise ``ModelMismatchError`` naming the first mis-shaped, missing and unexpected key, with counts."""
     expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise ModelMismatchError(
-                f"{name} does not match the model {type(model).__name__}: key {key!r} (shape "
-                f"{tuple(tensor.shape)}) is missing from the checkpoint. Check that it was saved from this "
-                f"architecture.")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ModelMismatchError(
-                f"{name} does not match the model {type(model).__name__}: {key!r} has shape "
-                f"{tuple(state[key].shape)} in the checkpoint but {tuple(tensor.shape)} in the model. Check "
-                f"that the checkpoint belongs to this architecture and width.")
-    for key in state:
-        if key not in expected:
-            raise ModelMismatchError(
-                f"{name} does not match the model {type(model).__name__}: the checkpoint has an unexpected "
-                f"key {key!r} (shape {tuple(state[key].shape)}). Check that it was saved from this "
-                f"architecture.")
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{k!r} has shape {tuple(state[k].shape)} in the checkpoint but {tuple(expected[k].shape)} "
+                     f"in the model{_more(wrong)}")
+    if missing:
+        parts.append(f"key {missing[0]!r} (shape {tuple(expected[missing[0]].shape)}) is missing from the "
+                     f"checkpoint{_more(missing)}")
+    if unexpected:
+        parts.append(f"the checkpoint has an unexpected key {unexpected[0]!r} (shape "
+                     f"{tuple(state[unexpected[0]].shape)}){_more(unexpected)}")
+    if parts:
+        raise ModelMismatchError(
+            f"{name} does not match the model {type(model).__name__}: {'; '.join(parts)}. Check that the "
+            f"checkpoint was saved from this architecture and width (a merged student has the teachers' "
+            f"width, a big student N times it).")
+
+
+def _more(keys: list[str]) -> str:
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,15 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from torch import nn
 
+from graphmerge.checkpoint import load_weights
 from graphmerge.errors import GraphMergeError
 
-__all__ = ["bench_command", "export_command", "load_weights", "parse_ints", "parse_model_arg"]
-
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+__all__ = ["bench_command", "export_command", "parse_ints", "parse_model_arg"]
 
 
 def export_command(
@@ -34,7 +32,7 @@ def export_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .onnx file (written atomically).")],
     weights: Annotated[
         Path | None,
-        typer.Option("--weights", "-w", help="State dict to load: .safetensors, or .pt/.pth (weights_only)."),
+        typer.Option("--weights", "-w", help="State dict: .safetensors, or .pt/.pth/.bin/.ckpt (weights_only)."),
     ] = None,
     input_shape: Annotated[
         str | None,
@@ -187,23 +185,6 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a state dict into ``model`` with strict key and shape checking.
-
-    ``.safetensors`` goes through safetensors; legacy ``.pt``/``.pth`` through ``torch.load``
-    with ``weights_only=True`` only — a full unpickle runs arbitrary code from the file.
-    """
-    path = path.expanduser()
-    if not path.is_file():
-        raise GraphMergeError(f"weights file {path} does not exist. Check the path.")
-    state = _read_state_dict(path)
-    _check_state_dict(model, state, path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise GraphMergeError(f"cannot load {path} into the model: {str(exc).splitlines()[0]}") from exc
-
-
 def _load(spec: str, weights: Path | None, input_shape: str | None) -> Any:
     """Load a model spec via graphmerge.loading, then its weights if given."""
     try:
@@ -215,81 +196,8 @@ def _load(spec: str, weights: Path | None, input_shape: str | None) -> Any:
     shape = parse_input_shape(input_shape) if input_shape else None
     loaded = load_model(spec, input_shape=shape)
     if weights is not None:
-        load_weights(loaded.model, weights)
+        load_weights(loaded.model, weights)  # the one weights reader, shared with merge --teacher
     return loaded
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    suffix = path.suffix.lower()
-    if suffix not in _WEIGHT_SUFFIXES:
-        raise GraphMergeError(
-            f"unknown weights format {path.name!r}: use .safetensors (preferred) or a .pt/.pth state dict."
-        )
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise GraphMergeError(f"cannot read {path} as safetensors: {exc}. Is the file complete?") from exc
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for non-tensor pickles, RuntimeError for corrupt files
-        raise GraphMergeError(
-            f"cannot read {path} with torch.load(weights_only=True): {str(exc).splitlines()[0]}. "
-            f"graphmerge only reads plain state dicts (tensors in dicts); re-save with "
-            f"torch.save(model.state_dict(), ...) or safetensors.torch.save_file."
-        ) from exc
-    return _unwrap_state_dict(obj, path)
-
-
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """Accept ``{"state_dict": sd}`` / ``{"model": sd}`` checkpoints and DataParallel's prefix."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            inner = obj.get(key)
-            if _is_tensor_mapping(inner):
-                obj = inner
-                break
-    if not _is_tensor_mapping(obj):
-        raise GraphMergeError(
-            f"{path} does not hold a state dict (a mapping of names to tensors). Save one with "
-            f"torch.save(model.state_dict(), path) or safetensors.torch.save_file."
-        )
-    state = dict(obj)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def _check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Name the first missing, unexpected or mis-shaped key (load_state_dict lists them all)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    if wrong:
-        k = wrong[0]
-        parts.append(
-            f"{len(wrong)} shape mismatch(es), first {k!r}: checkpoint {tuple(state[k].shape)} vs "
-            f"model {tuple(expected[k].shape)}"
-        )
-    if missing:
-        parts.append(f"{len(missing)} key(s) missing from the checkpoint, first {missing[0]!r}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) in the checkpoint, first {unexpected[0]!r}")
-    raise GraphMergeError(
-        f"weights {path} do not match the model: {'; '.join(parts)}. Check that the checkpoint belongs "
-        f"to this architecture and width (a merged student has the teachers' width, a big student "
-        f"N times it)."
-    )
-
-
-def _is_tensor_mapping(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _unique(label: str, taken: Mapping[str, Any]) -> str:

@@ -114,13 +114,11 @@ def merge_command(
     if lambda_schedule not in SCHEDULES:
         raise GraphMergeError(f"unknown --lambda-schedule {lambda_schedule!r}: use {', '.join(SCHEDULES)}.")
     _check_output(out)
-    missing = [str(p) for p in teacher if not p.is_file()]
-    if missing:
-        raise GraphMergeError(f"teacher file(s) not found: {', '.join(missing)}. Check the paths, or train "
-                              f"teachers with `graphmerge train {model} --data {data} --out FILE`.")
+    states = [checkpoint.read_state_dict(path) for path in teacher]  # the reader export --weights uses
     train_data, val_data, _, task = _load_data(data)
     loaded = _load_model(model)
-    teachers = [checkpoint.load_weights(copy.deepcopy(loaded.model), path) for path in teacher]
+    teachers = [checkpoint.load_weights(copy.deepcopy(loaded.model), state, name=str(path))
+                for path, state in zip(teacher, states, strict=True)]
     _check_runs(teachers[0], train_data, model, data)
     start = time.perf_counter()
     result = recipe.merge(

@@ -139,3 +139,90 @@ def test_not_a_training_checkpoint_is_explained(tmp_path: Path):
     ckpt.save_weights(tmp_path / "w.safetensors", nn.Linear(2, 2))
     with pytest.raises(GraphMergeError, match="not a graphmerge training checkpoint"):
         ckpt.load_state(tmp_path / "w.safetensors")
+
+
+# --- merge --teacher and export --weights read weights through the same reader ---------------------
+
+def _weights_files(folder: Path) -> dict[str, str | None]:
+    """File name -> the fragment its error must contain (None: a good file holding ``_GOOD``)."""
+    from safetensors.torch import save_file
+
+    from graphmerge.examples.mlp import build_model
+
+    good = _GOOD.state_dict()
+    save_file(good, str(folder / "w.safetensors"))
+    torch.save({"state_dict": good}, folder / "w.pt")
+    torch.save({"model": {f"module.{k}": v for k, v in good.items()}}, folder / "w.pth")  # DataParallel
+    torch.save({"model_state_dict": good}, folder / "w.ckpt")
+    torch.save(good, folder / "W.BIN")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, folder / "evil.pt")
+    torch.save(build_model(), folder / "whole_model.pt")  # a pickled module, not a state dict
+    torch.save({"epoch": 3}, folder / "no_tensors.pt")
+    (folder / "cut.safetensors").write_bytes((folder / "w.safetensors").read_bytes()[:40])
+    (folder / "w.txt").write_text("weights")
+    ckpt.save_weights(folder / "wide.safetensors", build_model(hidden=7))
+    return {"w.safetensors": None, "w.pt": None, "w.pth": None, "w.ckpt": None, "W.BIN": None,
+            "evil.pt": "weights_only=True", "whole_model.pt": "weights_only=True",
+            "no_tensors.pt": "does not hold a state dict", "cut.safetensors": "as safetensors",
+            "w.txt": "unknown weights format", "missing.safetensors": "does not exist", "wide.safetensors": "(7, 1)"}
+
+
+def _mlp() -> nn.Module:
+    from graphmerge.examples.mlp import build_model
+
+    torch.manual_seed(5)
+    return build_model()
+
+
+_GOOD = _mlp()
+
+
+def test_merge_teacher_and_export_weights_accept_and_refuse_the_same_files(tmp_path: Path, monkeypatch):
+    """Both commands run in-process up to the point where the weights are in the model; the heavy
+    step after it (the merge recipe, the ONNX export) is replaced by a stub that records the model."""
+    from typer.testing import CliRunner
+
+    import graphmerge.passes.export
+    import graphmerge.recipe
+    from graphmerge.cli import app
+
+    loaded: list[nn.Module] = []
+
+    class Reached(Exception):
+        pass
+
+    def fake_merge(teachers, *args, **kwargs):
+        loaded.append(teachers[0])
+        raise Reached
+
+    def fake_export(model, *args, **kwargs):
+        loaded.append(model)
+        raise Reached
+
+    monkeypatch.setattr(graphmerge.recipe, "merge", fake_merge)
+    monkeypatch.setattr(graphmerge.passes.export, "export_onnx_report", fake_export)
+    runner = CliRunner()
+    for name, fragment in _weights_files(tmp_path).items():
+        path = str(tmp_path / name)
+        merge = runner.invoke(app, ["merge", "examples:mlp", "-t", path, "-t", path, "--data", "sine",
+                                    "--out", str(tmp_path / "s.safetensors")])
+        export = runner.invoke(app, ["export", "examples:mlp", "--weights", path,
+                                     "--out", str(tmp_path / "s.onnx")])
+        if fragment is None:
+            assert isinstance(merge.exception, Reached), (name, merge.output)
+            assert isinstance(export.exception, Reached), (name, export.output)
+            for model in loaded[-2:]:
+                for key, tensor in _GOOD.state_dict().items():
+                    assert torch.equal(model.state_dict()[key], tensor), (name, key)
+            continue
+        assert merge.exit_code == export.exit_code == 2, (name, merge.output, export.output)
+        message = merge.stderr.strip()
+        assert message == export.stderr.strip(), name  # the same words for the same file
+        assert message.startswith("error: ") and "\n" not in message, message
+        assert fragment in message and path in message, (name, message)
+        assert "Traceback" not in message

@@ -299,14 +299,14 @@ def test_torchvision_models_export_with_parity(tmp_path: pathlib.Path, name: str
 
 
 # --------------------------------------------------------------------------------------------
-# graphmerge/cli_export.py: weights and the export command
+# graphmerge/checkpoint.py's weights reader (export --weights) and the export command
 # --------------------------------------------------------------------------------------------
 
 
 def test_load_weights_safetensors_and_pt(tmp_path: pathlib.Path) -> None:
     from safetensors.torch import save_file
 
-    from graphmerge.cli_export import load_weights
+    from graphmerge.checkpoint import load_weights
 
     src = _bn_stats(ConvNet())
     save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
@@ -321,19 +321,19 @@ def test_load_weights_safetensors_and_pt(tmp_path: pathlib.Path) -> None:
 def test_load_weights_names_first_mismatching_key(tmp_path: pathlib.Path) -> None:
     from safetensors.torch import save_file
 
-    from graphmerge.cli_export import load_weights
+    from graphmerge.checkpoint import load_weights
 
     state = ConvNet().state_dict()
     state["fc.weight"] = torch.zeros(5, 7)
     del state["conv.bias"]
     save_file(state, str(tmp_path / "bad.safetensors"))
-    expected = r"'fc.weight': checkpoint \(5, 7\) vs model \(5, 512\).*'conv.bias'"
+    expected = r"'fc.weight' has shape \(5, 7\) in the checkpoint but \(5, 512\) in the model.*'conv.bias'"
     with pytest.raises(GraphMergeError, match=expected):
         load_weights(ConvNet(), tmp_path / "bad.safetensors")
 
 
 def test_load_weights_refuses_arbitrary_pickles(tmp_path: pathlib.Path) -> None:
-    from graphmerge.cli_export import load_weights
+    from graphmerge.checkpoint import load_weights
 
     torch.save({"model": ConvNet()}, tmp_path / "whole_model.pt")  # a pickled module, not a state dict
     with pytest.raises(GraphMergeError, match="weights_only=True"):
