@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphmerge.errors import GraphMergeError, ModelMismatchError, TraceError
+from graphmerge.errors import CertificateError, GraphMergeError, ModelMismatchError, TraceError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CertificateError",
     "GraphMergeError",
     "ModelMismatchError",
     "TraceError",
@@ -32,11 +33,14 @@ def analyze(model, example_inputs, *, leaf_modules=(), concrete_args=None):
     return _analyze(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
 
 
-def widen(teachers, example_inputs, *, leaf_modules=(), concrete_args=None):
-    """Concatenate N teachers into one big student that computes the mean of their outputs."""
+def widen(teachers, example_inputs, *, leaf_modules=(), concrete_args=None, verify=True):
+    """Concatenate N teachers into one big student that computes the mean of their outputs.
+
+    ``verify`` (default on) certifies that on ``example_inputs`` (invariant I1, float64)."""
     from graphmerge.api import widen as _widen
 
-    return _widen(teachers, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return _widen(teachers, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                  verify=verify)
 
 
 def add_gates(big, **gate_options: Any):
@@ -46,11 +50,11 @@ def add_gates(big, **gate_options: Any):
     return _add_gates(big, **gate_options)
 
 
-def compress(big, keep="gates", *, scales=None, ratio=None):
-    """Slice a (gated) big student back to the teachers' width."""
-    from graphmerge.passes.compress import compress as _compress
+def compress(big, keep="gates", *, scales=None, ratio=None, verify=True):
+    """Slice a (gated) big student back to the teachers' width; ``verify`` certifies I3."""
+    from graphmerge.api import compress as _compress
 
-    return _compress(big, keep, scales=scales, ratio=ratio)
+    return _compress(big, keep, scales=scales, ratio=ratio, verify=verify)
 
 
 def merge(teachers, train_data, **options: Any):

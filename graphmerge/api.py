@@ -6,11 +6,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 from torch import nn
 
-from graphmerge.errors import GraphMergeError, ModelMismatchError
+from graphmerge.errors import CertificateError, GraphMergeError, ModelMismatchError
+from graphmerge.passes.certify import Certificate
 from graphmerge.passes.couple import couple
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import LayoutError
@@ -61,8 +63,18 @@ def check_same_architecture(teachers: Sequence[nn.Module]) -> None:
 
 
 def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, leaf_modules: Sequence[Any] = (),
-          concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
-    """Concatenate N teachers into one big student (an fx GraphModule) computing their mean."""
+          concrete_args: dict[str, Any] | None = None, verify: bool = True) -> torch.fx.GraphModule:
+    """Concatenate N teachers into one big student (an fx GraphModule) computing their mean.
+
+    With ``verify`` (the default) the big student is run on ``example_inputs`` against the mean of
+    the teachers (invariant I1, in float64 where it fits in memory); a mismatch raises
+    ``CertificateError`` naming the first graph node that diverges. The certificate is stored in
+    ``big.meta["graphmerge"].certificates["I1"]``, its time in ``groups.timings["certify_s"]``.
+    Where the analysis pinned groups inside the network, I1 cannot hold and widen has already
+    warned; the certificate then records the error without raising.
+    """
+    from graphmerge.passes.certify import certify_mean
+    from graphmerge.passes.widen import locate_divergence
     from graphmerge.passes.widen import widen as widen_pass
 
     teachers = list(teachers)
@@ -79,5 +91,95 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, leaf_modules: S
                 "across a channel shuffle). Mark the submodule containing it a leaf (leaf_modules=[...]) so "
                 "its channels are pinned, or file an issue with the model.") from None
     groups.timings["widen_s"] = time.perf_counter() - start
+    info = big.meta["graphmerge"]
+    info.example_inputs = _as_tuple(example_inputs)
+    if verify:
+        pinned = groups.internal_pinned
+        try:
+            certificate = certify_mean(big, teachers, info.example_inputs,
+                                       locate=locate_divergence(groups, len(teachers)))
+        except CertificateError:
+            if not pinned:
+                raise
+            certificate = None
+        if pinned:
+            certificate = certificate or Certificate("I1", float("nan"), 1.0, float("nan"), "n/a", 0.0)
+            certificate.skipped = (f"{len(pinned)} group(s) pinned inside the network (first: {pinned[0].reason}); "
+                                   "I1 cannot hold")
+        info.certificates["I1"] = certificate
+        groups.timings["certify_s"] = certificate.seconds
     big.train(teachers[0].training)
     return big
+
+
+def compress(big: nn.Module, keep: Any = "gates", *, scales: dict[int, Any] | None = None,
+             ratio: float | None = None, verify: bool = True) -> nn.Module:
+    """Slice a (gated) big student back to the teachers' width; with ``verify``, certify I3.
+
+    The certificate runs the student against the gated big student with every dropped channel's
+    gate closed and every kept one at the value compress folded in (1 without scales), on the
+    example inputs widen recorded. It is skipped, with the reason recorded in
+    ``student_certificate(student)``, where I3 does not hold by construction: a normalisation
+    spans a widened group and the kept channels mix teachers, or custom ``scales`` were given.
+    """
+    from graphmerge.passes.certify import certify_equal
+    from graphmerge.passes.compress import compress as compress_pass
+    from graphmerge.passes.compress import widen_info
+
+    student = compress_pass(big, keep, scales=scales, ratio=ratio)
+    if not verify:
+        return student
+    graph_module, info = widen_info(big)
+    if not info.example_inputs:
+        return student
+    reference, skipped = _closed_gates_reference(big, info, keep, scales, ratio)
+    if skipped:
+        certificate = Certificate("I3", float("nan"), 1.0, float("nan"), "n/a", 0.0, skipped=skipped)
+    else:
+        certificate = certify_equal(student, reference, info.example_inputs, invariant="I3",
+                                    what="compress returned a student that does not compute what the gated big "
+                                         "student computes with the dropped channels closed")
+    student.__dict__["_graphmerge_certificate"] = certificate
+    return student
+
+
+def student_certificate(student: nn.Module) -> Any:
+    """The I3 certificate compress attached to ``student`` (None when verify=False)."""
+    return student.__dict__.get("_graphmerge_certificate")
+
+
+def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
+                            ratio: float | None) -> tuple[nn.Module | None, str | None]:
+    """A gated copy of the big student whose eval gates are 0 where compress drops a channel and,
+    where it keeps one, the scale compress folded in (the gates' own eval value, or exactly 1)."""
+    from graphmerge.passes.certify import detached_copy
+    from graphmerge.passes.compress import select_channels
+    from graphmerge.passes.gate import add_gates
+
+    gated = hasattr(big, "gate_scores")
+    from_gates = isinstance(keep, str) and keep == "gates"
+    if scales is not None and not from_gates:
+        return None, "custom scales"
+    scores = big.gate_scores() if from_gates else keep
+    counts = None
+    if ratio is not None:
+        counts = {g.id: max(1, round(ratio * info.n_teachers * g.width / g.unit)) * g.unit
+                  for g in info.groups.widened}
+    kept = select_channels(info, scores, counts=counts)
+    mixed = [gid for gid, k in kept.items()
+             if len(set((np.asarray(k) // info.widths[gid]).tolist())) > 1]
+    normalised = [gid for gid in mixed if gid in info.groups.layout.across_norm]
+    if normalised:
+        return None, (f"group {normalised[0]} is normalised across its channels "
+                      f"({info.groups.layout.across_norm[normalised[0]]}) and the kept channels mix teachers")
+    reference = detached_copy(big) if gated else add_gates(big)
+    reference.graph_module.meta["graphmerge"] = info
+    log_alpha = reference.gates.log_alpha
+    with torch.no_grad():
+        for gid, k in kept.items():
+            param = log_alpha[f"g{gid}"]
+            open_ = torch.zeros(param.numel(), dtype=torch.bool)
+            open_[torch.as_tensor(np.asarray(k), dtype=torch.long)] = True
+            keep_value = param if (gated and from_gates) else torch.full_like(param, 30.0)
+            param.copy_(torch.where(open_, keep_value, torch.full_like(param, -30.0)))
+    return reference, None

@@ -15,3 +15,7 @@ class TraceError(GraphMergeError):
 
 class ModelMismatchError(GraphMergeError):
     """Teachers, checkpoints or a student do not share one architecture."""
+
+
+class CertificateError(GraphMergeError):
+    """A pass checked its own result on the example inputs and found it wrong (a compiler gap)."""

@@ -45,6 +45,8 @@ def labels_of(prop: Propagation, value: Any) -> Any:
         return prop.labels.get(value)
     if isinstance(value, (list, tuple)):
         return type(value)(labels_of(prop, v) for v in value)
+    if isinstance(value, dict):
+        return {k: labels_of(prop, v) for k, v in value.items()}
     return None
 
 
@@ -59,6 +61,9 @@ def tensor_args(prop: Propagation, node: torch.fx.Node) -> list[TensorLabels]:
 def _flatten(value: Any):
     if isinstance(value, (list, tuple)):
         for item in value:
+            yield from _flatten(item)
+    elif isinstance(value, dict):
+        for item in value.values():
             yield from _flatten(item)
     else:
         yield value
@@ -75,9 +80,12 @@ def describe(node: torch.fx.Node) -> str:
     trace = node.meta.get("stack_trace")
     where = ""
     if trace:
-        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
-        if lines:
-            where = f" at {lines[-1]}"
+        lines = [ln.strip() for ln in trace.strip().splitlines()]
+        frames = [i for i, ln in enumerate(lines) if ln.startswith("File")]
+        if frames:
+            last = frames[-1]
+            code = lines[last + 1] if last + 1 < len(lines) and not lines[last + 1].startswith("File") else ""
+            where = f" at {lines[last]}" + (f": `{code}`" if code else "")
     return f"{what} (node {node.name}){where}"
 
 
@@ -192,6 +200,8 @@ def broadcast(prop: Propagation, node: torch.fx.Node, inputs: list[TensorLabels]
             k = d - (len(shape) - x.ndim)
             if k >= 0 and x.shape[k] == size:
                 candidates.append(x.dim(k))
+            elif k >= 0 and x.shape[k] == 1 and size > 1:
+                prop.pin(x.dim(k), f"{describe(node)}: a single channel broadcast across a dim of size {size}")
         if not candidates:
             out_dims.append(np.full(size, NOT_A_CHANNEL, np.int64))
             continue
@@ -420,6 +430,8 @@ def getitem(prop: Propagation, node: torch.fx.Node) -> Any:
             piece = ids[i]
             if len(piece) != len(ids):
                 prop.run(piece)
+            if (i.start is not None or i.stop is not None) and (ids >= 0).any():
+                # bounds are teacher sizes even when they span the whole dim (x[:, :C] after a cat)
                 prop.literal_nodes.add(node.name)
             out_dims.append(piece)
         else:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import LayoutError, shared_mask, teacher_maps
+from graphmerge.passes.oprules import meta_shapes
 from torch import nn
 
 
@@ -42,6 +43,9 @@ class WidenInfo:
     # whatever the big student counted since.
     counters: list[dict[str, torch.Tensor]] = field(default_factory=list)
     counters_start: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The inputs the analysis ran on; compress certifies its result (I3) on them.
+    example_inputs: tuple = ()
+    certificates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def widths(self) -> dict[int, int]:
@@ -81,6 +85,60 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     counters = [{k: s[k].clone() for k in start if k in s} for s in states]
     big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced, counters, start)
     return big
+
+
+def teacher_graph(groups: GroupSet, teacher: nn.Module) -> torch.fx.GraphModule:
+    """The analysed graph holding ``teacher``'s own tensors (same node names as the big student)."""
+    graph = copy_structure(groups.graph_module)
+    state = teacher.state_dict()
+    constants = groups.graph_module.state_dict()
+    for name in graph.state_dict():
+        set_tensor(graph, name, _teacher_tensor(teacher, state, name, constants[name]))
+    return graph
+
+
+def node_expectations(groups: GroupSet, n: int) -> Any:
+    """How each node of the big student relates to the same node of the N teachers (for certify).
+
+    Along a widened dim teacher t's values sit at its positions of the teacher-major layout; a
+    node with no widened dim holds the teachers' mean. Nodes with joint (reshaped) channel blocks
+    or permuted dims are not compared.
+    """
+    widths = {g.id: g.width for g in groups}
+    widened = {g.id for g in groups.widened}
+
+    def expected_of(name: str, value: torch.Tensor, own: list[torch.Tensor]) -> list[tuple[Any, torch.Tensor]]:
+        dims = groups.layout.nodes.get(name)
+        if dims is None or len(dims) != value.ndim or any(d is None for d in dims):
+            same = all(v.shape == value.shape for v in own)
+            return [(None, torch.stack(own).mean(0))] if same and dims is None else []
+        if not any(np.isin(d.group, list(widened)).any() for d in dims):
+            return [(None, torch.stack(own).mean(0))] if all(v.shape == value.shape for v in own) else []
+        try:
+            maps = [teacher_maps(d, n, widths, widened)[1] for d in dims]
+        except LayoutError:
+            return []
+        pairs = []
+        for t in range(n):
+            index = np.ix_(*[m[t] for m in maps])
+            pairs.append((tuple(torch.as_tensor(i) for i in index), own[t]))
+        return pairs
+
+    return expected_of
+
+
+def locate_divergence(groups: GroupSet, n: int) -> Any:
+    """A ``locate`` callback for ``certify.certify_mean``: names the first big node that differs."""
+    from graphmerge.passes.certify import first_divergence
+    from graphmerge.passes.oprules import describe
+
+    def locate(big: torch.fx.GraphModule, teachers: list[nn.Module], inputs: tuple, kwargs: dict,
+               tolerance: float) -> str:
+        dtype = next((p.dtype for p in big.parameters() if p.is_floating_point()), torch.float32)
+        graphs = [teacher_graph(groups, t).to(dtype) for t in teachers]
+        return first_divergence(big, graphs, inputs, kwargs, tolerance, node_expectations(groups, n), describe)
+
+    return locate
 
 
 def _is_counter(tensor: torch.Tensor) -> bool:
@@ -394,6 +452,8 @@ def rewrite_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of) -> None:
                 node.args = (node.args[0], new_sizes, *node.args[2:])
             elif isinstance(sizes, int) and layout_dim is not None:
                 node.args = (node.args[0], prefix(layout_dim, sizes), *node.args[2:])
+        elif target in ("chunk", torch.chunk) and in_dims is not None:
+            _chunk_to_split(node, in_dims, prefix)
         elif target in ("narrow", torch.narrow) and in_dims is not None:
             dim, start, length = node.args[1], node.args[2], node.args[3]
             layout_dim = in_dims[dim]
@@ -402,6 +462,25 @@ def rewrite_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of) -> None:
                 node.args = (node.args[0], dim, big_start, prefix(layout_dim, start + length) - big_start)
         elif target is __import__("operator").getitem and in_dims is not None:
             node.args = (node.args[0], _rewrite_index(node.args[1], in_dims, prefix))
+
+
+def _chunk_to_split(node: torch.fx.Node, in_dims: list[DimLayout | None], prefix) -> None:
+    """``chunk(k)`` cuts the big dim into k near-equal pieces, which are not the teachers' pieces
+    side by side unless the width divides evenly: it becomes a ``split`` with explicit sizes."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    shapes = meta_shapes(node)
+    layout_dim = in_dims[dim] if -len(in_dims) <= dim < len(in_dims) else None
+    if layout_dim is None or not shapes:
+        return
+    bounds = np.cumsum([0, *[int(s[dim]) for s in shapes]])
+    sizes = [prefix(layout_dim, int(b)) - prefix(layout_dim, int(a))
+             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args = (node.args[0], sizes)
+    node.kwargs = {"dim": dim}
 
 
 def _view_sizes(sizes: Any, out_dims: list[DimLayout | None], new_size) -> list[Any]:

@@ -1,0 +1,288 @@
+"""Certify: check what widen and compress built, on the example inputs, instead of trusting it.
+
+The analysis is conservative, but a rule can still misread an op it has a rule for; the result
+would be a big student that is not the teachers' mean, or a student that is not the gated big
+student, and nobody would notice until training went wrong. So both passes run their result:
+
+- after widen, invariant I1: ``big(x) == mean_t teacher_t(x)`` on every output leaf;
+- after compress, invariant I3: the student computes what the gated big student computes with
+  the dropped channels' gates closed and the kept ones at their eval value.
+
+Both run in float64 copies when the models fit in memory (float32 rounding alone reaches 3e-2
+relative on ViT-B, so a float32 tolerance loose enough for deep networks would also hide real
+errors); the tolerance is then ``1e-6 * max(1, max |expected|)``. Models too large for float64
+copies are checked in float32 at ``1e-3``, which the certificate records. When I1 fails, the
+teachers' and the big student's graphs are run node by node and the error names the first node
+whose value is not what the teachers' values say it must be, with its source line.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from graphmerge.passes.errors import CertificateError
+from torch import nn
+from torch.utils import _pytree as pytree
+
+FLOAT64_TOLERANCE = 1e-6
+FLOAT32_TOLERANCE = 1e-3
+# Share of physical memory the float64 copies (N teachers and the big student) may take.
+FLOAT64_MEMORY_SHARE = 0.25
+
+
+@dataclass
+class Certificate:
+    """What a check found: the worst output error against its scale, and how it was measured."""
+
+    invariant: str
+    max_error: float
+    scale: float
+    tolerance: float
+    dtype: str
+    seconds: float
+    skipped: str | None = None
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_error / self.scale
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "relative_error": self.relative_error}
+
+
+def check_dtype(models: Sequence[nn.Module]) -> torch.dtype:
+    """float64 when copies of all ``models`` in float64 fit in a quarter of physical memory."""
+    elements = sum(t.numel() for m in models for t in m.state_dict().values() if t.is_floating_point())
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    return torch.float64 if elements * 8 <= FLOAT64_MEMORY_SHARE * memory else torch.float32
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    return FLOAT64_TOLERANCE if dtype == torch.float64 else FLOAT32_TOLERANCE
+
+
+def certify_mean(big: torch.fx.GraphModule, teachers: Sequence[nn.Module], example_inputs: tuple,
+                 example_kwargs: dict[str, Any] | None = None, *,
+                 locate: Callable[..., str] | None = None) -> Certificate:
+    """I1 on the example inputs; raise ``CertificateError`` naming the first diverging node."""
+    start = time.perf_counter()
+    dtype = check_dtype([*teachers, big])
+    tolerance = tolerance_for(dtype)
+    kwargs = dict(example_kwargs or {})
+    big_copy = detached_copy(big).to(dtype)
+    teacher_copies = [copy.deepcopy(t).to(dtype) for t in teachers]
+    inputs, kwargs = cast_floats((tuple(example_inputs), kwargs), dtype)
+    with torch.no_grad():
+        teacher_leaves = [_leaves(_eval(t)(*inputs, **kwargs)) for t in teacher_copies]
+        try:
+            big_leaves = _leaves(_eval(big_copy)(*inputs, **kwargs))
+        except Exception as error:  # noqa: BLE001 - a big student that cannot run is a widen bug
+            raise CertificateError(
+                f"widen built a big student that fails to run on the example inputs: "
+                f"{failing_node(big_copy, inputs, kwargs)}{type(error).__name__}: {first_line(error)}. This is a gap "
+                "in graphmerge's op rules, not something in your model to fix: please report it with the model. "
+                "Meanwhile mark the submodule around that line a leaf (leaf_modules=[...], --leaf NAME) so its "
+                "channels are pinned.") from None
+    expected = [_mean_leaf([leaves[i] for leaves in teacher_leaves]) for i in range(len(teacher_leaves[0]))]
+    error, scale, where = compare_leaves(big_leaves, expected)
+    certificate = Certificate("I1", error, scale, tolerance, str(dtype).replace("torch.", ""),
+                              time.perf_counter() - start)
+    if where is not None or error > tolerance * scale:
+        detail = where or f"output differs by {error:.3g} (max |mean| {scale:.3g}, tolerance {tolerance:g} relative)"
+        located = locate(big_copy, teacher_copies, inputs, kwargs, tolerance) if locate else ""
+        raise CertificateError(
+            f"widen built a big student that does not compute the mean of the teachers (invariant I1) on the "
+            f"example inputs, in {certificate.dtype}: {detail}. {located}This is a gap in graphmerge's op rules, "
+            "not something in your model to fix: please report it with the model. To proceed anyway, mark "
+            "the submodule around that line a leaf (leaf_modules=[...], --leaf NAME) so its channels are "
+            "pinned, or pass verify=False to skip this check (the big student will then not start as the "
+            "teachers' mean).")
+    return certificate
+
+
+def certify_equal(actual: nn.Module, reference: nn.Module, example_inputs: tuple,
+                  example_kwargs: dict[str, Any] | None = None, *, invariant: str, what: str) -> Certificate:
+    """``actual(x) == reference(x)`` on the example inputs (both in eval mode, float64 copies)."""
+    start = time.perf_counter()
+    dtype = check_dtype([actual, reference])
+    tolerance = tolerance_for(dtype)
+    actual_copy = detached_copy(actual).to(dtype)
+    reference_copy = detached_copy(reference).to(dtype)
+    inputs, kwargs = cast_floats((tuple(example_inputs), dict(example_kwargs or {})), dtype)
+    with torch.no_grad():
+        got = _leaves(_eval(actual_copy)(*inputs, **kwargs))
+        want = _leaves(_eval(reference_copy)(*inputs, **kwargs))
+    error, scale, where = compare_leaves(got, want)
+    certificate = Certificate(invariant, error, scale, tolerance, str(dtype).replace("torch.", ""),
+                              time.perf_counter() - start)
+    if where is not None or error > tolerance * scale:
+        detail = where or (f"outputs differ by {error:.3g} (max |expected| {scale:.3g}, "
+                           f"tolerance {tolerance:g} relative)")
+        raise CertificateError(
+            f"{what} (invariant {invariant}) on the example inputs, in {certificate.dtype}: {detail}. This is a "
+            "gap in graphmerge's op rules: please report it with the model. Pass verify=False to skip this "
+            "check.")
+    return certificate
+
+
+# -- locating the first diverging node ---------------------------------------------------------
+
+
+def first_divergence(big: torch.fx.GraphModule, teachers: Sequence[torch.fx.GraphModule],
+                     inputs: tuple, kwargs: dict[str, Any], tolerance: float,
+                     expected_of: Callable[[str, torch.Tensor, list[torch.Tensor]], list[tuple[Any, torch.Tensor]]],
+                     describe: Callable[[torch.fx.Node], str]) -> str:
+    """Run the big student and the teachers' graphs side by side; name the first node that differs.
+
+    ``expected_of(name, big_value, teacher_values)`` says how a node of the big student relates to
+    the same node of the teachers: a list of (index into the big value, expected tensor) pairs,
+    empty when the node cannot be compared (new nodes, joint channel blocks).
+    """
+    teacher_values = [_record(t, inputs, kwargs) for t in teachers]
+    big_values = _record(big, inputs, kwargs)
+    for node in big.graph.nodes:
+        value = big_values.get(node.name)
+        if not _is_float_tensor(value):
+            continue
+        own = [values.get(node.name) for values in teacher_values]
+        if not all(_is_float_tensor(v) for v in own):
+            continue
+        for index, expected in expected_of(node.name, value, own):
+            try:
+                got = value[index] if index is not None else value
+            except IndexError:
+                return (f"The first node whose value differs is {describe(node)}: its shape {tuple(value.shape)} "
+                        "does not fit the teachers' channels laid side by side. ")
+            if got.shape != expected.shape:
+                return (f"The first node whose value differs is {describe(node)}: shape {tuple(got.shape)} where "
+                        f"the teachers' values give {tuple(expected.shape)}. ")
+            scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+            error = float((got - expected).abs().max()) if expected.numel() else 0.0
+            if error > tolerance * scale:
+                return (f"The first node whose value differs is {describe(node)}: off by {error:.3g} (scale "
+                        f"{scale:.3g}). ")
+    return "No single node of the big student differs from the teachers' values; the outputs are assembled wrongly. "
+
+
+def failing_node(gm: torch.fx.GraphModule, inputs: tuple, kwargs: dict[str, Any]) -> str:
+    """'at NODE (source line): ' for the node whose op raises when ``gm`` runs, or ''."""
+    from graphmerge.passes.oprules import describe
+
+    failed: list[torch.fx.Node] = []
+
+    class Finder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            try:
+                return super().run_node(n)
+            except Exception:
+                failed.append(n)
+                raise
+
+    flat = [*inputs, *kwargs.values()]
+    with torch.no_grad():
+        try:
+            Finder(_eval(gm)).run(*flat)
+        except Exception:  # noqa: BLE001 - only the failing node is wanted
+            pass
+    return f"at {describe(failed[0])}: " if failed else ""
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _record(gm: torch.fx.GraphModule, inputs: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            result = super().run_node(n)
+            values[n.name] = result
+            return result
+
+    flat = [*inputs, *kwargs.values()]
+    with torch.no_grad():
+        _eval(gm)
+        try:
+            Recorder(gm).run(*flat)
+        except Exception:  # noqa: BLE001 - recording is best effort; the certificate already failed
+            pass
+    return values
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def detached_copy(module: nn.Module) -> nn.Module:
+    """A deep copy without the ``meta`` a GraphModule carries (graphmerge's analysis, big and shared)."""
+    meta = getattr(module, "meta", None)
+    inner = getattr(module, "graph_module", None)
+    saved = [(m, dict(m.meta)) for m in (module, inner) if isinstance(getattr(m, "meta", None), dict)]
+    for m, _ in saved:
+        m.meta.clear()
+    try:
+        duplicate = copy.deepcopy(module)
+    finally:
+        for m, values in saved:
+            m.meta.update(values)
+    del meta
+    return duplicate
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                           value)
+
+
+def _eval(module: nn.Module) -> nn.Module:
+    return module.eval()
+
+
+def _leaves(output: Any) -> list[Any]:
+    return pytree.tree_leaves(output)
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _mean_leaf(values: list[Any]) -> Any:
+    if all(_is_float_tensor(v) for v in values) and len({tuple(v.shape) for v in values}) == 1:
+        return torch.stack(values).mean(0)
+    return values[0]
+
+
+def compare_leaves(got: list[Any], expected: list[Any]) -> tuple[float, float, str | None]:
+    """Worst absolute error, the scale it is measured against, and a structural mismatch if any."""
+    if len(got) != len(expected):
+        return float("inf"), 1.0, f"{len(got)} output tensors where the teachers give {len(expected)}"
+    worst, scale = 0.0, 1.0
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        if isinstance(b, torch.Tensor):
+            if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+                shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                return float("inf"), 1.0, f"output {i} has shape {shape} where the teachers' mean has {tuple(b.shape)}"
+            if not b.is_floating_point():
+                if not torch.equal(a, b):
+                    return float("inf"), 1.0, f"integer output {i} differs"
+                continue
+            if b.numel():
+                leaf_scale = max(1.0, float(b.abs().max()))
+                error = float((a - b).abs().max())
+                if error / leaf_scale > worst / scale:
+                    worst, scale = error, leaf_scale
+        elif a != b and not (isinstance(a, float) and np.isnan(a) and np.isnan(b)):
+            return float("inf"), 1.0, f"output {i} is {a!r} where the teachers give {b!r}"
+    return worst, scale, None
