@@ -9,10 +9,34 @@ Specs:
   class, or a module instance.
 - ``torchvision:NAME``: a torchvision model with random weights (nothing is downloaded).
 - ``examples:NAME``: a model bundled in ``graphmerge/examples``.
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)`` (random weights, nothing downloaded).
+- ``hf:PATH``: a Hugging Face transformers model saved in the local directory ``PATH`` by
+  ``model.save_pretrained(PATH)`` (``config.json`` plus the weights); built as the class named in
+  ``config.architectures[0]`` (``AutoModel`` when the config names none) and loaded in eval mode
+  with ``local_files_only=True``, with SDPA attention (eager where the class has no SDPA).
 
 The example input comes from ``--input-shape`` when given, else from an ``example_inputs()``
-function in the model's file, else from a per-model default for torchvision classifiers.
+function in the model's file, else from a per-model default for torchvision classifiers, the
+model's ``pretrained_cfg["input_size"]`` for timm (batch 2), and the config for hf (below).
 Every mistake becomes a one-paragraph ``GraphMergeError`` naming the cause and the fix.
+
+Calling convention: ``loaded.model(*loaded.example_inputs, **loaded.example_kwargs)`` runs the
+model. ``example_kwargs`` is empty except for hf models, which get:
+
+- the main input positionally in ``example_inputs``: ``input_ids`` (batch 2, sequence 8, random
+  ints below ``vocab_size``) for text models, ``pixel_values`` (2, num_channels, image_size,
+  image_size) for vision models (a ``model_type`` in ``HF_VISION_MODEL_TYPES``, or a config with
+  ``image_size`` and ``num_channels``). If ``forward``'s first parameter is not that input, it
+  goes into ``example_kwargs`` instead and ``example_inputs`` is empty. (Positional, so that a
+  caller passing only ``example_inputs`` still feeds the model.) ``--input-shape`` sets the shape
+  of that main input.
+- ``attention_mask`` (ones, the shape of ``input_ids``) for text models whose ``forward``
+  takes one.
+- ``use_cache=False`` when ``forward`` takes ``use_cache``: causal LMs ship with
+  ``config.use_cache=True``, and a forward that builds a KV cache returns a ``DynamicCache``
+  object, which graph capture cannot return (``torch.export`` fails on it: "not a known type";
+  with ``use_cache=False`` it exports). Passing the flag per call leaves the model's config, and
+  so a saved merged model, unchanged. Capture steps should pass ``example_kwargs`` through.
 """
 
 from __future__ import annotations
@@ -26,7 +50,7 @@ import re
 import sys
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -53,6 +77,17 @@ NATIVE_IMAGE_SIZE = {
     "vit_h_14": 224,  # the position embedding is fixed to a 224 px input
 }
 
+# HF ``model_type``s whose main input is ``pixel_values`` (configs with ``image_size`` and
+# ``num_channels`` count as vision models too).
+HF_VISION_MODEL_TYPES = frozenset({
+    "beit", "bit", "convnext", "convnextv2", "cvt", "deit", "dinat", "dinov2", "dinov2_with_registers",
+    "donut-swin", "efficientformer", "efficientnet", "focalnet", "glpn", "hiera", "levit", "mobilenet_v1",
+    "mobilenet_v2", "mobilevit", "mobilevitv2", "nat", "poolformer", "pvt", "pvt_v2", "regnet", "resnet",
+    "segformer", "swiftformer", "swin", "swinv2", "textnet", "van", "vit", "vit_hybrid", "vit_mae",
+    "vit_msn", "yolos",
+})
+HF_TEXT_SEQUENCE = (2, 8)  # batch 2, sequence 8: no size-1 dimension, and fast
+
 _module_counter = itertools.count()
 
 
@@ -61,13 +96,16 @@ class LoadedModel:
     """A model ready for the passes: the module, one batch of input, and where it came from.
 
     ``source`` is a spec that loads the same model again (``/abs/model.py:build_model``,
-    ``torchvision:resnet18``, ``examples:resnet20``).
+    ``torchvision:resnet18``, ``examples:resnet20``, ``timm:resnet18``, ``hf:/abs/dir``).
+    ``model(*example_inputs, **example_kwargs)`` runs the model; ``example_kwargs`` is empty
+    except for ``hf:`` models (``attention_mask``, ``use_cache=False``; see the module docstring).
     """
 
     model: nn.Module
     example_inputs: tuple
     name: str
     source: str
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def load_model(spec: str, *, input_shape: tuple[int, ...] | None = None) -> LoadedModel:
@@ -75,6 +113,10 @@ def load_model(spec: str, *, input_shape: tuple[int, ...] | None = None) -> Load
     kind, target, attr = _split_spec(spec)
     if kind == "torchvision":
         return _load_torchvision(target, input_shape)
+    if kind == "timm":
+        return _load_timm(target, input_shape)
+    if kind == "hf":
+        return _load_hf(target, input_shape)
     module = _import_example(target) if kind == "examples" else _import_file(Path(target))
     origin = f"examples:{target}" if kind == "examples" else str(Path(module.__file__))
     attr, factory = _pick_factory(module, origin, attr)
@@ -117,8 +159,8 @@ def default_input_shape(torchvision_name: str) -> tuple[int, ...] | None:
 # --- specs ---------------------------------------------------------------------------------
 
 def _split_spec(spec: str) -> tuple[str, str, str | None]:
-    """-> (kind, target, attribute): kind is 'torchvision', 'examples' or 'file'."""
-    for prefix in ("torchvision", "examples"):
+    """-> (kind, target, attribute): kind is 'torchvision', 'examples', 'timm', 'hf' or 'file'."""
+    for prefix in ("torchvision", "examples", "timm", "hf"):
         if spec.startswith(prefix + ":"):
             return prefix, spec[len(prefix) + 1:], None
     path, sep, attr = spec.rpartition(":")
@@ -128,8 +170,9 @@ def _split_spec(spec: str) -> tuple[str, str, str | None]:
         return "file", spec, None
     raise GraphMergeError(
         f"unrecognised model spec {spec!r}: expected path/to/model.py, path/to/model.py:NAME "
-        f"(a factory function or nn.Module class in that file), torchvision:NAME or examples:NAME "
-        f"(bundled: {', '.join(example_names())}).")
+        f"(a factory function or nn.Module class in that file), torchvision:NAME, timm:NAME, "
+        f"hf:PATH (a directory written by save_pretrained) or examples:NAME (bundled: "
+        f"{', '.join(example_names())}).")
 
 
 # --- torchvision ---------------------------------------------------------------------------
@@ -159,6 +202,156 @@ def _load_torchvision(name: str, input_shape: tuple[int, ...] | None) -> LoadedM
         model = torchvision.models.get_model(name, weights=None)
     return LoadedModel(model=model, example_inputs=_random_input(shape), name=name,
                        source=f"torchvision:{name}")
+
+
+# --- timm ----------------------------------------------------------------------------------
+
+def _load_timm(name: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    try:
+        import timm
+    except ImportError as exc:
+        raise GraphMergeError(
+            f"timm:{name} needs timm, which is not installed ({exc}). Install the vision extra: "
+            f"pip install -e '.[vision]'.") from exc
+    if not name or not timm.is_model(name):
+        known = timm.list_models()
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        hint = (f"Did you mean {', '.join(close)}?" if close
+                else f"No close match among its {len(known)} models.")
+        raise GraphMergeError(
+            f"timm has no model named {name!r}. {hint} Write timm:NAME with a name from "
+            f"timm.list_models() (a pattern narrows it: timm.list_models('resnet*')).")
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except Exception as exc:
+        raise GraphMergeError(
+            f"timm.create_model({name!r}, pretrained=False) raised {_one_line(exc)}. Choose another "
+            f"timm model, or build this one in a model file and load path/to/model.py.") from exc
+    if input_shape is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        input_shape = (2, *cfg.get("input_size", (3, 224, 224)))
+    return LoadedModel(model=model, example_inputs=_random_input(input_shape), name=name,
+                       source=f"timm:{name}")
+
+
+# --- Hugging Face transformers -------------------------------------------------------------
+
+def _load_hf(target: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    path = Path(target).expanduser()
+    save_hint = ("hf:PATH needs a local directory holding config.json and the weights; write it "
+                 "with model.save_pretrained(PATH) (hub names are not downloaded).")
+    if not path.is_dir():
+        where = "is a file, not a directory" if path.exists() else "does not exist"
+        raise GraphMergeError(f"hf:{target}: {str(path)!r} {where} (resolved to {path.resolve()}). "
+                              f"{save_hint}")
+    if not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise GraphMergeError(
+            f"hf:{target}: {path.resolve()} has no config.json (it holds: "
+            f"{', '.join(found) or 'nothing'}). {save_hint}")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise GraphMergeError(
+            f"hf:{target} needs transformers, which is not installed ({exc}). Install the hf "
+            f"extra: pip install -e '.[hf]'.") from exc
+    path = path.resolve()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise GraphMergeError(
+            f"reading {path / 'config.json'} raised {_one_line(exc)}. Check that the file is the "
+            f"config.json written by save_pretrained with this transformers version "
+            f"({transformers.__version__}), or upgrade transformers.") from exc
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        cls = getattr(transformers, architectures[0], None)
+        if cls is None:
+            raise GraphMergeError(
+                f"{path / 'config.json'} names architecture {architectures[0]!r}, which "
+                f"transformers {transformers.__version__} does not define (custom or newer code is "
+                f"not loaded). Upgrade transformers, or build the model in a model file and load "
+                f"path/to/model.py.")
+    else:
+        cls = transformers.AutoModel
+    model = _from_pretrained(cls, path)
+    model.eval()
+    inputs, kwargs = _hf_example(model, config, input_shape, path)
+    return LoadedModel(model=model, example_inputs=inputs, name=type(model).__name__,
+                       source=f"hf:{path}", example_kwargs=kwargs)
+
+
+def _from_pretrained(cls: Any, path: Path) -> nn.Module:
+    """``cls.from_pretrained`` with SDPA attention, or eager where the class has no SDPA."""
+    from transformers.utils import logging as hf_logging
+
+    model, info, error = None, {}, None
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on the CLI's stderr
+    try:
+        for attention in ("sdpa", "eager"):
+            try:
+                model, info = cls.from_pretrained(path, local_files_only=True, attn_implementation=attention,
+                                                  output_loading_info=True)
+                break
+            except Exception as exc:  # no SDPA for this class, or the weights are unreadable
+                error = exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    if model is None:
+        raise GraphMergeError(
+            f"loading {cls.__name__} from {path} raised {_one_line(error)}. hf:PATH needs the "
+            f"directory model.save_pretrained(PATH) writes: config.json and the weights "
+            f"(model.safetensors); write it again with save_pretrained.") from error
+    missing = list(info.get("missing_keys") or []) + [
+        str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or []]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise GraphMergeError(
+            f"the weights in {path} do not cover {cls.__name__}: {len(missing)} parameters are missing "
+            f"or have another shape ({shown}), so they would be random. The weights were saved "
+            f"from a different model than config.json describes; save both with "
+            f"model.save_pretrained(PATH).")
+    return model
+
+
+def _hf_example(model: nn.Module, config: Any, input_shape: tuple[int, ...] | None,
+                path: Path) -> tuple[tuple, dict[str, Any]]:
+    """-> (example_inputs, example_kwargs) for an HF model (see the module docstring)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    generator = torch.Generator().manual_seed(0)  # the same input on every run
+    kwargs: dict[str, Any] = {}
+    vision = (getattr(config, "model_type", None) in HF_VISION_MODEL_TYPES
+              or (hasattr(config, "image_size") and hasattr(config, "num_channels")))
+    if vision:
+        size = getattr(config, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        shape = input_shape or (2, getattr(config, "num_channels", 3), height, width)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        main_name, main = "pixel_values", torch.randn(*shape, generator=generator).to(dtype)
+    else:
+        vocab = getattr(config, "vocab_size", None)
+        if not vocab:
+            raise GraphMergeError(
+                f"cannot make an example input for {type(model).__name__} from {path}: its config "
+                f"(model_type {getattr(config, 'model_type', None)!r}) has neither a vocab_size (text "
+                f"models get input_ids) nor image_size and num_channels (vision models get "
+                f"pixel_values). Load it from a model file whose example_inputs() returns its "
+                f"inputs.")
+        shape = input_shape or HF_TEXT_SEQUENCE
+        main_name, main = "input_ids", torch.randint(0, vocab, shape, generator=generator)
+        if "attention_mask" in names:
+            kwargs["attention_mask"] = torch.ones(shape, dtype=torch.long)
+    if "use_cache" in names:
+        kwargs["use_cache"] = False
+    if names and names[0] == main_name:
+        return (main,), kwargs
+    return (), {main_name: main, **kwargs}
 
 
 # --- files ---------------------------------------------------------------------------------
