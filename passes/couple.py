@@ -242,6 +242,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
     for ids, size in prop.units:
         for gid in _groups_of(ids, component, group_of):
             groups[gid].unit = math.lcm(groups[gid].unit, size)
+        _check_unit_alignment(groups, ids, size, component, group_of, channel_of)
     for ids, what in prop.across_norm:
         for gid in _groups_of(ids, component, group_of):
             layout.across_norm.setdefault(gid, what)
@@ -277,6 +278,35 @@ def _flag_nonlinear_heads(prop: Propagation, groups: list[Group], component: np.
             if group.pinned and group.reason == "graph output":
                 group.reason = (f"non-linear op {node_name} after the layer that averages the teachers into "
                                 "this graph output: the big student cannot compute the teachers' mean (I1)")
+
+
+def _check_unit_alignment(groups: list[Group], ids: np.ndarray, size: int, component: np.ndarray,
+                          group_of: np.ndarray, channel_of: np.ndarray) -> None:
+    """Compress keeps whole units of a group's channels: ``[k*size, (k+1)*size)`` in group order.
+
+    The op that asked for units (a grouped conv, a GroupNorm, attention heads) sees its units in its
+    own channel order; after a channel permutation (a shuffle) that order is not the group's, and
+    whole units in one order are not whole units in the other. Pin instead of keeping the wrong sets.
+    """
+    ids = np.asarray(ids, np.int64).ravel()
+    if size <= 1 or ids.size % size or (ids < 0).any():
+        return
+    gids = group_of[component[ids]].reshape(-1, size)
+    chans = channel_of[component[ids]].reshape(-1, size)
+    for block_groups, block_channels in zip(gids, chans, strict=True):
+        if (block_groups < 0).any():
+            continue
+        gid = int(block_groups[0])
+        first = int(block_channels.min())
+        aligned = (block_groups == gid).all() and first % size == 0 \
+            and np.array_equal(np.sort(block_channels), np.arange(first, first + size))
+        if not aligned:
+            for g in np.unique(block_groups).tolist():
+                groups[g].pinned = True
+                groups[g].reason = groups[g].reason or (
+                    f"units of {size} channels (a grouped conv, GroupNorm or attention heads) are not whole "
+                    "units of the group's channel order: a channel permutation (shuffle) lies between them")
+            return
 
 
 def _first_reason(reasons: list[str]) -> str | None:

@@ -25,8 +25,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # the packages import without `pip install -e .` too
     sys.path.insert(0, str(REPO_ROOT))
 
-settings.register_profile("default", max_examples=200, deadline=None)
-settings.register_profile("thorough", max_examples=3000, deadline=None)
+# CI runs the property tests with a fixed seed (derandomize); `make fuzz` draws fresh seeds.
+settings.register_profile("default", max_examples=200, deadline=None, derandomize=True)
+settings.register_profile("thorough", max_examples=3000, deadline=None, derandomize=True)
+settings.register_profile("fuzz", max_examples=10_000, deadline=None, derandomize=False, database=None)
 settings.load_profile("default")
 
 
