@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-full lint bench-zoo clean-venv
+.PHONY: demo test test-full lint bench-zoo clean-venv fuzz
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,10 @@ bench-zoo: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Random architectures with fresh seeds and many examples: run before finishing a change to a pass.
+FUZZ_EXAMPLES ?= 10000
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_invariants.py -k random_architectures \
+		--hypothesis-profile=fuzz --hypothesis-seed=$${SEED:-$$(date +%s)} --hypothesis-show-statistics \
+		-o addopts="" -s
