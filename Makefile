@@ -34,6 +34,6 @@ clean-venv:
 # Random architectures with fresh seeds and many examples: run before finishing a change to a pass.
 FUZZ_EXAMPLES ?= 10000
 fuzz: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_invariants.py -k random_architectures \
+	GRAPHMERGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_invariants.py -k random_architectures \
 		--hypothesis-profile=fuzz --hypothesis-seed=$${SEED:-$$(date +%s)} --hypothesis-show-statistics \
 		-o addopts="" -s

@@ -28,7 +28,8 @@ if str(REPO_ROOT) not in sys.path:  # the packages import without `pip install -
 # CI runs the property tests with a fixed seed (derandomize); `make fuzz` draws fresh seeds.
 settings.register_profile("default", max_examples=200, deadline=None, derandomize=True)
 settings.register_profile("thorough", max_examples=3000, deadline=None, derandomize=True)
-settings.register_profile("fuzz", max_examples=10_000, deadline=None, derandomize=False, database=None)
+settings.register_profile("fuzz", max_examples=int(os.environ.get("GRAPHMERGE_FUZZ_EXAMPLES", "10000")),
+                          deadline=None, derandomize=False, database=None)
 settings.load_profile("default")
 
 
