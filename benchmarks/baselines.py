@@ -20,6 +20,7 @@ import torch
 from graphmerge.passes.compress import widen_info
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import teacher_maps
+from graphmerge.passes.util import training_mode
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
@@ -48,17 +49,15 @@ def reestimate_bn(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
-    was_training = model.training
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
-    for start in range(0, len(inputs), batch_size):
-        model(inputs[start:start + batch_size])
+    with training_mode(model, True):
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size])
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
-    model.train(was_training)
     return model
 
 

@@ -38,13 +38,13 @@ from torch import nn
 from graphmerge.errors import GraphMergeError
 from graphmerge.passes.export import (
     batch_like,
-    eval_mode,
     export_onnx_report,
     flatten_outputs,
     import_onnxruntime,
     normalize_inputs,
     parity_error,
 )
+from graphmerge.passes.util import eval_mode, one_line, write_atomic
 
 __all__ = [
     "ROW_FIELDS",
@@ -235,10 +235,10 @@ def write_json(
     machine: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
-    """Write ``{"machine", "fields", "rows", **extra}`` atomically (temp file + os.replace)."""
+    """Write ``{"machine", "fields", "rows", **extra}`` atomically (``passes.util.write_atomic``)."""
     doc = {"machine": dict(machine), **(dict(extra) if extra else {})}
     doc.update(fields=list(ROW_FIELDS), rows=list(rows))
-    return _atomic_write(pathlib.Path(path), json.dumps(doc, indent=2, default=_json_default) + "\n")
+    return write_atomic(path, json.dumps(doc, indent=2, default=_json_default) + "\n")
 
 
 def write_markdown(
@@ -252,7 +252,7 @@ def write_markdown(
     text = "\n".join(lines) + f"\n\nMachine: {_machine_line(machine)}\n"
     if notes:
         text += f"\n{notes}\n"
-    return _atomic_write(pathlib.Path(path), text)
+    return write_atomic(path, text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def _ort_cell(
     try:
         session = ort.InferenceSession(str(prep.onnx_path), options, providers=[_ORT_PROVIDERS[device]])
     except Exception as exc:  # a provider that cannot start must not end the whole run
-        return _Cell(name, "onnxruntime", device, None, status=f"n/a: session failed: {str(exc).splitlines()[0]}")
+        return _Cell(name, "onnxruntime", device, None, status=f"n/a: session failed: {one_line(exc, 200)}")
     if _ORT_PROVIDERS[device] not in session.get_providers():  # onnxruntime falls back to CPU silently
         return _Cell(name, "onnxruntime", device, None,
                      status=f"n/a: onnxruntime could not start {_ORT_PROVIDERS[device]} "
@@ -392,7 +392,7 @@ def _torch_cell(
         with torch.inference_mode():
             out = flatten_outputs(fn(*xs))
     except Exception as exc:  # torch.compile fails in many ways; report, do not abort the run
-        return _Cell(name, runtime, device, None, status=f"n/a: {type(exc).__name__}: {_first_line(exc)}")
+        return _Cell(name, runtime, device, None, status=f"n/a: {one_line(exc, 200)}")
     parity = parity_error(reference, [o.detach().cpu().numpy() for o in out])
 
     def run() -> None:
@@ -571,23 +571,6 @@ def _copy_to(module: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(module).to(device)
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> pathlib.Path:
-    if not path.parent.is_dir():
-        raise GraphMergeError(
-            f"cannot write {path}: directory {path.parent} does not exist. Create it or choose another path."
-        )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -600,6 +583,3 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "model"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

@@ -14,18 +14,16 @@ Two kinds of file:
   was, goes as JSON into the file's metadata. One file holds both, so one atomic rename commits
   a consistent checkpoint.
 
-Every write goes to a temporary file in the destination folder, is fsynced, then ``os.replace``d
-over the target: a crash at any moment leaves either the old file or the new one, never a torn
-one, and no temporary file behind.
+Every write goes through ``graphmerge.passes.util.write_atomic``: a temporary file in the destination
+folder, fsynced, then ``os.replace``d over the target, so a crash at any moment leaves either the old
+file or the new one, never a torn one, and no temporary file behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,48 +34,15 @@ import torch
 from torch import nn
 
 from graphmerge.errors import GraphMergeError, ModelMismatchError
-from graphmerge.passes.util import one_line
+from graphmerge.passes.util import one_line, write_atomic
 
 __all__ = ["capture_rng", "check_state_dict", "load_state", "load_weights", "read_state_dict", "restore_rng",
-           "save_state", "save_weights", "write_bytes_atomic"]
+           "save_state", "save_weights"]
 
 STATE_FORMAT = "graphmerge-training-state"
 STATE_VERSION = "1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
-
-# --- atomic writes -------------------------------------------------------------------------
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` (see module docstring)."""
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise GraphMergeError(f"cannot write {path}: folder {folder} does not exist. Create it first or "
-                              f"choose another path.")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); not possible, nor needed, on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- weights -------------------------------------------------------------------------------
@@ -89,7 +54,7 @@ def save_weights(path: str | Path, weights: nn.Module | Mapping[str, torch.Tenso
 
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     tensors = {key: _standalone(value) for key, value in state.items()}
-    write_bytes_atomic(path, save(tensors, metadata=dict(metadata or {})))
+    write_atomic(path, save(tensors, metadata=dict(metadata or {})))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -210,7 +175,7 @@ def save_state(path: str | Path, state: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = _pack(state, "", tensors)
     metadata = {"format": STATE_FORMAT, "version": STATE_VERSION, "state": json.dumps(structure)}
-    write_bytes_atomic(path, save(tensors, metadata=metadata))
+    write_atomic(path, save(tensors, metadata=metadata))
 
 
 def load_state(path: str | Path) -> Any:

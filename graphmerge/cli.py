@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ import typer
 
 from graphmerge import __version__
 from graphmerge.errors import GraphMergeError
+from graphmerge.passes.util import write_atomic
 
 app = typer.Typer(
     name="graphmerge",
@@ -187,18 +186,6 @@ def check_writable(path: Path) -> None:
     if not path.parent.is_dir():
         raise GraphMergeError(f"cannot write {path}: folder {path.parent} does not exist. Create "
                               f"it first or choose another path.")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: never a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render_svg(dot_text: str, path: Path) -> None:

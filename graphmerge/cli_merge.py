@@ -18,6 +18,7 @@ import torch
 import typer
 
 from graphmerge.errors import GraphMergeError
+from graphmerge.passes.util import check_teacher_count, eval_mode, one_line
 
 MODEL_HELP = "The model: path/to/model.py[:NAME], torchvision:NAME or examples:NAME."
 DATA_HELP = ("The data: sine, mnist1d, digits, path/to/data.py (train_data(), val_data()), "
@@ -107,10 +108,8 @@ def merge_command(
     """Merge trained teachers into one student of the same size (widen, gates, compress, fine-tune)."""
     from graphmerge import checkpoint, recipe
 
-    if len(teacher) < 2:
-        raise GraphMergeError(f"merging needs at least two teachers, got {len(teacher)}: pass --teacher "
-                              f"A.safetensors --teacher B.safetensors (train them with `graphmerge train "
-                              f"{model} --data {data} --seed S --out S.safetensors`).")
+    check_teacher_count(len(teacher), f"pass --teacher A.safetensors --teacher B.safetensors (train them with "
+                                      f"`graphmerge train {model} --data {data} --seed S --out S.safetensors`).")
     if lambda_schedule not in SCHEDULES:
         raise GraphMergeError(f"unknown --lambda-schedule {lambda_schedule!r}: use {', '.join(SCHEDULES)}.")
     _check_output(out)
@@ -266,18 +265,13 @@ def _check_runs(model: Any, train_data: Any, model_spec: str, data_spec: str) ->
     from graphmerge.data import first_inputs
 
     inputs = first_inputs(train_data)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise GraphMergeError(f"the model {model_spec} cannot run on the data {data_spec}: a batch of shape "
-                              f"{shapes} gave {type(exc).__name__}: {' '.join(str(exc).split())}. Pick data "
-                              f"that matches the model's input.") from exc
-    finally:
-        model.train(was_training)
+                              f"{shapes} gave {one_line(exc)}. Pick data that matches the model's input.") from exc
 
 
 def _is_main() -> bool:

@@ -34,6 +34,7 @@ import graphmerge
 from graphmerge import checkpoint as ckpt
 from graphmerge.data import first_inputs
 from graphmerge.errors import GraphMergeError
+from graphmerge.passes.util import check_teacher_count
 from graphmerge.training import (
     DistContext,
     LossFn,
@@ -203,9 +204,8 @@ class _MergeRun:
                                       "teacher modules, or teacher_epochs=E to train them from seeds first.")
             return [], teachers
         teachers = list(teachers)
-        if len(teachers) < 2:
-            raise GraphMergeError(f"merging needs at least 2 teachers, got {len(teachers)}. Train more "
-                                  f"teachers from different seeds (graphmerge train ... --seed S).")
+        check_teacher_count(len(teachers), "train more teachers from different seeds (graphmerge train ... "
+                                           "--seed S), or pass a factory with teacher_epochs=E.")
         kinds = {type(t) for t in teachers}
         if len(kinds) > 1:
             raise GraphMergeError(f"teachers must share one architecture, got classes "

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
 from graphmerge.errors import GraphMergeError
+from graphmerge.passes.util import eval_mode
 
 __all__ = ["DistContext", "TrainingDiverged", "default_milestones", "evaluate", "fit", "lambda_schedule",
            "resolve_loss", "setup_distributed", "sgd"]
@@ -212,10 +213,8 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, loss: str | LossFn, *
     """Mean loss (and accuracy for cross-entropy) over ``data`` in eval mode, over all ranks."""
     ctx = ctx or DistContext()
     loss_fn, with_accuracy = resolve_loss(loss)
-    was_training = model.training
-    model.eval()
     total_loss = correct = count = 0.0
-    try:
+    with eval_mode(model):
         for batch in _eval_shard(data, batch_size, ctx):
             inputs, target = _to_device(batch, ctx.device)
             output = model(*inputs)
@@ -224,8 +223,6 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, loss: str | LossFn, *
             if with_accuracy:
                 correct += float((output.argmax(dim=1) == target).sum())
             count += n
-    finally:
-        model.train(was_training)
     total_loss, correct, count = ctx.sum([total_loss, correct, count])
     if count == 0:
         raise GraphMergeError("the evaluation data set is empty; give it at least one sample.")

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from graphmerge.passes.errors import GraphMergeError
+from graphmerge.passes.util import eval_mode, one_line, replace_atomic
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -44,7 +45,6 @@ __all__ = [
     "BatchParity",
     "ExportResult",
     "batch_like",
-    "eval_mode",
     "export_onnx",
     "export_onnx_report",
     "flatten_outputs",
@@ -302,18 +302,6 @@ def _ensure_batch_at_least_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.
     return tuple(x.repeat(2, *([1] * (x.dim() - 1))) if x.shape[0] == 1 else x for x in inputs)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _check_runs_in_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool) -> None:
     """Run the model once so that errors in the model are not blamed on the exporter."""
     try:
@@ -329,8 +317,7 @@ def _check_runs_in_torch(model: nn.Module, inputs: tuple[torch.Tensor, ...], dyn
         )
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise GraphMergeError(
-            f"the model fails in torch on example inputs of shape {shapes}: {type(exc).__name__}: "
-            f"{_first_line(exc)}.{hint}"
+            f"the model fails in torch on example inputs of shape {shapes}: {one_line(exc, 300)}.{hint}"
         ) from exc
 
 
@@ -450,7 +437,7 @@ def _validate(tmp_path: pathlib.Path) -> Any:
         return onnx.shape_inference.infer_shapes(proto, check_type=True)
     except Exception as exc:  # checker errors have many types
         raise GraphMergeError(
-            f"the exported ONNX model is invalid: {_first_line(exc)}. This is an exporter bug or an "
+            f"the exported ONNX model is invalid: {one_line(exc, 300)}. This is an exporter bug or an "
             f"op the exporter translated wrongly; try another opset (--opset) or report it."
         ) from exc
 
@@ -505,11 +492,8 @@ def _check_parity(
 
 def _commit(tmp_path: pathlib.Path, side: pathlib.Path | None, target: pathlib.Path) -> pathlib.Path | None:
     """Move the side file (if any) and then the model into place; the model move is atomic."""
-    final_side = None
-    if side is not None:
-        final_side = target.parent / side.name
-        os.replace(side, final_side)
-    os.replace(tmp_path, target)
+    final_side = replace_atomic(side, target.parent / side.name) if side is not None else None
+    replace_atomic(tmp_path, target)
     return final_side
 
 
@@ -555,7 +539,7 @@ def _ort_session(path: pathlib.Path) -> Any:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise GraphMergeError(
-            f"onnxruntime cannot load the exported model: {_first_line(exc)}. The file was not written; "
+            f"onnxruntime cannot load the exported model: {one_line(exc, 300)}. The file was not written; "
             f"try another opset (--opset)."
         ) from exc
 
@@ -568,7 +552,7 @@ def _run_ort(session: Any, feed: tuple[torch.Tensor, ...], batch: int) -> list[n
         return session.run(None, feeds)
     except Exception as exc:  # ORT raises pybind exception types
         raise GraphMergeError(
-            f"onnxruntime fails at batch size {batch}: {_first_line(exc)}. The model most likely writes "
+            f"onnxruntime fails at batch size {batch}: {one_line(exc, 300)}. The model most likely writes "
             f"a literal batch size into a view/reshape; use x.flatten(1) or x.view(x.size(0), -1), or "
             f"export with dynamic_batch=False (--no-dynamic-batch). The ONNX file was not written."
         ) from exc
@@ -624,14 +608,8 @@ def _root_cause(exc: BaseException) -> BaseException:
 def _summarize(exc: BaseException) -> str:
     op = _failed_op(exc)
     root = _root_cause(exc)
-    base = f"{type(root).__name__}: {_first_line(root)}"
+    base = one_line(root, 300)
     return f"{base} (op {op})" if op and op not in base else base
-
-
-def _first_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:300].rstrip(". ")
 
 
 def _remove_partial(tmp_path: pathlib.Path) -> None:

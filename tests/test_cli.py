@@ -18,7 +18,7 @@ from graphmerge.passes.groups import Group, GroupSet
 from graphmerge.passes.trace import trace
 from torch import nn
 
-from graphmerge.cli import PALETTE, PINNED_COLOUR, graph_to_dot, write_atomic
+from graphmerge.cli import PALETTE, PINNED_COLOUR, graph_to_dot
 from graphmerge.errors import GraphMergeError
 from graphmerge.loading import load_model, parse_input_shape
 
@@ -362,13 +362,3 @@ def test_dot_colours_nodes_by_group():
     assert dot_fill(dot, "input_1") == "white"
     edges = re.findall(r'^  "(\w+)" -> "(\w+)";$', dot, re.M)
     assert edges == [("input_1", "_0"), ("_0", "_1"), ("_1", "_2"), ("_2", "output")]
-
-
-def test_write_atomic_leaves_no_partial_file(tmp_path):
-    target = tmp_path / "out.dot"
-    write_atomic(target, "first")
-    (tmp_path / "dir.dot").mkdir()
-    with pytest.raises(OSError):
-        write_atomic(tmp_path / "dir.dot", "second")  # os.replace onto a folder fails
-    assert target.read_text() == "first"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.dot", "out.dot"]

@@ -269,7 +269,7 @@ def test_cli_bad_inputs_exit_2_with_a_message(run_cli, tmp_path: Path):
     a = ["--teacher", "a.safetensors"]
     cases = [
         ([*a, "--teacher", "missing.safetensors", "--data", "sine"], "missing.safetensors"),
-        ([*a, "--data", "sine"], "at least two teachers"),
+        ([*a, "--data", "sine"], "at least 2 teachers"),
         ([*a, *a, "--data", "nope"], "unknown data spec"),
         ([*a, "--teacher", "wide.safetensors", "--data", "sine"], "(7, 1)"),
     ]
