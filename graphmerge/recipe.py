@@ -16,14 +16,16 @@ Data order depends only on (seed, epoch), and a checkpoint holds every rank's RN
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
+import math
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -48,7 +50,7 @@ from graphmerge.training import (
     sgd,
 )
 
-__all__ = ["MergeResult", "TrainResult", "merge", "train"]
+__all__ = ["MergeResult", "MergeSettings", "TrainResult", "merge", "train"]
 
 CHECKPOINT_NAME = "merge.safetensors"
 TRAIN_CHECKPOINT_NAME = "train.safetensors"
@@ -84,35 +86,147 @@ class TrainResult:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class MergeSettings:
+    """Every setting of one ``merge`` run, checked once when built (a bad value raises
+    ``GraphMergeError`` naming the setting). Defaults follow the paper's reference code (see the
+    module docstring). A checkpoint stores :meth:`fingerprint`, and ``resume=True`` refuses a
+    checkpoint whose fingerprint differs."""
+
+    loss: str | LossFn = "cross_entropy"
+    example_inputs: tuple | None = None
+    gate_epochs: int = 10
+    finetune_epochs: int = 10
+    batch_size: int = 32
+    weight_lr: float = 0.01
+    weight_momentum: float = 0.9
+    weight_decay: float = 0.0
+    gate_lr: float = 0.1
+    gate_momentum: float = 0.9
+    lambda_schedule: str | Callable[[int], float] = "quadratic"
+    lambda0: float = 0.01
+    lambda_growth: float = 0.05
+    gate_options: Mapping[str, Any] | None = None
+    finetune_lr: float = 0.01
+    finetune_momentum: float = 0.9
+    finetune_milestones: Sequence[int] | None = None
+    finetune_gamma: float = 0.1
+    teacher_epochs: int | None = None
+    teacher_seeds: Sequence[int] | None = None
+    n_teachers: int = 2
+    teacher_lr: float = 0.01
+    teacher_milestones: Sequence[int] | None = None
+    checkpoint_dir: str | Path | None = None
+    resume: bool = False
+    seed: int = 0
+    log: LogSink = None
+    progress: bool = False
+    device: str = "cpu"
+
+    #: Settings that may change between a run and its resumption (where and how it reports).
+    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("resume", "log", "progress", "checkpoint_dir", "device",
+                                                    "example_inputs")
+
+    def __post_init__(self) -> None:
+        minimums = {"gate_epochs": 0, "finetune_epochs": 0, "batch_size": 1, "n_teachers": 2, "seed": None,
+                    "teacher_epochs": 1}
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value is None and name == "teacher_epochs":  # None: the teachers come trained
+                continue
+            _check_int(name, value, minimum)
+            object.__setattr__(self, name, int(value))  # numpy ints too
+        _check_sgd("weight", self.weight_lr, self.weight_momentum, self.weight_decay)
+        _check_sgd("gate", self.gate_lr, self.gate_momentum)
+        _check_sgd("finetune", self.finetune_lr, self.finetune_momentum)
+        _check_sgd("teacher", self.teacher_lr)
+        _check_number("finetune_gamma", self.finetune_gamma, positive=True)
+        _check_number("lambda_growth", self.lambda_growth)
+        _check_number("lambda0", self.lambda0)
+        lambda_schedule(self.lambda_schedule, self.lambda0, self.lambda_growth)  # names a bad schedule
+        resolve_loss(self.loss)  # names a bad loss
+        for name in ("finetune_milestones", "teacher_milestones", "teacher_seeds"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _int_tuple(name, value, minimum=None if name == "teacher_seeds" else 0))
+        if self.gate_options is not None:
+            if not isinstance(self.gate_options, Mapping):
+                raise GraphMergeError(f"gate_options must be a mapping of add_gates keyword arguments, got "
+                                      f"{type(self.gate_options).__name__}.")
+            object.__setattr__(self, "gate_options", dict(self.gate_options))
+        if self.example_inputs is not None:
+            inputs = self.example_inputs
+            object.__setattr__(self, "example_inputs", (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+        if self.resume and self.checkpoint_dir is None:
+            raise GraphMergeError("resume=True needs checkpoint_dir (the folder of the run to resume).")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint records (callables by name); resuming compares them."""
+        return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in self.NOT_FINGERPRINTED}
+
+
+def _describe(value: Any) -> Any:
+    return getattr(value, "__qualname__", type(value).__name__) if callable(value) else value
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise GraphMergeError(f"{name} must be a whole number, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise GraphMergeError(f"{name} must be at least {minimum}, got {value}.")
+
+
+def _check_number(name: str, value: Any, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not math.isfinite(value):
+        raise GraphMergeError(f"{name} must be a finite number, got {value!r}.")
+    if value < 0 or (positive and value == 0):
+        raise GraphMergeError(f"{name} must be {'positive' if positive else 'at least 0'}, got {value}.")
+
+
+def _check_sgd(prefix: str, lr: float, momentum: float | None = None, weight_decay: float | None = None) -> None:
+    """SGD settings: lr >= 0, momentum in [0, 1), weight_decay >= 0 (named ``{prefix}_lr`` etc.)."""
+    _check_number(f"{prefix}_lr".lstrip("_"), lr)
+    if momentum is not None:
+        name = f"{prefix}_momentum".lstrip("_")
+        _check_number(name, momentum)
+        if momentum >= 1:
+            raise GraphMergeError(f"{name} must be below 1 (SGD diverges at 1 and above), got {momentum}.")
+    if weight_decay is not None:
+        _check_number("weight_decay", weight_decay)
+
+
+def _int_tuple(name: str, values: Any, minimum: int | None) -> tuple[int, ...]:
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise GraphMergeError(f"{name} must be a list of whole numbers, got {values!r}.")
+    for value in values:
+        _check_int(name, value, minimum)
+    return tuple(int(v) for v in values)
+
+
 # --- public entry points -------------------------------------------------------------------
 
-def merge(teachers: Sequence[nn.Module] | Callable[[], nn.Module], train_data: Data, *,
-          val_data: Data | None = None, loss: str | LossFn = "cross_entropy",
-          example_inputs: tuple | None = None,
-          gate_epochs: int = 10, finetune_epochs: int = 10, batch_size: int = 32,
-          weight_lr: float = 0.01, weight_momentum: float = 0.9, weight_decay: float = 0.0,
-          gate_lr: float = 0.1, gate_momentum: float = 0.9,
-          lambda_schedule: str | Callable[[int], float] = "quadratic", lambda0: float = 0.01,
-          lambda_growth: float = 0.05, gate_options: Mapping[str, Any] | None = None,
-          finetune_lr: float = 0.01, finetune_momentum: float = 0.9,
-          finetune_milestones: Sequence[int] | None = None, finetune_gamma: float = 0.1,
-          teacher_epochs: int | None = None, teacher_seeds: Sequence[int] | None = None,
-          n_teachers: int = 2, teacher_lr: float = 0.01, teacher_milestones: Sequence[int] | None = None,
-          checkpoint_dir: str | Path | None = None, resume: bool = False, seed: int = 0,
-          log: LogSink = None, progress: bool = False, device: str = "cpu") -> MergeResult:
+def merge(teachers: Sequence[nn.Module] | Callable[[], nn.Module], train_data: Data,
+          settings: MergeSettings | None = None, *, val_data: Data | None = None, **options: Any) -> MergeResult:
     """Merge teachers into one student of the same size (see the module docstring).
 
     ``teachers``: trained modules of one architecture, or, with ``teacher_epochs``, a factory
     ``() -> nn.Module`` from which ``n_teachers`` teachers are built and trained from
     ``teacher_seeds`` (default ``seed + 1000 + i``), so one call runs the whole strategy. Given
     modules plus ``teacher_epochs`` are trained further from where they are.
+    ``settings`` / ``**options``: a :class:`MergeSettings`, and/or its fields as keywords (they
+    override ``settings``), e.g. ``merge(teachers, data, gate_epochs=5, loss="mse")``.
     ``log``: a callable receiving one dict per epoch, or a path to append JSON lines to.
     ``checkpoint_dir``: save after every epoch of every phase; ``resume=True`` continues there.
     ``batch_size`` is the global batch: under torchrun each rank takes ``batch_size / world``.
     """
-    settings = {k: v for k, v in locals().items() if k not in ("teachers", "train_data", "val_data")}
-    run = _MergeRun(teachers, train_data, val_data, settings)
-    return run.execute()
+    known = {f.name for f in dataclasses.fields(MergeSettings)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise GraphMergeError(f"merge() got unknown setting(s) {', '.join(unknown)}: the settings are the fields "
+                              f"of graphmerge.recipe.MergeSettings ({', '.join(sorted(known))}).")
+    settings = dataclasses.replace(settings, **options) if settings is not None else MergeSettings(**options)
+    return _MergeRun(teachers, train_data, val_data, settings).execute()
 
 
 def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | None = None,
@@ -121,6 +235,12 @@ def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | N
           gamma: float = 0.1, seed: int = 0, checkpoint_dir: str | Path | None = None, resume: bool = False,
           log: LogSink = None, progress: bool = False, device: str = "cpu") -> TrainResult:
     """Train one model (a teacher) in place with the paper's SGD recipe; resumable like ``merge``."""
+    _check_int("epochs", epochs, minimum=1)
+    _check_int("batch_size", batch_size, minimum=1)
+    _check_sgd("", lr, momentum, weight_decay)
+    _check_number("gamma", gamma, positive=True)
+    if milestones is not None:
+        milestones = _int_tuple("milestones", milestones, minimum=0)
     ctx = setup_distributed(device)
     logger = _Logger(log, ctx)
     store = _Store(checkpoint_dir, TRAIN_CHECKPOINT_NAME, ctx)
@@ -159,21 +279,19 @@ def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | N
 class _MergeRun:
     """One call of ``merge``: holds the settings, the checkpoint store and the growing state."""
 
-    def __init__(self, teachers: Any, train_data: Data, val_data: Data | None, settings: dict[str, Any]):
-        self.s = settings
+    def __init__(self, teachers: Any, train_data: Data, val_data: Data | None, settings: MergeSettings):
+        self.s: MergeSettings = settings
         self.train_data, self.val_data = train_data, val_data
         self.eval_data = val_data if val_data is not None else train_data
-        self.ctx: DistContext = setup_distributed(settings["device"])
-        self.logger = _Logger(settings["log"], self.ctx)
-        self.store = _Store(settings["checkpoint_dir"], CHECKPOINT_NAME, self.ctx)
+        self.ctx: DistContext = setup_distributed(settings.device)
+        self.logger = _Logger(settings.log, self.ctx)
+        self.store = _Store(settings.checkpoint_dir, CHECKPOINT_NAME, self.ctx)
         self.templates, self.factory = self._teacher_templates(teachers)
-        resolve_loss(settings["loss"])  # fail on a bad loss name before any training
-        self.lambda_at = lambda_schedule(settings["lambda_schedule"], settings["lambda0"],
-                                         settings["lambda_growth"])
+        self.lambda_at = lambda_schedule(settings.lambda_schedule, settings.lambda0, settings.lambda_growth)
         self.state: dict[str, Any] = {"stage": "teachers", "teacher": 0, "teachers": [], "history": [],
                                       "summary": {}, "report": {}}
         self.resumed: dict[str, Any] | None = None
-        if settings["resume"]:
+        if settings.resume:
             self.resumed = self.store.load(self._fingerprint())
             if self.resumed is not None:
                 self.state = {k: self.resumed[k] for k in self.state}
@@ -199,7 +317,7 @@ class _MergeRun:
     def _teacher_templates(self, teachers: Any) -> tuple[list[nn.Module], Callable[[], nn.Module] | None]:
         """Modules to copy teachers from, and the factory when teachers are to be built."""
         if callable(teachers) and not isinstance(teachers, nn.Module):
-            if self.s["teacher_epochs"] is None:
+            if self.s.teacher_epochs is None:
                 raise GraphMergeError("merge() got a model factory but no teacher_epochs: give trained "
                                       "teacher modules, or teacher_epochs=E to train them from seeds first.")
             return [], teachers
@@ -213,11 +331,11 @@ class _MergeRun:
         return teachers, None
 
     def _n_teachers(self) -> int:
-        return len(self.templates) if self.templates else self.s["n_teachers"]
+        return len(self.templates) if self.templates else self.s.n_teachers
 
     def _teacher_seeds(self) -> list[int]:
-        seeds = self.s["teacher_seeds"]
-        seeds = list(seeds) if seeds is not None else [self.s["seed"] + 1000 + i
+        seeds = self.s.teacher_seeds
+        seeds = list(seeds) if seeds is not None else [self.s.seed + 1000 + i
                                                        for i in range(self._n_teachers())]
         if len(seeds) != self._n_teachers() or len(set(seeds)) != len(seeds):
             raise GraphMergeError(f"teacher_seeds must be {self._n_teachers()} distinct seeds, got {seeds}.")
@@ -232,9 +350,7 @@ class _MergeRun:
 
     def _fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint must have been written with to be resumed here."""
-        ignored = ("resume", "log", "progress", "checkpoint_dir", "device", "example_inputs")
-        settings = {k: (getattr(v, "__qualname__", type(v).__name__) if callable(v) else v)
-                    for k, v in self.s.items() if k not in ignored}
+        settings = self.s.fingerprint()
         settings["teachers_sha256"] = _state_digest(self.templates)
         settings["data_sizes"] = [_size(d) for d in (self.train_data, self.val_data)]
         return settings
@@ -243,7 +359,7 @@ class _MergeRun:
 
     def _teachers(self) -> list[nn.Module]:
         """The N teachers: trained here when teacher_epochs is set (resuming mid-way if needed)."""
-        if self.s["teacher_epochs"] is None:
+        if self.s.teacher_epochs is None:
             if self.state["stage"] == "teachers":
                 self.state["stage"] = "gate"
             return [copy.deepcopy(t).to(self.ctx.device).eval() for t in self.templates]
@@ -256,15 +372,15 @@ class _MergeRun:
 
     def _train_teacher(self, index: int) -> nn.Module:
         teacher = self._fresh_teacher(index)
-        epochs = self.s["teacher_epochs"]
-        optimizer = sgd(teacher.parameters(), self.s["teacher_lr"], self.s["weight_momentum"],
-                        self.s["weight_decay"])
-        scheduler = _multistep(optimizer, self.s["teacher_milestones"], 0.1, epochs)
+        epochs = self.s.teacher_epochs
+        optimizer = sgd(teacher.parameters(), self.s.teacher_lr, self.s.weight_momentum,
+                        self.s.weight_decay)
+        scheduler = _multistep(optimizer, self.s.teacher_milestones, 0.1, epochs)
         start = self._restore_phase(teacher, {"weights": optimizer}, [scheduler], f"teacher{index}",
                                     fresh_seed=self._teacher_seeds()[index])
-        phase = PhaseConfig(name=f"teacher{index}", epochs=epochs, batch_size=self.s["batch_size"],
+        phase = PhaseConfig(name=f"teacher{index}", epochs=epochs, batch_size=self.s.batch_size,
                             seed=self._teacher_seeds()[index], optimizers={"weights": optimizer},
-                            schedulers=[scheduler], progress=self.s["progress"])
+                            schedulers=[scheduler], progress=self.s.progress)
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             if epoch + 1 == epochs:
@@ -273,7 +389,7 @@ class _MergeRun:
                 self.state.update(stage="gate" if last else "teachers", teacher=index + 1)
             self._save(epoch, record, teacher, {"weights": optimizer}, [scheduler])
 
-        fit(teacher, self.train_data, self.s["loss"], phase, val_data=self.val_data, start_epoch=start,
+        fit(teacher, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
         return teacher
 
@@ -281,7 +397,7 @@ class _MergeRun:
         summary = self.state["summary"]
         if "teachers" in summary:
             return
-        metrics = [evaluate(t, self.eval_data, self.s["loss"], ctx=self.ctx) for t in teachers]
+        metrics = [evaluate(t, self.eval_data, self.s.loss, ctx=self.ctx) for t in teachers]
         summary["metric"] = _metric_name(metrics[0], self.val_data is not None)
         summary["teachers"] = [_metric_value(m) for m in metrics]
 
@@ -289,26 +405,26 @@ class _MergeRun:
 
     def _build_gated(self, teachers: list[nn.Module]) -> tuple[nn.Module, nn.Module]:
         """widen + add_gates (deterministic given the teachers, except the gates' init noise)."""
-        inputs = self.s["example_inputs"] or first_inputs(self.train_data)
+        inputs = self.s.example_inputs or first_inputs(self.train_data)
         inputs = tuple(x.to(self.ctx.device) for x in inputs)
         big = graphmerge.widen([t.eval() for t in teachers], inputs)
-        _seed_everything(self.s["seed"])
-        gated = graphmerge.add_gates(big, **dict(self.s["gate_options"] or {}))
+        _seed_everything(self.s.seed)
+        gated = graphmerge.add_gates(big, **(self.s.gate_options or {}))
         return big.to(self.ctx.device), gated.to(self.ctx.device)
 
     def _gate_phase(self, teachers: list[nn.Module]) -> nn.Module:
         big, gated = self._build_gated(teachers)
         summary = self.state["summary"]
         if "big" not in summary:
-            summary["big"] = _metric_value(evaluate(big, self.eval_data, self.s["loss"], ctx=self.ctx))
+            summary["big"] = _metric_value(evaluate(big, self.eval_data, self.s.loss, ctx=self.ctx))
         del big
         optimizers = {
-            "weights": sgd(gated.weight_parameters(), self.s["weight_lr"], self.s["weight_momentum"],
-                           self.s["weight_decay"]),
-            "gates": sgd(gated.gate_parameters(), self.s["gate_lr"], self.s["gate_momentum"]),
+            "weights": sgd(gated.weight_parameters(), self.s.weight_lr, self.s.weight_momentum,
+                           self.s.weight_decay),
+            "gates": sgd(gated.gate_parameters(), self.s.gate_lr, self.s.gate_momentum),
         }
-        start = self._restore_phase(gated, optimizers, [], "gate", fresh_seed=self.s["seed"] + 2)
-        epochs = self.s["gate_epochs"]
+        start = self._restore_phase(gated, optimizers, [], "gate", fresh_seed=self.s.seed + 2)
+        epochs = self.s.gate_epochs
 
         def fields(epoch: int) -> dict[str, Any]:
             return {"lambda": self.lambda_at(epoch)}
@@ -319,10 +435,10 @@ class _MergeRun:
                 self._finish_gate_phase(gated)
             self._save(epoch, record, gated, optimizers, [])
 
-        phase = PhaseConfig(name="gate", epochs=epochs, batch_size=self.s["batch_size"], seed=self.s["seed"],
-                            optimizers=optimizers, progress=self.s["progress"], epoch_fields=fields,
+        phase = PhaseConfig(name="gate", epochs=epochs, batch_size=self.s.batch_size, seed=self.s.seed,
+                            optimizers=optimizers, progress=self.s.progress, epoch_fields=fields,
                             aux_loss=lambda epoch: self.lambda_at(epoch) * gated.gate_loss())
-        fit(gated, self.train_data, self.s["loss"], phase, val_data=self.val_data, start_epoch=start,
+        fit(gated, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
         if epochs == 0 or start >= epochs:
             self._finish_gate_phase(gated)
@@ -352,26 +468,26 @@ class _MergeRun:
         else:  # resumed inside fine-tuning: the student has the teachers' class (compress's contract)
             student = copy.deepcopy(teachers[0])
         if "before_finetune" not in summary:
-            summary["before_finetune"] = _metric_value(evaluate(student, self.eval_data, self.s["loss"],
+            summary["before_finetune"] = _metric_value(evaluate(student, self.eval_data, self.s.loss,
                                                                 ctx=self.ctx))
-        epochs = self.s["finetune_epochs"]
-        optimizer = sgd(student.parameters(), self.s["finetune_lr"], self.s["finetune_momentum"],
-                        self.s["weight_decay"])
-        scheduler = _multistep(optimizer, self.s["finetune_milestones"], self.s["finetune_gamma"], epochs)
+        epochs = self.s.finetune_epochs
+        optimizer = sgd(student.parameters(), self.s.finetune_lr, self.s.finetune_momentum,
+                        self.s.weight_decay)
+        scheduler = _multistep(optimizer, self.s.finetune_milestones, self.s.finetune_gamma, epochs)
         start = self._restore_phase(student, {"weights": optimizer}, [scheduler], "finetune",
-                                    fresh_seed=self.s["seed"] + 1)
+                                    fresh_seed=self.s.seed + 1)
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             if epoch + 1 == epochs:
                 self.state["stage"] = "done"
             self._save(epoch, record, student, {"weights": optimizer}, [scheduler])
 
-        phase = PhaseConfig(name="finetune", epochs=epochs, batch_size=self.s["batch_size"],
-                            seed=self.s["seed"] + 1, optimizers={"weights": optimizer},
-                            schedulers=[scheduler], progress=self.s["progress"])
-        fit(student, self.train_data, self.s["loss"], phase, val_data=self.val_data, start_epoch=start,
+        phase = PhaseConfig(name="finetune", epochs=epochs, batch_size=self.s.batch_size,
+                            seed=self.s.seed + 1, optimizers={"weights": optimizer},
+                            schedulers=[scheduler], progress=self.s.progress)
+        fit(student, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
-        final = evaluate(student, self.eval_data, self.s["loss"], ctx=self.ctx)
+        final = evaluate(student, self.eval_data, self.s.loss, ctx=self.ctx)
         summary["after_finetune"] = _metric_value(final)
         return student.eval()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from graphmerge.data import sine
 from graphmerge.errors import GraphMergeError
 from graphmerge.examples.mlp import build_model as build_mlp
 from graphmerge.examples.mnist1d_cnn import build_model as build_cnn
-from graphmerge.recipe import merge, train
+from graphmerge.recipe import MergeSettings, merge, train
 from graphmerge.training import DistContext, default_milestones, epoch_batches, evaluate, lambda_schedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,60 @@ def test_merge_rejects_a_single_teacher_and_a_factory_without_epochs():
         merge([build_mlp()], train_data, loss="mse")
     with pytest.raises(GraphMergeError, match="teacher_epochs"):
         merge(build_mlp, train_data, loss="mse")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"weight_lr": -0.1}, "weight_lr must be at least 0, got -0.1"),
+    ({"finetune_lr": float("nan")}, "finetune_lr must be a finite number"),
+    ({"gate_epochs": -1}, "gate_epochs must be at least 0, got -1"),
+    ({"finetune_epochs": 2.5}, "finetune_epochs must be a whole number, got 2.5"),
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"teacher_epochs": 0}, "teacher_epochs must be at least 1"),
+    ({"n_teachers": 1}, "n_teachers must be at least 2"),
+    ({"gate_momentum": 1.0}, "gate_momentum must be below 1"),
+    ({"weight_decay": -1e-4}, "weight_decay must be at least 0"),
+    ({"finetune_gamma": 0}, "finetune_gamma must be positive"),
+    ({"finetune_milestones": [2, -1]}, "finetune_milestones must be at least 0, got -1"),
+    ({"teacher_seeds": "12"}, "teacher_seeds must be a list of whole numbers"),
+    ({"gate_options": 3}, "gate_options must be a mapping"),
+    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"lambda_schedule": "cubic"}, "unknown lambda schedule 'cubic'"),
+    ({"resume": True}, "resume=True needs checkpoint_dir"),
+    ({"gate_epoch": 3}, "unknown setting(s) gate_epoch"),
+])
+def test_merge_settings_are_checked_before_any_work(options, message):
+    train_data, _ = small_sine(n_train=32)
+    with pytest.raises(GraphMergeError) as info:
+        merge(build_mlp, train_data, **{"loss": "mse", "teacher_epochs": 1, **options})
+    assert message in str(info.value)
+
+
+def test_train_settings_are_checked():
+    train_data, _ = small_sine(n_train=32)
+    for options, message in [({"epochs": 0}, "epochs must be at least 1"), ({"lr": -1.0}, "lr must be at least 0"),
+                             ({"momentum": 1.5}, "momentum must be below 1"), ({"milestones": [-3]}, "milestones")]:
+        with pytest.raises(GraphMergeError, match=message):
+            train(build_mlp(), train_data, **{"epochs": 1, "loss": "mse", **options})
+
+
+def test_merge_settings_fingerprint_is_the_checkpoint_format():
+    """The keys and values a checkpoint records (unchanged since settings were a dict of merge's keyword
+    arguments, so older checkpoints still resume); callables by name; run-only settings left out."""
+    def my_loss(output, target):
+        return (output - target).abs().mean()
+
+    settings = MergeSettings(loss=my_loss, finetune_milestones=[3, 4], log=print, device="cpu", progress=True,
+                             checkpoint_dir="ck", resume=True, example_inputs=torch.zeros(1, 1))
+    assert settings.finetune_milestones == (3, 4) and settings.example_inputs[0].shape == (1, 1)
+    assert settings.fingerprint() == {
+        "loss": "test_merge_settings_fingerprint_is_the_checkpoint_format.<locals>.my_loss",
+        "gate_epochs": 10, "finetune_epochs": 10, "batch_size": 32, "weight_lr": 0.01, "weight_momentum": 0.9,
+        "weight_decay": 0.0, "gate_lr": 0.1, "gate_momentum": 0.9, "lambda_schedule": "quadratic", "lambda0": 0.01,
+        "lambda_growth": 0.05, "gate_options": None, "finetune_lr": 0.01, "finetune_momentum": 0.9,
+        "finetune_milestones": (3, 4), "finetune_gamma": 0.1, "teacher_epochs": None, "teacher_seeds": None,
+        "n_teachers": 2, "teacher_lr": 0.01, "teacher_milestones": None, "seed": 0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 3  # type: ignore[misc]
 
 
 # --- merge end to end ----------------------------------------------------------------------
