@@ -79,6 +79,8 @@ ROW_FIELDS = (
 )
 
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: Timed calls per cell at the most, whatever ``min_time`` asks (bounds time and memory for tiny models).
+MAX_ITERS = 10_000
 
 
 @dataclass
@@ -108,11 +110,7 @@ def benchmark(
     warmup: int = 3,
     min_time: float = 0.5,
     min_iters: int = 20,
-    max_iters: int = 10_000,
-    torch_eager: bool = True,
     compile: bool = False,
-    workdir: str | os.PathLike | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every model on every runtime at every batch size; return one dict per cell.
 
@@ -122,26 +120,28 @@ def benchmark(
     onnxruntime's intra-op threads (default: torch's current count), so neither runtime gets
     more cores than the other. Each cell runs ``warmup`` untimed calls, then timed calls
     interleaved with the other cells until it has at least ``min_iters`` samples and
-    ``min_time`` seconds (capped at ``max_iters``). Rows have the keys in :data:`ROW_FIELDS`.
+    ``min_time`` seconds (capped at :data:`MAX_ITERS`). ONNX files go to a temporary folder. Rows
+    have the keys in :data:`ROW_FIELDS`.
     """
     if not models:
         raise GraphMergeError("benchmark needs at least one model; pass {'name': (module, example_inputs)}.")
     devices = resolve_providers(providers)
     threads = _check_threads(threads)
-    say = log or (lambda _msg: None)
     rows: list[dict[str, Any]] = []
-    with _torch_threads(threads), _workdir(workdir) as tmp, contextlib.ExitStack() as stack:
+    with (
+        _torch_threads(threads),
+        tempfile.TemporaryDirectory(prefix="graphmerge-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         for module, _ in models.values():
             stack.enter_context(eval_mode(module))
         prepared = {
-            name: _prepare(name, m, x, tmp / f"{i:02d}-{_safe(name)}.onnx", say)
+            name: _prepare(name, m, x, pathlib.Path(tmp) / f"{i:02d}-{_safe(name)}.onnx")
             for i, (name, (m, x)) in enumerate(models.items())
         }
         for batch in batches:
-            say(f"batch {batch}: building sessions")
-            cells = _build_cells(prepared, batch, devices, threads, torch_eager, compile)
-            say(f"batch {batch}: timing {sum(c.run is not None for c in cells)} cells, interleaved")
-            _time_interleaved(cells, warmup, min_time, min_iters, max_iters)
+            cells = _build_cells(prepared, batch, devices, threads, compile)
+            _time_interleaved(cells, warmup, min_time, min_iters)
             rows.extend(_rows_for(cells, prepared, batch))
     _add_ratios(rows, next(iter(models)))
     return rows
@@ -273,11 +273,10 @@ class _Prepared:
 
 
 def _prepare(
-    name: str, module: nn.Module, example_inputs: Any, onnx_path: pathlib.Path, say: Callable[[str], None]
+    name: str, module: nn.Module, example_inputs: Any, onnx_path: pathlib.Path
 ) -> _Prepared:
     """Export ``module`` once (dynamic batch serves every batch size) and count its cost."""
     inputs = normalize_inputs(example_inputs)
-    say(f"{name}: exporting to ONNX")
     path, size, exporter, error = None, None, None, None
     try:
         report = export_onnx_report(module, inputs, onnx_path, tolerance=1e-3)
@@ -308,7 +307,6 @@ def _build_cells(
     batch: int,
     devices: Sequence[str],
     threads: int,
-    torch_eager: bool,
     compile: bool,
 ) -> list[_Cell]:
     cells: list[_Cell] = []
@@ -318,8 +316,7 @@ def _build_cells(
             reference = flatten_outputs(prep.module(*inputs))
         for device in devices:
             cells.append(_ort_cell(name, prep, inputs, reference, device, threads))
-            if torch_eager:
-                cells.append(_torch_cell(name, prep.module, inputs, reference, device, compiled=False))
+            cells.append(_torch_cell(name, prep.module, inputs, reference, device, compiled=False))
             if compile:
                 cells.append(_torch_cell(name, prep.module, inputs, reference, device, compiled=True))
     return cells
@@ -409,9 +406,7 @@ def _torch_cell(
 # --------------------------------------------------------------------------------------------
 
 
-def _time_interleaved(
-    cells: list[_Cell], warmup: int, min_time: float, min_iters: int, max_iters: int
-) -> None:
+def _time_interleaved(cells: list[_Cell], warmup: int, min_time: float, min_iters: int) -> None:
     """Warm every cell, then round-robin until each has enough samples and enough time."""
     live = [c for c in cells if c.run is not None]
     for _ in range(max(warmup, 0)):
@@ -424,12 +419,12 @@ def _time_interleaved(
             start = time.perf_counter_ns()
             cell.run()  # type: ignore[misc]
             cell.samples_ns.append(time.perf_counter_ns() - start)
-        pending = [c for c in pending if not _done(c, min_ns, min_iters, max_iters)]
+        pending = [c for c in pending if not _done(c, min_ns, min_iters)]
 
 
-def _done(cell: _Cell, min_ns: int, min_iters: int, max_iters: int) -> bool:
+def _done(cell: _Cell, min_ns: int, min_iters: int) -> bool:
     n = len(cell.samples_ns)
-    return n >= max_iters or (n >= max(min_iters, 1) and sum(cell.samples_ns) >= min_ns)
+    return n >= MAX_ITERS or (n >= max(min_iters, 1) and sum(cell.samples_ns) >= min_ns)
 
 
 def _rows_for(cells: Sequence[_Cell], prepared: Mapping[str, _Prepared], batch: int) -> list[dict[str, Any]]:
@@ -552,17 +547,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _workdir(path: str | os.PathLike | None) -> Iterator[pathlib.Path]:
-    if path is not None:
-        p = pathlib.Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        yield p
-        return
-    with tempfile.TemporaryDirectory(prefix="graphmerge-bench-") as tmp:
-        yield pathlib.Path(tmp)
 
 
 def _copy_to(module: nn.Module, device: torch.device) -> nn.Module:

@@ -3,7 +3,7 @@
 Every command is wrapped so that a ``GraphMergeError`` (a bad input, explained) prints as one
 paragraph ``error: ...`` on stderr with exit code 2, while any other exception (a bug) keeps its
 traceback. Heavy imports (torch) happen inside the commands so ``--help`` and ``--version`` stay
-fast. Commands owned by other modules are registered at the bottom when those modules exist.
+fast. The commands of ``cli_export`` and ``cli_merge`` are registered at the bottom.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any
 import typer
 
 from graphmerge import __version__
+from graphmerge.cli_export import bench_command, export_command
+from graphmerge.cli_merge import merge_command, train_command
 from graphmerge.errors import GraphMergeError
 from graphmerge.passes.util import write_atomic
 
@@ -218,23 +220,10 @@ def _register(command: Callable[..., Any], name: str) -> None:
     app.command(name)(guarded(command))
 
 
-try:
-    from graphmerge.cli_export import bench_command, export_command
-except ModuleNotFoundError as exc:
-    if exc.name != "graphmerge.cli_export":
-        raise
-else:
-    _register(export_command, "export")
-    _register(bench_command, "bench")
-
-try:
-    from graphmerge.cli_merge import merge_command, train_command
-except ModuleNotFoundError as exc:
-    if exc.name != "graphmerge.cli_merge":
-        raise
-else:
-    _register(merge_command, "merge")
-    _register(train_command, "train")
+_register(export_command, "export")
+_register(bench_command, "bench")
+_register(merge_command, "merge")
+_register(train_command, "train")
 
 
 if __name__ == "__main__":

@@ -187,12 +187,8 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
 
 def _load(spec: str, weights: Path | None, input_shape: str | None) -> Any:
     """Load a model spec via graphmerge.loading, then its weights if given."""
-    try:
-        from graphmerge.loading import load_model, parse_input_shape
-    except ImportError as exc:
-        raise GraphMergeError(
-            "graphmerge.loading is not available in this installation; reinstall graphmerge."
-        ) from exc
+    from graphmerge.loading import load_model, parse_input_shape
+
     shape = parse_input_shape(input_shape) if input_shape else None
     loaded = load_model(spec, input_shape=shape)
     if weights is not None:
