@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 
 from graphmerge.bench import benchmark, machine_info, print_table, write_json, write_markdown  # noqa: E402
 from graphmerge.errors import GraphMergeError  # noqa: E402
+from graphmerge.examples.resnet20 import ResNet20  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "onnx_latency.json"
 FAMILIES = ("resnet20", "resnet18", "mlp")
@@ -45,43 +46,6 @@ FAMILIES = ("resnet20", "resnet18", "mlp")
 # --------------------------------------------------------------------------------------------
 # The benchmarked models
 # --------------------------------------------------------------------------------------------
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class CifarResNet20(nn.Module):
-    """ResNet20 for 32x32 inputs (hidden widths 16/32/64)."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        w = [16, 32, 64]
-        self.conv1 = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w[0])
-        blocks, cin = [], w[0]
-        for stage, cout in enumerate(w):
-            for i in range(3):
-                blocks.append(_Block(cin, cout, 2 if stage and not i else 1))
-                cin = cout
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(w[2], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(torch.relu(self.bn1(self.conv1(x))))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 class MLP(nn.Module):
@@ -105,7 +69,7 @@ def resnet18() -> nn.Module:
 # name -> (constructor, example input shape, batches, (warmup, min_time, min_iters))
 Spec = tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, ...], tuple[int, float, int]]
 SPECS: dict[str, Spec] = {
-    "resnet20": (CifarResNet20, (2, 3, 32, 32), (1, 8, 32), (3, 0.5, 20)),
+    "resnet20": (ResNet20, (2, 3, 32, 32), (1, 8, 32), (3, 0.5, 20)),
     "resnet18": (resnet18, (2, 3, 224, 224), (1, 8), (2, 0.5, 5)),
     "mlp": (MLP, (2, 784), (1, 8, 32), (3, 0.5, 20)),
 }

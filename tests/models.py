@@ -1,7 +1,9 @@
 """Hand-built models with hand-counted coupling groups, shared by the coupling and invariant tests.
 
-Every model is a plain ``nn.Module`` with a no-argument constructor. Its docstring derives, on
-paper, the coupling groups the analysis must find; ``CASES`` carries the same count as data:
+Every model is a plain ``nn.Module`` built without arguments (the paper's MLP, LeNet and ResNet20
+are the bundled ``graphmerge.examples``, built with explicit arguments). Its docstring (a comment for
+the examples) derives, on paper, the coupling groups the analysis must find; ``CASES`` carries the
+same count as data:
 
 * ``widened``: the widths of the widened groups, sorted;
 * ``pinned``: how many pinned groups (here always the image channels and the logits: 2);
@@ -25,6 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphmerge.examples.lenet import LeNet
+from graphmerge.examples.mlp import SineMLP
+from graphmerge.examples.resnet20 import ResNet20
+
 NUM_CLASSES = 5
 
 
@@ -36,97 +42,32 @@ def images(batch: int = 2, size: int = 8) -> tuple[torch.Tensor]:
 # -- the models --------------------------------------------------------------------------------
 
 
-class SineMLP(nn.Module):
-    """The paper's toy MLP 1 -> 100 -> 1.
-
-    Groups: input feature (fc1.weight dim 1) pinned; hidden 100 (fc1 out + bias, fc2 in)
-    widened; output (fc2 out + bias) pinned. Widened [100], pinned 2: 3 groups.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(1, 100)
-        self.fc2 = nn.Linear(100, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-class LeNet(nn.Module):
-    """LeNet-5 on 3x32x32: conv 6, pool, conv 16, pool, flatten 16x5x5 -> 120 -> 84 -> classes.
-
-    Groups: image 3 pinned; conv1 out 6; conv2 out 16 (fc1 in-features in runs of 25: channel c
-    owns features 25c..25c+24); fc1 out 120; fc2 out 84; logits pinned.
-    Widened [6, 16, 84, 120], pinned 2.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(torch.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = torch.relu(self.fc1(x))
-        x = torch.relu(self.fc2(x))
-        return self.fc3(x)
+# The paper's three networks are the bundled examples (graphmerge/examples), built with explicit
+# arguments so that the hand counts below stay true if an example's defaults change:
+#
+# * SineMLP 1 -> 100 -> 1. Groups: input feature (fc1.weight dim 1) pinned; hidden 100 (fc1 out +
+#   bias, fc2 in) widened; output (fc2 out + bias) pinned. Widened [100], pinned 2: 3 groups.
+# * LeNet-5 on 3x32x32: conv 6, pool, conv 16, pool, flatten 16x5x5 -> 120 -> 84 -> 10 classes.
+#   Groups: image 3 pinned; conv1 out 6; conv2 out 16 (fc1 in-features in runs of 25: channel c
+#   owns features 25c..25c+24); fc1 out 120; fc2 out 84; logits pinned. Widened [6, 16, 84, 120],
+#   pinned 2.
+# * CIFAR ResNet20, 3 stages x 3 basic blocks at 16/32/64, projection shortcuts (1x1 conv + BN).
+#   Groups: image pinned; the residual stream of each stage is one group (stem or projection
+#   output + every bn2 of the stage, joined by the adds): 16, 32, 64; every block's conv1/bn1
+#   output is its own group: 3 x 16, 3 x 32, 3 x 64; logits pinned.
+#   Widened [16, 16, 16, 16, 32, 32, 32, 32, 64, 64, 64, 64] (12), pinned 2.
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
+def sine_mlp() -> SineMLP:
+    return SineMLP(hidden=100)
 
 
-class ResNet20(nn.Module):
-    """CIFAR ResNet20, 3 stages x 3 basic blocks at 16/32/64, projection shortcuts (1x1 conv + BN).
+def lenet() -> LeNet:
+    return LeNet(num_classes=10, in_channels=3)
 
-    Groups: image pinned; the residual stream of each stage is one group (stem or projection
-    output + every bn2 of the stage, joined by the adds): 16, 32, 64; every block's conv1/bn1
-    output is its own group: 3 x 16, 3 x 32, 3 x 64; logits pinned.
-    Widened [16, 16, 16, 16, 32, 32, 32, 32, 64, 64, 64, 64] (12), pinned 2.
-    """
 
-    def __init__(self) -> None:
-        super().__init__()
-        widths = (16, 32, 64)
-        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        layers = []
-        in_channels = widths[0]
-        for stage, width in enumerate(widths):
-            for block in range(3):
-                stride = 2 if stage > 0 and block == 0 else 1
-                layers.append(BasicBlock(in_channels, width, stride))
-                in_channels = width
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1], 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.layers(x)
-        return self.fc(torch.flatten(self.pool(x), 1))
+def resnet20() -> ResNet20:
+    return ResNet20(num_classes=10, widths=(16, 32, 64), blocks_per_stage=3)
 
 
 class DenseBlockNet(nn.Module):
@@ -466,9 +407,9 @@ class ModelCase:
 
 
 CASES: dict[str, ModelCase] = {case.name: case for case in [
-    ModelCase("mlp", SineMLP, lambda: (torch.linspace(-3, 3, 16).unsqueeze(1),), (100,), 2, "fc2"),
-    ModelCase("lenet", LeNet, lambda: images(2, 32), (6, 16, 84, 120), 2, "fc3"),
-    ModelCase("resnet20", ResNet20, lambda: images(2, 32),
+    ModelCase("mlp", sine_mlp, lambda: (torch.linspace(-3, 3, 16).unsqueeze(1),), (100,), 2, "fc2"),
+    ModelCase("lenet", lenet, lambda: images(2, 32), (6, 16, 84, 120), 2, "fc3"),
+    ModelCase("resnet20", resnet20, lambda: images(2, 32),
               (16, 16, 16, 16, 32, 32, 32, 32, 64, 64, 64, 64), 2, "fc"),
     ModelCase("densenet_block", DenseBlockNet, images, (4, 6, 8, 10), 2, "fc"),
     ModelCase("mobilenet_v2_style", MobileNetV2Style, images, (8, 12, 16, 16, 24, 36), 2, "classifier"),
