@@ -107,25 +107,13 @@ class ExportResult:
 # --------------------------------------------------------------------------------------------
 
 
-def export_onnx(
-    model: nn.Module,
-    example_inputs: Any,
-    path: str | os.PathLike,
-    *,
-    dynamic_batch: bool = True,
-    opset: int | None = None,
-    tolerance: float = 1e-4,
-    check: bool = True,
-) -> pathlib.Path:
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, **options: Any) -> pathlib.Path:
     """Export ``model`` to one self-contained ONNX file at ``path`` and return the path.
 
-    See :func:`export_onnx_report` for the arguments; this returns only the path.
+    ``options`` are :func:`export_onnx_report`'s keywords (``dynamic_batch``, ``opset``,
+    ``tolerance``, ``check``); this returns only the path.
     """
-    report = export_onnx_report(
-        model, example_inputs, path,
-        dynamic_batch=dynamic_batch, opset=opset, tolerance=tolerance, check=check,
-    )
-    return report.path
+    return export_onnx_report(model, example_inputs, path, **options).path
 
 
 def export_onnx_report(
