@@ -23,15 +23,42 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def analyze(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] = (),
-            concrete_args: dict[str, Any] | None = None) -> GroupSet:
-    """Trace ``model`` on ``example_inputs`` and find its channel-coupling groups."""
+def analyze(model: nn.Module, example_inputs: Any, *, example_kwargs: dict[str, Any] | None = None,
+            leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
+            frontend: str = "export") -> GroupSet:
+    """Capture ``model`` on ``example_inputs`` and find its channel-coupling groups.
+
+    The front end is ``torch.export`` (an ATen graph; ``frontend="fx"`` uses the older
+    ``torch.fx.symbolic_trace``, which ``concrete_args`` requires). ``leaf_modules`` (submodule
+    names, or module classes) are kept opaque: every channel they touch is pinned.
+    """
     start = time.perf_counter()
-    gm = trace(model, _as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
-    traced = time.perf_counter()
-    groups = couple(gm)
+    if frontend == "fx" or concrete_args:
+        gm = trace(model, _as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+        traced = time.perf_counter()
+        groups = couple(gm)
+    elif frontend == "export":
+        from graphmerge.passes.capture import capture
+
+        gm = capture(model, _as_tuple(example_inputs), example_kwargs)
+        traced = time.perf_counter()
+        groups = couple(gm, leaf_modules=_leaf_names(model, leaf_modules))
+    else:
+        raise GraphMergeError(f"frontend must be 'export' or 'fx', got {frontend!r}.")
     groups.timings["trace_s"] = traced - start
     return groups
+
+
+def _leaf_names(model: nn.Module, leaf_modules: Sequence[Any]) -> tuple[str, ...]:
+    """Qualified names of the leaf submodules (a class or class name stands for all its instances)."""
+    from graphmerge.passes.trace import _resolve_leaves
+
+    types, names = _resolve_leaves(model, leaf_modules, type(model).__name__)
+    found = set(names)
+    for name, module in model.named_modules():
+        if name and types and isinstance(module, types):
+            found.add(name)
+    return tuple(sorted(found))
 
 
 def check_same_architecture(teachers: Sequence[nn.Module]) -> None:

@@ -151,10 +151,16 @@ def first_divergence(big: torch.fx.GraphModule, teachers: Sequence[torch.fx.Grap
     """
     teacher_values = [_record(t, inputs, kwargs) for t in teachers]
     big_values = _record(big, inputs, kwargs)
+    with torch.no_grad():
+        return _first_differing(big, big_values, teacher_values, tolerance, expected_of, describe)
+
+
+def _first_differing(big: torch.fx.GraphModule, big_values: dict[str, Any], teacher_values: list[dict[str, Any]],
+                     tolerance: float, expected_of: Callable, describe: Callable[[torch.fx.Node], str]) -> str:
     for node in big.graph.nodes:
         value = big_values.get(node.name)
-        if not _is_float_tensor(value):
-            continue
+        if node.op not in ("call_function", "call_module", "call_method") or not _is_float_tensor(value):
+            continue  # parameters are laid out by widen (the averaging head holds weight / N), not computed
         own = [values.get(node.name) for values in teacher_values]
         if not all(_is_float_tensor(v) for v in own):
             continue

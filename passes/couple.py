@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +37,16 @@ class ParamUse:
     dims: list[np.ndarray | None]
     out_dim: int | None
     in_dims: tuple[int, ...] = ()
+
+
+class GateSite(NamedTuple):
+    """Where a gate multiplies: argument ``arg_index`` of node ``node``, along activation dim ``dim``;
+    ``param`` is the consumer's weight, whose input dim says which channels sit there."""
+
+    node: str
+    arg_index: int
+    dim: int
+    param: str
 
 
 @dataclass
@@ -58,7 +68,7 @@ class Layout:
     out_dims: dict[str, int | None] = field(default_factory=dict)
     in_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
     nodes: dict[str, list[DimLayout | None]] = field(default_factory=dict)
-    gate_sites: list[tuple[str, int, int, str]] = field(default_factory=list)
+    gate_sites: list[GateSite] = field(default_factory=list)
     across_norm: dict[int, str] = field(default_factory=dict)
     literal_nodes: set[str] = field(default_factory=set)
 
@@ -77,18 +87,21 @@ class Propagation:
         self.params: dict[str, ParamUse] = {}
         self.units: list[tuple[np.ndarray, int]] = []
         self.across_norm: list[tuple[np.ndarray, str]] = []
-        self.gate_sites: list[tuple[str, int, int, str]] = []
+        self.gate_sites: list[GateSite] = []
+        self.discarded: list[np.ndarray] = []
+        self.fresh_param_dims: dict[str, list[np.ndarray | None]] = {}
         self.literal_nodes: set[str] = set()
         self.nonlinear: list[tuple[str, np.ndarray]] = []
         self.labels: dict[torch.fx.Node, Any] = {}
 
     # -- building blocks for op rules -------------------------------------------------------
 
-    def fresh(self, n: int) -> np.ndarray:
-        """``n`` new channel ids, recorded as one run (a space made by one op)."""
+    def fresh(self, n: int, *, run: bool = True) -> np.ndarray:
+        """``n`` new channel ids, recorded as one run (a space made by one op) unless ``run=False``."""
         ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
         self.next_id += n
-        self.runs.append(ids)
+        if run:
+            self.runs.append(ids)
         return ids
 
     def run(self, ids: np.ndarray) -> None:
@@ -122,11 +135,11 @@ class Propagation:
             self.pin(labels.all_ids(), reason)
 
     def role(self, node: torch.fx.Node, role: str, ids: np.ndarray | None) -> None:
-        if ids is not None:
+        if ids is not None and not (node.op == "get_attr" and _is_aten_node_graph(node)):
             ids = np.asarray(ids).ravel()
             ids = ids[ids >= 0]
             if ids.size:
-                self.roles.append((node.name, role, ids))
+                self.roles.append((display_name(node), role, ids))
 
     def use_param(self, name: str, dims: list[np.ndarray | None], *, out_dim: int | None,
                   in_dims: tuple[int, ...] = ()) -> None:
@@ -146,6 +159,14 @@ class Propagation:
         if not seen.in_dims:
             seen.in_dims = in_dims
 
+    def discard(self, ids: np.ndarray) -> None:
+        """These ids turned out not to be channels (a parameter's kernel dim): they form no group."""
+        self.discarded.append(np.asarray(ids, np.int64).ravel())
+
+    def gate_site(self, node: torch.fx.Node, arg_index: int, dim: int, param: str) -> None:
+        """A consumer's input: gates of the groups it reads multiply argument ``arg_index`` there."""
+        self.gate_sites.append(GateSite(node.name, arg_index, dim, param))
+
     def unit(self, ids: np.ndarray, size: int) -> None:
         """Channels must be selected in whole consecutive units of ``size`` (conv groups, heads)."""
         if size > 1:
@@ -155,11 +176,15 @@ class Propagation:
         """A normalisation spans these channels: dropping some changes the others (I3 inexact)."""
         self.across_norm.append((np.asarray(ids, np.int64).ravel(), what))
 
-    def param_labels(self, name: str, tensor: torch.Tensor) -> list[np.ndarray]:
-        """Fresh labels for a parameter seen through ``get_attr``: every dim of size > 1 a space."""
+    def param_labels(self, name: str, tensor: torch.Tensor, *, runs: bool = True) -> list[np.ndarray]:
+        """Fresh labels for a parameter seen through ``get_attr``: every dim of size > 1 a space.
+
+        With ``runs=False`` the labels say nothing about channel order: the ops that read the
+        parameter do (a conv's weight rows follow its output channels, whatever order they have).
+        """
         dims = []
         for size in tensor.shape:
-            dims.append(self.fresh(size) if size > 1 else np.full(size, NOT_A_CHANNEL, np.int64))
+            dims.append(self.fresh(size, run=runs) if size > 1 else np.full(size, NOT_A_CHANNEL, np.int64))
         return dims
 
 
@@ -174,17 +199,24 @@ def _tensor_labels_in(value: Any):
             yield from _tensor_labels_in(item)
 
 
-def couple(gm: torch.fx.GraphModule) -> GroupSet:
+def couple(gm: torch.fx.GraphModule, *, leaf_modules: tuple[str, ...] = ()) -> GroupSet:
     """Find the coupling groups of a traced model whose nodes carry ``meta['tensor_meta']``.
 
     ``gm`` is not modified.
     """
-    from graphmerge.passes.oprules import propagate_node
+    if _is_aten_graph(gm):
+        from graphmerge.passes.registry import pin_all, propagate_node
+    else:
+        from graphmerge.passes.oprules import propagate_node
 
     start = time.perf_counter()
     prop = Propagation(gm)
     for node in gm.graph.nodes:
-        prop.labels[node] = propagate_node(prop, node)
+        leaf = _inside_leaf(node, leaf_modules)
+        if leaf is not None and node.op in ("call_function", "call_module") and _is_aten_graph(gm):
+            prop.labels[node] = pin_all(prop, node, f"inside leaf module '{leaf}' (kept opaque on request)")
+        else:
+            prop.labels[node] = propagate_node(prop, node)
     groups, layout = _solve(prop)
     elapsed = time.perf_counter() - start
     return GroupSet(groups, gm, layout, timings={"couple_s": elapsed})
@@ -195,6 +227,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
     pinned_reason = _pinned_components(prop, component)
     chains = _chains(prop, component)
 
+    discarded = set(component[np.concatenate(prop.discarded)].tolist()) if prop.discarded else set()
     param_components = set()
     for use in prop.params.values():
         for ids in use.dims:
@@ -205,7 +238,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
     channel_of = np.full(len(pinned_reason) + 1, -1, np.int64)
     groups: list[Group] = []
     for chain in chains:
-        if not any(c in param_components for c in chain):
+        if not any(c in param_components for c in chain) or all(c in discarded for c in chain):
             continue
         gid = len(groups)
         reasons = [pinned_reason[c] for c in chain if pinned_reason[c] is not None]
@@ -231,7 +264,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
 
     for node, value in prop.labels.items():
         if isinstance(value, TensorLabels):
-            layout.nodes[node.name] = [None if ids is None else to_layout(ids) for ids in value.dims()]
+            layout.nodes[node.name] = _node_layout(value, component, group_of, channel_of)
 
     for node_name, role, ids in prop.roles:
         for gid in _groups_of(ids, component, group_of):
@@ -252,6 +285,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
         if group.width % group.unit:
             group.pinned = True
             group.reason = group.reason or f"selection unit {group.unit} does not divide width {group.width}"
+    display_names = {n.name: display_name(n) for n in prop.gm.graph.nodes}
     for site in prop.gate_sites:
         layout.gate_sites.append(site)
         node_name, _, _, param = site
@@ -260,9 +294,78 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
             if dim_layout is None:
                 continue
             for gid in np.unique(dim_layout.group[dim_layout.group >= 0]).tolist():
-                if not groups[gid].pinned and node_name not in groups[gid].gate_sites:
-                    groups[gid].gate_sites.append(node_name)
+                shown = display_names.get(node_name, node_name)
+                if not groups[gid].pinned and shown not in groups[gid].gate_sites:
+                    groups[gid].gate_sites.append(shown)
     return groups, layout
+
+
+def display_name(node: torch.fx.Node) -> str:
+    """How reports name an op: the module that owns its parameters (``layer1.0.conv1``), else the
+    innermost module whose forward made it, else the graph node's name."""
+    if node.op != "call_function" and not (node.op == "call_module" and "_graphmerge_modes" in str(node.target)):
+        return node.name
+    for value in (*node.args, *node.kwargs.values()):
+        if isinstance(value, torch.fx.Node) and value.op == "get_attr" and "." in str(value.target):
+            return str(value.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = str(list(stack.values())[-1][0])
+        for prefix in ("L['self'].", "L__self__."):
+            path = path.removeprefix(prefix)
+        if path and path != "L['self']":
+            return path
+    return node.name
+
+
+def _is_aten_node_graph(node: torch.fx.Node) -> bool:
+    return "val" in node.meta
+
+
+def _is_aten_graph(gm: torch.fx.GraphModule) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+
+def _inside_leaf(node: torch.fx.Node, leaf_modules: tuple[str, ...]) -> str | None:
+    if not leaf_modules:
+        return None
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        for leaf in leaf_modules:
+            name = str(path)
+            for prefix in ("L['self'].", "L__self__."):
+                name = name.removeprefix(prefix)
+            if name == leaf or name.startswith(leaf + "."):
+                return leaf
+    return None
+
+
+def _node_layout(value: TensorLabels, component: np.ndarray, group_of: np.ndarray,
+                 channel_of: np.ndarray) -> list[DimLayout | None]:
+    """Per dim, the group and channel of every position; a joint block (heads x head_dim) whose
+    positions are one channel along an axis (a head's run) splits into per-dim layouts."""
+    def to_layout(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        comp = np.where(ids >= 0, component[np.maximum(ids, 0)], -1)
+        gid = np.where(comp >= 0, group_of[np.maximum(comp, 0)], -1)
+        return gid, np.where(gid >= 0, channel_of[np.maximum(comp, 0)], -1)
+
+    out: list[DimLayout | None] = [None] * value.ndim
+    for dims, ids in value.blocks:
+        gid, channel = to_layout(ids)
+        if len(dims) == 1:
+            out[dims[0]] = DimLayout(gid.ravel(), channel.ravel())
+            continue
+        key = np.where(gid >= 0, gid * (1 << 32) + channel, -1)
+        varying = [axis for axis in range(key.ndim)
+                   if key.shape[axis] > 1 and not np.all(key == np.take(key, [0], axis=axis))]
+        if len(varying) > 1:
+            continue  # a true permutation (channel shuffle): widen gathers it as a whole
+        for axis, d in enumerate(dims):
+            if axis in varying:
+                index = tuple(slice(None) if a == axis else 0 for a in range(key.ndim))
+                out[d] = DimLayout(gid[index].copy(), channel[index].copy())
+            else:
+                out[d] = DimLayout(np.full(key.shape[axis], -1, np.int64), np.full(key.shape[axis], -1, np.int64))
+    return out
 
 
 def _flag_nonlinear_heads(prop: Propagation, groups: list[Group], component: np.ndarray,

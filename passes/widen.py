@@ -410,9 +410,34 @@ def _rewrite_literals(big: torch.fx.GraphModule, groups: GroupSet, n: int, width
                       widened: set[int]) -> None:
     norm_index = 0
     for node in list(big.graph.nodes):
-        if node.target is F.layer_norm:
+        if node.target is F.layer_norm or node.target is torch.ops.aten.layer_norm.default:
             norm_index = _rewrite_layer_norm(big, node, groups.layout, n, widths, widened, norm_index)
-    rewrite_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0])
+    if is_aten_graph(big):
+        rewrite_aten_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0], widened)
+    else:
+        rewrite_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0])
+
+
+def is_aten_graph(gm: torch.fx.GraphModule) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+
+def rewrite_aten_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of, widened: set[int]) -> None:
+    """Let every op's rule rewrite its literal arguments (``registry.OpRule.rewrite``)."""
+    from graphmerge.passes.registry import SizeContext, rewrite_node
+
+    layout = groups.layout
+    widened_list = list(widened)
+
+    def is_widened(dim: DimLayout) -> bool:
+        return bool(np.isin(dim.group, widened_list).any())
+
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_module"):
+            continue
+        source = node.args[0] if node.args else None
+        input_dims = layout.nodes.get(source.name) if isinstance(source, torch.fx.Node) else None
+        rewrite_node(node, SizeContext(layout.nodes.get(node.name), input_dims, size_of, is_widened), gm)
 
 
 def rewrite_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of) -> None:

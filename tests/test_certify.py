@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from graphmerge.passes import oprules
+from graphmerge.passes import registry
 from torch import nn
 
 import graphmerge
@@ -111,7 +111,7 @@ def test_dict_output_keeps_the_logits_width() -> None:
 
 def test_a_wrong_rule_is_refused_naming_the_node_and_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend flip were a per-channel op: on the big student it would swap the teachers' blocks."""
-    monkeypatch.setitem(oprules.FUNCTION_RULES, torch.flip, oprules.identity)
+    monkeypatch.setitem(registry.RULES, torch.ops.aten.flip, registry.FunctionRule(registry.identity))
     teachers = _teachers(ChannelFlip)
     with pytest.raises(graphmerge.CertificateError) as caught:
         graphmerge.widen(teachers, INPUTS)
@@ -122,7 +122,7 @@ def test_a_wrong_rule_is_refused_naming_the_node_and_line(monkeypatch: pytest.Mo
 
 
 def test_verify_false_skips_the_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(oprules.FUNCTION_RULES, torch.flip, oprules.identity)
+    monkeypatch.setitem(registry.RULES, torch.ops.aten.flip, registry.FunctionRule(registry.identity))
     big = graphmerge.widen(_teachers(ChannelFlip), INPUTS, verify=False)
     assert "I1" not in big.meta["graphmerge"].certificates
     assert "certify_s" not in big.meta["graphmerge"].groups.timings
@@ -156,9 +156,7 @@ def test_compress_certificate_catches_a_wrong_student(monkeypatch: pytest.Monkey
 
 def test_a_big_student_that_crashes_is_refused_naming_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the chunk rewrite the big student splits 14 channels as 5, 5, 4; the error names the chunk."""
-    from graphmerge.passes import widen as widen_module
-
-    monkeypatch.setattr(widen_module, "_chunk_to_split", lambda *args: None)
+    monkeypatch.setattr(registry.RULES[torch.ops.aten.chunk], "_rewrite", None)
     with pytest.raises(graphmerge.CertificateError, match="does not compute the mean") as caught:
         graphmerge.widen(_teachers(UnevenChunk), INPUTS)
     assert "chunk" in str(caught.value) and "test_certify.py" in str(caught.value), str(caught.value)
@@ -177,9 +175,7 @@ class Crashing(nn.Module):
 
 def test_a_big_student_that_fails_to_run_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A view whose literal sizes widen forgets to rewrite: the big student cannot run at all."""
-    from graphmerge.passes import widen as widen_module
-
-    monkeypatch.setattr(widen_module, "_view_sizes", lambda sizes, out_dims, new_size: list(sizes))
+    monkeypatch.setattr(registry.RULES[torch.ops.aten.view], "_rewrite", None)
     with pytest.raises(graphmerge.CertificateError, match="fails to run") as caught:
         graphmerge.widen(_teachers(Crashing), INPUTS)
     assert "view" in str(caught.value) and "test_certify.py" in str(caught.value), str(caught.value)

@@ -191,20 +191,20 @@ def test_resnet20_stream_producers_and_consumers() -> None:
     groups = analyze_case(CASES["resnet20"])
     stage2 = group_touching(groups, "layers.3.shortcut.0.weight", 0)
     assert stage2.width == 32
-    assert set(stage2.producers) >= {"layers_3_shortcut_0", "layers_3_conv2", "layers_4_conv2",
-                                     "layers_5_conv2"}
-    assert set(stage2.consumers) >= {"layers_4_conv1", "layers_5_conv1", "layers_6_conv1",
-                                     "layers_6_shortcut_0"}
-    assert "layers_3_conv1" not in stage2.producers
-    assert set(stage2.members) >= {"layers_3_shortcut_1", "layers_3_bn2", "layers_4_bn2"}
+    assert set(stage2.producers) >= {"layers.3.shortcut.0", "layers.3.conv2", "layers.4.conv2",
+                                     "layers.5.conv2"}
+    assert set(stage2.consumers) >= {"layers.4.conv1", "layers.5.conv1", "layers.6.conv1",
+                                     "layers.6.shortcut.0"}
+    assert "layers.3.conv1" not in stage2.producers
+    assert set(stage2.members) >= {"layers.3.shortcut.1", "layers.3.bn2", "layers.4.bn2"}
 
 
 def test_squeeze_excite_gate_joins_the_gated_channels() -> None:
     groups = analyze_case(CASES["squeeze_excite"])
     gated = group_touching(groups, "conv.0.weight", 0)
     assert gated.width == 8
-    assert {"conv_0", "se_expand"} <= set(gated.producers)
-    assert {"se_reduce", "classifier"} <= set(gated.consumers)
+    assert {"conv.0", "se.expand"} <= set(gated.producers)
+    assert {"se.reduce", "classifier"} <= set(gated.consumers)
     assert ("se.expand.bias", 0) in gated.index_maps
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from graphmerge.passes.couple import display_name
 from graphmerge.passes.gate import GATES, HardConcreteGates
 
 import graphmerge
@@ -63,7 +64,7 @@ def test_gates_sit_at_every_consumer_of_widened_groups(big):
     # ResNet20 has 21 convs and one linear; all but the first conv (reading the pinned image) read
     # widened channels. Hand count: 18 block convs + 2 projection shortcuts + fc = 21 sites.
     assert len(sites) == 21
-    consumers = {n.users and next(iter(n.users)).name for n in sites}
+    consumers = {display_name(next(iter(n.users))) for n in sites}
     assert "conv1" not in consumers and "fc" in consumers
 
 

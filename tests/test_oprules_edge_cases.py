@@ -202,12 +202,16 @@ class TinyAttention(nn.Module):
 def test_attention_widens_exactly_and_selects_whole_heads():
     x = torch.randn(2, 6, 5)
     groups = graphmerge.analyze(TinyAttention(), (x,))
-    heads = [g for g in groups.widened if g.unit == 4]
-    assert len(heads) == 1 and heads[0].width == 8  # q, k and v share one space of 2 heads x 4
+    heads = [g for g in groups.widened if ("attention.in_proj_weight", 0) in g.index_maps]
+    # a head is one channel of its group: 2 heads, each owning its q, k and v rows (3 x 4)
+    assert len(heads) == 1 and heads[0].width == 2
+    rows = heads[0].index_maps[("attention.in_proj_weight", 0)]
+    assert rows.tolist() == [[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19], [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]]
+    assert heads[0].index_maps[("attention.out_proj.weight", 1)].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     _assert_i1(TinyAttention, x)
     teachers = _teachers(TinyAttention)
     big = graphmerge.widen(teachers, (x,)).eval()
-    assert big.get_submodule("attention").num_heads == 4
+    assert big.get_submodule("attention").in_proj_weight.shape == (48, 16)  # 4 heads of 4, q k v
     student = graphmerge.compress(big, "teacher:1")
     assert torch.equal(student.state_dict()["attention.in_proj_weight"],
                        teachers[1].state_dict()["attention.in_proj_weight"])
@@ -216,9 +220,8 @@ def test_attention_widens_exactly_and_selects_whole_heads():
     masks = {}
     for group in info.groups.widened:
         mask = torch.zeros(2 * group.width, dtype=torch.bool)
-        if group.unit > 1:  # heads: keep head 1 of teacher 0 and head 1 of teacher 1 (mixing teachers)
-            for unit in (1, 3):
-                mask[unit * group.unit:(unit + 1) * group.unit] = True
+        if group.id == heads[0].id:  # heads: keep head 1 of teacher 0 and head 1 of teacher 1 (mixing)
+            mask[[1, 3]] = True
         else:  # the LayerNorm'd stream keeps teacher 0's block, so LayerNorm sees the same channels
             mask[: group.width] = True
         masks[group.id] = mask
@@ -227,8 +230,4 @@ def test_attention_widens_exactly_and_selects_whole_heads():
     with torch.no_grad():
         expected = gated(x)
         assert torch.allclose(student(x), expected, atol=1e-5 * max(1.0, expected.abs().max().item()))
-    with pytest.raises(graphmerge.GraphMergeError, match="whole units"):
-        bad = {gid: m.clone() for gid, m in masks.items()}
-        bad[heads[0].id][:] = False
-        bad[heads[0].id][: heads[0].width] = torch.arange(heads[0].width) % 2 == 0
-        gated.set_gates(bad)
+    assert student.state_dict()["attention.in_proj_weight"].shape == (24, 8)
