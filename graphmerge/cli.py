@@ -8,13 +8,17 @@ fast. The commands of ``cli_export`` and ``cli_merge`` are registered at the bot
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from graphmerge import __version__
 from graphmerge.cli_export import bench_command, export_command
 from graphmerge.cli_merge import merge_command, train_command
 from graphmerge.errors import GraphMergeError
-from graphmerge.passes.util import write_atomic
+from graphmerge.passes.util import one_line, write_atomic
 
 app = typer.Typer(
     name="graphmerge",
@@ -34,14 +38,19 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals hold tensors and whole models
 )
 
-SPEC_HELP = ("The model: path/to/model.py, path/to/model.py:NAME, torchvision:NAME or "
-             "examples:NAME (a model bundled in graphmerge/examples).")
-INPUT_SHAPE_HELP = ("Shape of one example batch, e.g. 1,3,224,224; overrides the file's "
-                    "example_inputs() and the torchvision default.")
-LEAF_HELP = ("Do not trace into this submodule (qualified name like layer1.0, or a class name); "
-             "repeatable.")
+SPEC_HELP = ("The model: path/to/model.py, path/to/model.py:NAME, torchvision:NAME, timm:NAME, "
+             "hf:PATH (a directory written by save_pretrained) or examples:NAME (a model bundled "
+             "in graphmerge/examples).")
+INPUT_SHAPE_HELP = ("Shape of one example batch, e.g. 1,3,224,224 (for hf: text models, "
+                    "batch,sequence of input_ids); overrides the file's example_inputs() and the "
+                    "torchvision, timm and hf defaults.")
+LEAF_HELP = ("Keep this submodule as it is: every channel inside it is pinned, none widened "
+             "(qualified name like layer1.0, or a class name); repeatable.")
 MAX_LISTED = 3
 PASS_ORDER = ["trace", "couple"]
+# torch.export logs its guesses at WARNING ("Unable to find user code corresponding to {u0}") on
+# stderr, where they would precede the one-paragraph error; the CLI shows only errors from them.
+NOISY_TORCH_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
 
 
 def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,6 +58,8 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        for name in NOISY_TORCH_LOGGERS:  # after torch's import, which resets their levels
+            logging.getLogger(name).setLevel(logging.ERROR)
         try:
             return command(*args, **kwargs)
         except GraphMergeError as exc:
@@ -83,7 +94,7 @@ def trace_command(
     dot: Path | None = typer.Option(None, "--dot", help="Write the graph as Graphviz DOT."),
     svg: Path | None = typer.Option(None, "--svg", help="Render the graph to SVG (needs `dot`)."),
 ) -> None:
-    """Trace a model and print its channel-coupling groups."""
+    """Capture a model with torch.export and print its channel-coupling groups."""
     if svg is not None and shutil.which("dot") is None:  # fail before the slow part
         raise GraphMergeError(
             f"--svg {svg} needs Graphviz's `dot` program, which is not on PATH. Install Graphviz "
@@ -109,15 +120,59 @@ def trace_command(
 
 
 def analyze_spec(spec: str, input_shape: str | None, leaf: Sequence[str]):
-    """Load ``spec`` and run the coupling analysis -> (GroupSet, model name, seconds taken)."""
+    """Load ``spec`` and run the coupling analysis -> (GroupSet, model name, seconds taken).
+
+    What the analysis writes to stderr, and its warnings (one line each), print after it and only
+    if it succeeds: where capture fails, torch.export prints the partial graph and graphmerge warns
+    that it retries with a static batch, and the one-paragraph error says it all. Where the
+    capture fails because the model cannot run on its example input at all, the error says so
+    and names the input's shape.
+    """
     import graphmerge
     from graphmerge.loading import load_model, parse_input_shape
 
     shape = parse_input_shape(input_shape) if input_shape is not None else None
     loaded = load_model(spec, input_shape=shape)
     start = time.perf_counter()
-    groupset = graphmerge.analyze(loaded.model, loaded.example_inputs, leaf_modules=tuple(leaf))
+    with deferred_stderr():
+        try:
+            groupset = graphmerge.analyze(loaded.model, loaded.example_inputs,
+                                          example_kwargs=loaded.example_kwargs, leaf_modules=tuple(leaf))
+        except GraphMergeError:
+            check_model_runs(loaded, given_shape=input_shape is not None)
+            raise
     return groupset, loaded.name, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def deferred_stderr() -> Iterator[None]:
+    """Hold what is written to ``sys.stderr`` and the warnings raised inside; print them (each
+    warning as one ``warning: ...`` line) only if no exception left the block."""
+    held = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(held):
+        warnings.simplefilter("default")
+        yield
+    sys.stderr.write(held.getvalue())
+    for warning in caught:
+        print(f"warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+
+
+def check_model_runs(loaded: Any, given_shape: bool) -> None:
+    """Raise a GraphMergeError naming the example input if the model cannot run on it eagerly."""
+    import torch
+
+    from graphmerge.passes.util import eval_mode
+
+    try:
+        with eval_mode(loaded.model), torch.no_grad():
+            loaded.model(*loaded.example_inputs, **loaded.example_kwargs)
+    except Exception as exc:
+        tensors = [*loaded.example_inputs, *loaded.example_kwargs.values()]
+        shapes = ", ".join(str(tuple(x.shape)) for x in tensors if isinstance(x, torch.Tensor)) or "none"
+        source = "the --input-shape given" if given_shape else "its default example input"
+        raise GraphMergeError(
+            f"the model {loaded.name} cannot run on {source}, of shape {shapes}: {one_line(exc)}. Give the "
+            f"shape of one batch it takes with --input-shape (e.g. --input-shape 1,3,224,224).") from exc
 
 
 def print_groups(groupset: Any, name: str, elapsed: float) -> None:

@@ -18,14 +18,15 @@ from torch import nn
 from graphmerge.checkpoint import load_weights
 from graphmerge.errors import GraphMergeError
 
-__all__ = ["bench_command", "export_command", "parse_ints", "parse_model_arg"]
+__all__ = ["bench_command", "check_positional_inputs", "export_command", "parse_ints", "parse_model_arg"]
 
 
 def export_command(
     model: Annotated[
         str,
         typer.Argument(
-            help="Model spec: path/model.py, path/model.py:NAME, torchvision:NAME or examples:NAME.",
+            help=("Model spec: path/model.py, path/model.py:NAME, torchvision:NAME, timm:NAME, hf:PATH "
+                  "or examples:NAME."),
             show_default=False,
         ),
     ],
@@ -54,6 +55,7 @@ def export_command(
     if tolerance <= 0:
         raise GraphMergeError(f"--tolerance must be positive, got {tolerance}.")
     loaded = _load(model, weights, input_shape)
+    check_positional_inputs(loaded, "export", "graphmerge.export_onnx takes positional example inputs only")
     console = Console()
     console.print(f"exporting [bold]{loaded.name}[/] to {out} ...")
     report = export_onnx_report(
@@ -84,9 +86,9 @@ def bench_command(
         typer.Argument(
             help=(
                 "One or more MODEL[=WEIGHTS]: a model spec (path/model.py[:NAME], torchvision:NAME, "
-                "examples:NAME), optionally followed by '=' and a .safetensors/.pt state dict, e.g. "
-                "examples:resnet20=teacher.safetensors. The first model is the reference for the "
-                "ratio column."
+                "timm:NAME, hf:PATH, examples:NAME), optionally followed by '=' and a .safetensors/.pt "
+                "state dict, e.g. examples:resnet20=teacher.safetensors. The first model is the "
+                "reference for the ratio column."
             ),
             show_default=False,
         ),
@@ -133,6 +135,8 @@ def bench_command(
     for arg in models:
         spec, weights = parse_model_arg(arg)
         item = _load(spec, weights, input_shape)
+        check_positional_inputs(item, "bench", "graphmerge.bench.benchmark runs each model on positional "
+                                               "example inputs only")
         label = item.name + (f"={weights.name}" if weights else "")
         loaded[_unique(label, loaded)] = (item.model, item.example_inputs)
     rows = benchmark(
@@ -183,6 +187,25 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
             f"{option} must be comma-separated positive integers (e.g. 1,8,32), got {text!r}."
         )
     return values
+
+
+def check_positional_inputs(loaded: Any, command: str, limitation: str) -> None:
+    """Refuse, in one paragraph, a model that runs only with keyword inputs (``hf:`` models get
+    ``attention_mask`` and ``use_cache=False``) where ``command`` can feed it positional ones only."""
+    if not loaded.example_kwargs:
+        return
+    keys = ", ".join(f"{key}={_describe(value)}" for key, value in loaded.example_kwargs.items())
+    raise GraphMergeError(
+        f"graphmerge {command} cannot run {loaded.name} ({loaded.source}): it is called with keyword "
+        f"inputs ({keys}), and {limitation}. Write a model file instead: path/to/model.py whose "
+        f"build_model() returns an nn.Module whose forward takes the tensors positionally and calls "
+        f"the model with the other keywords fixed, and whose example_inputs() returns those tensors; "
+        f"then pass path/to/model.py (`graphmerge trace` takes the {loaded.source} spec as it is).")
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return f"tensor {tuple(shape)}" if shape is not None else repr(value)
 
 
 def _load(spec: str, weights: Path | None, input_shape: str | None) -> Any:

@@ -17,13 +17,16 @@ from typing import Any
 import torch
 import typer
 
+from graphmerge.cli_export import check_positional_inputs
 from graphmerge.errors import GraphMergeError
 from graphmerge.passes.util import check_teacher_count, eval_mode, one_line
 
-MODEL_HELP = "The model: path/to/model.py[:NAME], torchvision:NAME or examples:NAME."
+MODEL_HELP = "The model: path/to/model.py[:NAME], torchvision:NAME, timm:NAME, hf:PATH or examples:NAME."
 DATA_HELP = ("The data: sine, mnist1d, digits, path/to/data.py (train_data(), val_data()), "
              "imagefolder:PATH[:SIZE] or cifar10:PATH.")
 SCHEDULES = ("quadratic", "linear", "constant")
+TRAINING_LIMITATION = ("training feeds the model only the positional batches of --data (graphmerge.merge and "
+                       "graphmerge.train take no keyword inputs)")
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -74,6 +77,7 @@ def train_command(
     train_data, val_data, _, task = _load_data(data)
     torch.manual_seed(seed)
     loaded = _load_model(model)
+    check_positional_inputs(loaded, "train", TRAINING_LIMITATION)
     _check_runs(loaded.model, train_data, model, data)
     result = recipe.train(loaded.model, train_data, val_data=val_data, loss=_loss_for(task), epochs=epochs,
                           batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=checkpoint_dir,
@@ -116,6 +120,7 @@ def merge_command(
     states = [checkpoint.read_state_dict(path) for path in teacher]  # the reader export --weights uses
     train_data, val_data, _, task = _load_data(data)
     loaded = _load_model(model)
+    check_positional_inputs(loaded, "merge", TRAINING_LIMITATION)
     teachers = [checkpoint.load_weights(copy.deepcopy(loaded.model), state, name=str(path))
                 for path, state in zip(teacher, states, strict=True)]
     _check_runs(teachers[0], train_data, model, data)
@@ -267,11 +272,16 @@ def _check_runs(model: Any, train_data: Any, model_spec: str, data_spec: str) ->
     inputs = first_inputs(train_data)
     try:
         with eval_mode(model), torch.no_grad():
-            model(*inputs)
+            output = model(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise GraphMergeError(f"the model {model_spec} cannot run on the data {data_spec}: a batch of shape "
                               f"{shapes} gave {one_line(exc)}. Pick data that matches the model's input.") from exc
+    if not isinstance(output, torch.Tensor):
+        raise GraphMergeError(f"the model {model_spec} returns a {type(output).__name__}, not a tensor, on the data "
+                              f"{data_spec}; the training loss and metrics need one output tensor (logits or "
+                              f"predictions). Wrap the model in a model file whose forward returns that tensor "
+                              f"(for a Hugging Face output, its .logits).")
 
 
 def _is_main() -> bool:
