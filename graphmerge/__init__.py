@@ -26,21 +26,25 @@ __all__ = [
 ]
 
 
-def analyze(model, example_inputs, *, leaf_modules=(), concrete_args=None):
-    """Trace ``model`` on ``example_inputs`` and return its coupling groups (a GroupSet)."""
+def analyze(model, example_inputs, *, example_kwargs=None, leaf_modules=(), concrete_args=None,
+            frontend="export"):
+    """Capture ``model`` on ``example_inputs`` (and ``example_kwargs``) with torch.export and return
+    its coupling groups (a GroupSet)."""
     from graphmerge.api import analyze as _analyze
 
-    return _analyze(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return _analyze(model, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules,
+                    concrete_args=concrete_args, frontend=frontend)
 
 
-def widen(teachers, example_inputs, *, leaf_modules=(), concrete_args=None, verify=True):
+def widen(teachers, example_inputs, *, example_kwargs=None, leaf_modules=(), concrete_args=None,
+          frontend="export", verify=True, groups=None):
     """Concatenate N teachers into one big student that computes the mean of their outputs.
 
-    ``verify`` (default on) certifies that on ``example_inputs`` (invariant I1, float64)."""
+    ``verify`` (default on) certifies that on the example inputs (invariant I1, float64)."""
     from graphmerge.api import widen as _widen
 
-    return _widen(teachers, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                  verify=verify)
+    return _widen(teachers, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules,
+                  concrete_args=concrete_args, frontend=frontend, verify=verify, groups=groups)
 
 
 def add_gates(big, **gate_options: Any):

@@ -89,8 +89,9 @@ def check_same_architecture(teachers: Sequence[nn.Module]) -> None:
                                      "teachers differ in architecture.")
 
 
-def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, leaf_modules: Sequence[Any] = (),
-          concrete_args: dict[str, Any] | None = None, verify: bool = True) -> torch.fx.GraphModule:
+def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs: dict[str, Any] | None = None,
+          leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None, frontend: str = "export",
+          verify: bool = True, groups: GroupSet | None = None) -> torch.fx.GraphModule:
     """Concatenate N teachers into one big student (an fx GraphModule) computing their mean.
 
     With ``verify`` (the default) the big student is run on ``example_inputs`` against the mean of
@@ -106,7 +107,9 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, leaf_modules: S
 
     teachers = list(teachers)
     check_same_architecture(teachers)
-    groups = analyze(teachers[0], example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if groups is None:  # ``groups``: the analysis of teachers[0] on the same inputs, done already
+        groups = analyze(teachers[0], example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules,
+                         concrete_args=concrete_args, frontend=frontend)
     start = time.perf_counter()
     with torch.no_grad():
         try:
@@ -120,11 +123,16 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, leaf_modules: S
     groups.timings["widen_s"] = time.perf_counter() - start
     info = big.meta["graphmerge"]
     info.example_inputs = _as_tuple(example_inputs)
+    info.example_kwargs = dict(example_kwargs or {})
+    if frontend == "export" and not concrete_args:
+        from graphmerge.passes.capture import _cache_kwargs
+
+        info.class_kwargs = _cache_kwargs(teachers[0], info.example_inputs, info.example_kwargs)
     if verify:
         pinned = groups.internal_pinned
         try:
-            certificate = certify_mean(big, teachers, info.example_inputs,
-                                       locate=locate_divergence(groups, len(teachers)))
+            certificate = certify_mean(big, teachers, info.example_inputs, info.example_kwargs,
+                                       class_kwargs=info.class_kwargs, locate=locate_divergence(groups, len(teachers)))
         except CertificateError:
             if not pinned:
                 raise
@@ -163,7 +171,8 @@ def compress(big: nn.Module, keep: Any = "gates", *, scales: dict[int, Any] | No
     if skipped:
         certificate = Certificate("I3", float("nan"), 1.0, float("nan"), "n/a", 0.0, skipped=skipped)
     else:
-        certificate = certify_equal(student, reference, info.example_inputs, invariant="I3",
+        certificate = certify_equal(student, reference, info.example_inputs, info.example_kwargs, invariant="I3",
+                                    actual_kwargs=info.class_kwargs,
                                     what="compress returned a student that does not compute what the gated big "
                                          "student computes with the dropped channels closed")
     student.__dict__["_graphmerge_certificate"] = certificate
@@ -187,6 +196,10 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
     from_gates = isinstance(keep, str) and keep == "gates"
     if scales is not None and not from_gates:
         return None, "custom scales"
+    if info.tied_heads:
+        return None, (f"the output layer {info.tied_heads[0]} shares its weight with another layer (tied "
+                      "embeddings): the big student averages with an explicit 1/N there, which the teachers' "
+                      "class has no place for, so the student's outputs are N times the gated big student's")
     scores = big.gate_scores() if from_gates else keep
     counts = None
     if ratio is not None:

@@ -18,7 +18,9 @@ whose value is not what the teachers' values say it must be, with its source lin
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.fx
 from graphmerge.passes.errors import CertificateError
+from graphmerge.passes.util import eval_mode
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -73,20 +76,23 @@ def tolerance_for(dtype: torch.dtype) -> float:
 
 
 def certify_mean(big: torch.fx.GraphModule, teachers: Sequence[nn.Module], example_inputs: tuple,
-                 example_kwargs: dict[str, Any] | None = None, *,
+                 example_kwargs: dict[str, Any] | None = None, *, class_kwargs: dict[str, Any] | None = None,
                  locate: Callable[..., str] | None = None) -> Certificate:
     """I1 on the example inputs; raise ``CertificateError`` naming the first diverging node."""
     start = time.perf_counter()
     dtype = check_dtype([*teachers, big])
     tolerance = tolerance_for(dtype)
     kwargs = dict(example_kwargs or {})
-    big_copy = detached_copy(big).to(dtype)
-    teacher_copies = [copy.deepcopy(t).to(dtype) for t in teachers]
+    big_copy = in_dtype(big, dtype)
+    teacher_copies = [in_dtype(t, dtype) for t in teachers]
     inputs, kwargs = cast_floats((tuple(example_inputs), kwargs), dtype)
-    with torch.no_grad():
-        teacher_leaves = [_leaves(_eval(t)(*inputs, **kwargs)) for t in teacher_copies]
+    with torch.no_grad(), contextlib.ExitStack() as modes:
+        for module in (*teacher_copies, big_copy):
+            modes.enter_context(eval_mode(module))
+        teacher_leaves = [_leaves(t(*inputs, **kwargs, **(class_kwargs or {}))) for t in teacher_copies]
         try:
-            big_leaves = _leaves(_eval(big_copy)(*inputs, **kwargs))
+            with contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints the failing line itself
+                big_leaves = _leaves(big_copy(*inputs, **kwargs))
         except Exception as error:  # noqa: BLE001 - a big student that cannot run is a widen bug
             raise CertificateError(
                 f"widen built a big student that fails to run on the example inputs: "
@@ -112,17 +118,18 @@ def certify_mean(big: torch.fx.GraphModule, teachers: Sequence[nn.Module], examp
 
 
 def certify_equal(actual: nn.Module, reference: nn.Module, example_inputs: tuple,
-                  example_kwargs: dict[str, Any] | None = None, *, invariant: str, what: str) -> Certificate:
+                  example_kwargs: dict[str, Any] | None = None, *, invariant: str, what: str,
+                  actual_kwargs: dict[str, Any] | None = None) -> Certificate:
     """``actual(x) == reference(x)`` on the example inputs (both in eval mode, float64 copies)."""
     start = time.perf_counter()
     dtype = check_dtype([actual, reference])
     tolerance = tolerance_for(dtype)
-    actual_copy = detached_copy(actual).to(dtype)
-    reference_copy = detached_copy(reference).to(dtype)
+    actual_copy = in_dtype(actual, dtype)
+    reference_copy = in_dtype(reference, dtype)
     inputs, kwargs = cast_floats((tuple(example_inputs), dict(example_kwargs or {})), dtype)
-    with torch.no_grad():
-        got = _leaves(_eval(actual_copy)(*inputs, **kwargs))
-        want = _leaves(_eval(reference_copy)(*inputs, **kwargs))
+    with torch.no_grad(), eval_mode(actual_copy), eval_mode(reference_copy):
+        got = _leaves(actual_copy(*inputs, **kwargs, **(actual_kwargs or {})))
+        want = _leaves(reference_copy(*inputs, **kwargs))
     error, scale, where = compare_leaves(got, want)
     certificate = Certificate(invariant, error, scale, tolerance, str(dtype).replace("torch.", ""),
                               time.perf_counter() - start)
@@ -196,7 +203,7 @@ def failing_node(gm: torch.fx.GraphModule, inputs: tuple, kwargs: dict[str, Any]
                 raise
 
     flat = [*inputs, *kwargs.values()]
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         try:
             Finder(_eval(gm)).run(*flat)
         except Exception:  # noqa: BLE001 - only the failing node is wanted
@@ -229,6 +236,18 @@ def _record(gm: torch.fx.GraphModule, inputs: tuple, kwargs: dict[str, Any]) -> 
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` itself when its floating tensors already have ``dtype``, else a copy in ``dtype``.
+
+    The check runs the module in eval mode; callers' own modules are put back in their mode by
+    ``_restoring_modes``, never changed otherwise.
+    """
+    floats = [t for t in module.state_dict().values() if t.is_floating_point()]
+    if all(t.dtype == dtype for t in floats):
+        return module
+    return detached_copy(module).to(dtype)
 
 
 def detached_copy(module: nn.Module) -> nn.Module:

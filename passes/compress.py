@@ -19,7 +19,15 @@ import torch.fx
 from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.layout import pieces, student_map
-from graphmerge.passes.widen import WidenInfo, copy_structure, rewrite_sizes, set_tensor, sync_width_attributes
+from graphmerge.passes.widen import (
+    WidenInfo,
+    copy_structure,
+    is_aten_graph,
+    rewrite_aten_sizes,
+    rewrite_sizes,
+    set_tensor,
+    sync_width_attributes,
+)
 from torch import nn
 
 Keep = str | dict[int, Any]
@@ -144,7 +152,11 @@ def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep
         set_tensor(student, name, tensor)
     for module in student.modules():
         sync_width_attributes(module)
-    rewrite_sizes(student, info.groups, lambda dim: len(student_map(dim, n, widths, widened, kept)))
+    size_of = lambda dim: len(student_map(dim, n, widths, widened, kept))  # noqa: E731
+    if is_aten_graph(student):
+        rewrite_aten_sizes(student, info.groups, size_of, widened)
+    else:
+        rewrite_sizes(student, info.groups, size_of)
     student.recompile()
     student.train(graph_module.training)
     return student

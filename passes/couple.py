@@ -71,6 +71,10 @@ class Layout:
     gate_sites: list[GateSite] = field(default_factory=list)
     across_norm: dict[int, str] = field(default_factory=dict)
     literal_nodes: set[str] = field(default_factory=set)
+    # reductions and softmax over a channel dim (node name -> dim): widen runs them per teacher block
+    blockwise: dict[str, int] = field(default_factory=dict)
+    # nodes holding a joint block of widened channels that no per-dim layout describes (a shuffle)
+    permuted_nodes: set[str] = field(default_factory=set)
 
 
 class Propagation:
@@ -89,6 +93,7 @@ class Propagation:
         self.across_norm: list[tuple[np.ndarray, str]] = []
         self.gate_sites: list[GateSite] = []
         self.discarded: list[np.ndarray] = []
+        self.blockwise: dict[str, int] = {}
         self.fresh_param_dims: dict[str, list[np.ndarray | None]] = {}
         self.literal_nodes: set[str] = set()
         self.nonlinear: list[tuple[str, np.ndarray]] = []
@@ -280,11 +285,19 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
         for gid in _groups_of(ids, component, group_of):
             layout.across_norm.setdefault(gid, what)
     layout.literal_nodes = set(prop.literal_nodes)
+    layout.blockwise = dict(prop.blockwise)
     _flag_nonlinear_heads(prop, groups, component, group_of)
     for group in groups:
         if group.width % group.unit:
             group.pinned = True
             group.reason = group.reason or f"selection unit {group.unit} does not divide width {group.width}"
+    live = np.array([not g.pinned for g in groups] + [False], dtype=bool)
+    for node, value in prop.labels.items():
+        if isinstance(value, TensorLabels) and any(d is None for d in layout.nodes.get(node.name, [])):
+            ids = value.all_ids()
+            gids = group_of[component[ids[ids >= 0]]] if ids.size else np.zeros(0, np.int64)
+            if gids.size and live[gids].any():
+                layout.permuted_nodes.add(node.name)
     display_names = {n.name: display_name(n) for n in prop.gm.graph.nodes}
     for site in prop.gate_sites:
         layout.gate_sites.append(site)

@@ -118,9 +118,12 @@ class GroupSet:
         for g in self.groups:
             for name in (*g.producers, *g.consumers, *g.members):
                 touched.setdefault(name, set()).add(g.id)
+        from graphmerge.passes.couple import display_name
+
         for node in self.graph_module.graph.nodes:
-            graph.add_node(node.name, op=node.op, target=str(node.target),
-                           groups=sorted(touched.get(node.name, ())))
+            shown = display_name(node)
+            graph.add_node(node.name, op=node.op, target=str(node.target), label=shown,
+                           groups=sorted(touched.get(shown, touched.get(node.name, ()))))
             for user in node.users:
                 graph.add_edge(node.name, user.name)
         return graph

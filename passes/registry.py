@@ -287,6 +287,8 @@ def get_attr(prop: Propagation, node: torch.fx.Node) -> Any:
     if not isinstance(value, torch.Tensor):
         return None
     name = str(node.target)
+    if _is_constant(prop, name, value):
+        return TensorLabels.unlabelled(tuple(value.shape))
     if name in prop.params:  # the same tensor read again: the same labels
         return TensorLabels.from_dims(tuple(value.shape), [d if d is not None else np.full(s, -1, np.int64)
                                                            for d, s in zip(prop.params[name].dims, value.shape,
@@ -296,6 +298,22 @@ def get_attr(prop: Propagation, node: torch.fx.Node) -> Any:
     prop.fresh_param_dims[name] = list(prop.params[name].dims)
     prop.role(node, "member", np.concatenate(dims) if dims else None)
     return TensorLabels.from_dims(tuple(value.shape), dims)
+
+
+def _is_constant(prop: Propagation, name: str, value: torch.Tensor) -> bool:
+    """Tensors that are the same in every teacher carry no channels: integer tables (relative
+    position indices), non-persistent buffers (rotary frequencies, masks) and tensors the model
+    creates in forward. Parameters and persistent float buffers (BatchNorm statistics) do."""
+    if not value.is_floating_point() and not value.is_complex():
+        return True
+    if name.startswith("lifted_tensor"):
+        return True
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = prop.gm.get_submodule(owner) if owner else prop.gm
+    except AttributeError:
+        return False
+    return attr in module._buffers and attr in getattr(module, "_non_persistent_buffers_set", set())
 
 
 def tie_param(prop: Propagation, node: torch.fx.Node, value: Any, dims: list[np.ndarray | None], *,
@@ -373,6 +391,15 @@ def broadcast(prop: Propagation, node: Any, inputs: list[TensorLabels]) -> Tenso
     shape = node_shape(node)
     assert shape is not None
     aligned = [_align(x, shape) for x in inputs]
+    # a per-head value (a norm over head_dim) meeting heads x head_dim: the heads become channels
+    per_dim = {dims[0] for x in aligned for dims, ids in x.blocks
+               if len(dims) == 1 and (ids >= 0).any() and x.shape[dims[0]] == shape[dims[0]]}
+    for i, x in enumerate(aligned):
+        for dims, _ in list(x.blocks):
+            heads = sorted(set(dims) & per_dim)
+            if len(dims) == 2 and len(heads) == 1:
+                inner = next(d for d in dims if d != heads[0])
+                aligned[i] = _collapse_block(prop, node, aligned[i], heads[0], inner) or aligned[i]
     joint_blocks: list[tuple[tuple[int, ...], np.ndarray]] = []
     joint_dims: set[int] = set()
     for x in aligned:
@@ -452,7 +479,9 @@ def reshape(prop: Propagation, node: torch.fx.Node) -> Any:
             return _reshape_whole(prop, node, x, shape)
         clash = joint == -2
         if clash.any():
-            prop.pin(x.all_ids(), f"{describe(node)}: reshape merges two channel dims")
+            for dims, ids in x.blocks:
+                if set(dims) & set(in_dims):
+                    prop.pin(ids, f"{describe(node)}: reshape merges two channel dims")
             joint = np.where(clash, NOT_A_CHANNEL, joint)
         joint = joint.reshape([shape[d] for d in out_dims]) if out_dims else joint
         if out_dims:
@@ -584,7 +613,7 @@ def permute(prop: Propagation, node: torch.fx.Node) -> Any:
     n = x.ndim
     order = list(range(n))
     if packet in (aten.transpose, aten.swapaxes, aten.swapdims):
-        a, b = args.get("dim0"), args.get("dim1")
+        a, b = node.args[1], node.args[2]
         order[a % n], order[b % n] = order[b % n], order[a % n]
     elif packet in (aten.t, aten.numpy_T):
         order = list(reversed(range(n)))
@@ -864,6 +893,20 @@ def reduction(prop: Propagation, node: torch.fx.Node) -> Any:
         prop.pin(x.all_ids(), f"{describe(node)}: reduction over all dims")
         return TensorLabels.unlabelled(shape) if shape else None
     dims = {int(d) % x.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    for d in sorted(dims):  # a norm over head_dim (cosine attention) stays inside each head
+        block_dims, _ = x.block_of(d)
+        others = [o for o in block_dims if o != d]
+        if len(block_dims) == 2 and others[0] not in dims:
+            x = _collapse_block(prop, node, x, others[0], d) or x
+    channel_dims = [d for d in dims if (x.block_of(d)[1] >= 0).any()]
+    packet = node.target.overloadpacket
+    if len(channel_dims) == 1 and keepdim and x.dim(channel_dims[0]) is not None and packet in BLOCKWISE \
+            and not node_shapes(node):
+        # RMSNorm's mean(x^2, -1, keepdim): in the big student each teacher's block reduces on its own
+        prop.blockwise[node.name] = channel_dims[0]
+        prop.normalised_across(x.dim(channel_dims[0]), describe(node))
+        return TensorLabels.from_dims(shape, [x.dim(d) if d not in dims else np.full(1, NOT_A_CHANNEL, np.int64)
+                                              for d in range(x.ndim)])
     for d in dims:
         prop.pin(x.block_of(d)[1], f"{describe(node)}: reduction over a channel dim")
     kept = [d for d in range(x.ndim) if d not in dims]
@@ -879,12 +922,22 @@ def reduction(prop: Propagation, node: torch.fx.Node) -> Any:
     return result
 
 
+BLOCKWISE = (aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp)
+
+
 def softmax(prop: Propagation, node: torch.fx.Node) -> Any:
+    """Softmax over a channel dim normalises across it: the big student runs it per teacher block."""
     x = labels_of(prop, node.args[0])
     if not isinstance(x, TensorLabels):
         return unlabelled(node)
-    dim = op_args(node)["dim"]
-    prop.pin(x.block_of(dim % x.ndim)[1], f"{describe(node)}: softmax across a channel dim")
+    dim = op_args(node)["dim"] % x.ndim
+    ids = x.block_of(dim)[1]
+    if (ids >= 0).any():
+        if x.dim(dim) is None:
+            prop.pin(ids, f"{describe(node)}: softmax across a reshaped channel block")
+        else:
+            prop.blockwise[node.name] = dim
+            prop.normalised_across(ids, describe(node))
     return x
 
 
@@ -907,6 +960,11 @@ def spatial(prop: Propagation, node: torch.fx.Node) -> Any:
         dims.append(ids)
     result = TensorLabels.from_dims(shape, dims)
     return (result, result) if shapes else result
+
+
+def creation(prop: Propagation, node: torch.fx.Node) -> Any:
+    """new_zeros/zeros_like/...: the tensor argument lends a dtype, device or shape, no values."""
+    return unlabelled(node)
 
 
 def per_channel(prop: Propagation, node: torch.fx.Node) -> Any:
@@ -941,11 +999,10 @@ def group_norm(prop: Propagation, node: torch.fx.Node) -> Any:
         if isinstance(args.get(name), torch.fx.Node):
             tie_param(prop, node, args[name], [ids], out_dim=0)
     groups = args["num_groups"]
-    if groups == 1:
-        prop.pin(ids, f"{describe(node)}: GroupNorm with one group normalises across all channels")
-    else:
-        prop.unit(ids, len(ids) // groups)
+    if groups == 1:  # like LayerNorm over (C, H, W): widen gives each teacher's block its own group
         prop.normalised_across(ids, describe(node))
+    else:  # whole norm groups are kept, so each keeps normalising the same channels
+        prop.unit(ids, len(ids) // groups)
     prop.role(node, "member", ids)
     return x
 
@@ -956,6 +1013,9 @@ def rewrite_group_norm(node: torch.fx.Node, sizes: SizeContext) -> None:
         return
     groups = op_args(node)["num_groups"]
     per_group = len(dims[1].group) // groups
+    if groups == 1 and len(set(dims[1].group.tolist())) > 1:
+        raise_layout(node, "GroupNorm with one group over channels of several groups: the teachers' "
+                           "blocks are not contiguous in the big student")
     set_arg(node, "num_groups", sizes.size(dims[1]) // per_group)
 
 
@@ -997,7 +1057,7 @@ def conv(prop: Propagation, node: torch.fx.Node) -> Any:
     groups = args.get("groups") or 1
     in_ch, out_ch = x.shape[1], shape[1]
     kernel = [np.full(s, NOT_A_CHANNEL, np.int64) for s in weight.shape[2:]]
-    in_ids = channels(prop, x.dim(1), in_ch, f"{describe(node)}: input is not a channel space")
+    in_ids = channels(prop, x.dim(1), in_ch, f"not a channel: {describe(node)} reads values every teacher shares")
     batch = x.dim(0) if x.dim(0) is not None else np.full(shape[0], NOT_A_CHANNEL, np.int64)
     out_spatial = [np.full(s, NOT_A_CHANNEL, np.int64) for s in shape[2:]]
     if groups == 1:
@@ -1066,7 +1126,8 @@ def _matrix_product(prop: Propagation, node: torch.fx.Node, x: TensorLabels, wei
     """x @ W^T (weight_out=0, linear) or x @ W (weight_out=1): W's other dim reads x's last dim."""
     weight = labels_of(prop, weight_node)
     root = param_root(weight_node)
-    in_ids = channels(prop, x.dim(x.ndim - 1), x.shape[-1], f"{describe(node)}: input is not a channel space")
+    in_ids = channels(prop, x.dim(x.ndim - 1), x.shape[-1],
+                      f"not a channel: {describe(node)} reads values every teacher shares")
     out_ids = prop.fresh(weight.shape[weight_out])
     dims = [out_ids, in_ids] if weight_out == 0 else [in_ids, out_ids]
     if root is None:  # a weight computed from activations: a product of two activations
@@ -1202,74 +1263,71 @@ def attention(prop: Propagation, node: torch.fx.Node) -> Any:
 
 
 def matmul(prop: Propagation, node: torch.fx.Node) -> Any:
-    """a @ b contracts a's last dim with b's second-to-last.
+    """a @ b over (..., M, K) @ (..., K, N).
 
-    Contracting a channel dim would mix teachers: pinned. Contracting head_dim inside heads
-    (q @ k^T, per head) ties head h of a with head h of b; attention weights @ v carries v's
-    heads. Other batch dims broadcast as in elementwise ops.
+    A matrix dim reshaped out of heads (q, k or v as heads x head_dim) first makes each head one
+    channel (``head_reps``): q @ k^T then ties head h of q with head h of k through their batch
+    dim, attention weights @ v ties them with v's heads, and channels-as-tokens attention (XCA)
+    works the same way. What is left: contracting a channel dim mixes teachers and is pinned;
+    batch dims broadcast as in elementwise ops; M comes from a, N from b.
     """
     a, b = labels_of(prop, node.args[0]), labels_of(prop, node.args[1])
     shape = node_shape(node)
     if not isinstance(a, TensorLabels) or not isinstance(b, TensorLabels) or shape is None \
             or a.ndim < 2 or b.ndim < 2:
         return pin_all(prop, node, f"{describe(node)}: matmul of vectors or unlabelled values")
-    reason = f"{describe(node)}: matmul contracts a channel dim"
     n = len(shape)
     a, b = _align(a, shape[:-2] + a.shape[-2:]), _align(b, shape[:-2] + b.shape[-2:])
-    blocks: list[tuple[tuple[int, ...], np.ndarray]] = []
-    used: set[int] = set()
-    # contraction: a's last dim with b's dim -2
-    ka_dims, ka = a.block_of(a.ndim - 1)
-    kb_dims, kb = b.block_of(b.ndim - 2)
-    if len(ka_dims) == 2 and len(kb_dims) == 2:
-        ha = next(d for d in ka_dims if d != a.ndim - 1)
-        hb = next(d for d in kb_dims if d != b.ndim - 2)
-        if ha != hb or ha >= n - 2:
-            return pin_all(prop, node, reason)
-        ra = head_reps(prop, node, a, ha, a.ndim - 1)
-        rb = head_reps(prop, node, b, hb, b.ndim - 2)
-        prop.unify(ra, rb, f"{describe(node)}: q @ k per head")
-        blocks.append(((ha,), ra))
-        used.add(ha)
-    elif (ka >= 0).any() or (kb >= 0).any():
+    a, b = _collapse_heads(prop, node, a), _collapse_heads(prop, node, b)
+    if a is None or b is None:
+        return pin_all(prop, node, f"{describe(node)}: matmul over a reshaped channel block")
+    reason = f"{describe(node)}: matmul contracts a channel dim"
+    ka, kb = a.dim(n - 1), b.dim(n - 2)
+    if (ka >= 0).any() or (kb >= 0).any():
         prop.pin(ka, reason)
         prop.pin(kb, reason)
-    # columns of b: heads x head_dim of v pass through
-    n_dims, n_ids = b.block_of(b.ndim - 1)
-    if len(n_dims) == 2:
-        hb = next(d for d in n_dims if d != b.ndim - 1)
-        if hb >= n - 2:
-            return pin_all(prop, node, reason)
-        rb = head_reps(prop, node, b, hb, b.ndim - 1)
-        a_heads = a.dim(hb) if hb not in used else None
-        if a_heads is not None and (a_heads >= 0).any():
-            prop.unify(a_heads, rb, f"{describe(node)}: attention weights @ v per head")
-        if hb in used:
-            prop.unify(blocks[0][1], rb, f"{describe(node)}: heads")
-            blocks = []
-        blocks.append(((hb, n - 1), b.joint((hb, b.ndim - 1))))
-        used.update({hb, n - 1})
-    elif len(n_dims) == 1:
-        blocks.append(((n - 1,), n_ids))
-        used.add(n - 1)
-    else:
-        return pin_all(prop, node, reason)
-    m_dims, m_ids = a.block_of(a.ndim - 2)
-    if len(m_dims) != 1:
-        return pin_all(prop, node, reason)
-    blocks.append(((n - 2,), m_ids))
-    used.add(n - 2)
+    dims = []
     for d in range(n - 2):
-        if d in used:
-            continue
-        candidates = [x.dim(d) for x in (a, b) if x.shape[d] == shape[d] and x.dim(d) is not None]
-        for x in (a, b):
-            if x.dim(d) is None:
-                prop.pin(x.block_of(d)[1], reason)
+        candidates = [x.dim(d) for x in (a, b) if x.shape[d] == shape[d]]
         for other in candidates[1:]:
             prop.unify(candidates[0], other, describe(node))
-        blocks.append(((d,), candidates[0] if candidates else np.full(shape[d], NOT_A_CHANNEL, np.int64)))
-    return TensorLabels(shape, blocks)
+        for x in (a, b):
+            if x.shape[d] == 1 and shape[d] > 1 and (x.dim(d) >= 0).any():
+                prop.pin(x.dim(d), f"{describe(node)}: a single channel broadcast across a dim")
+        dims.append(candidates[0] if candidates else np.full(shape[d], NOT_A_CHANNEL, np.int64))
+    return TensorLabels.from_dims(shape, [*dims, a.dim(n - 2), b.dim(n - 1)])
+
+
+def _collapse_block(prop: Propagation, node: torch.fx.Node, x: TensorLabels, head_dim: int,
+                    inner_dim: int) -> TensorLabels | None:
+    """``x`` with its (head_dim, inner_dim) joint block made head channels on head_dim only."""
+    reps = head_reps(prop, node, x, head_dim, inner_dim)
+    if reps is None:
+        return None
+    blocks = [(dims, ids) for dims, ids in x.blocks if set(dims) != {head_dim, inner_dim}]
+    blocks += [((head_dim,), reps), ((inner_dim,), np.full(x.shape[inner_dim], NOT_A_CHANNEL, np.int64))]
+    return TensorLabels(x.shape, blocks)
+
+
+def _collapse_heads(prop: Propagation, node: torch.fx.Node, x: TensorLabels) -> TensorLabels | None:
+    """``x`` with every joint (batch dim, matrix dim) block turned into head channels on the batch
+    dim and nothing on the matrix dim; None when a joint block is anything else."""
+    n = x.ndim
+    blocks = []
+    for dims, ids in x.blocks:
+        if len(dims) == 1:
+            blocks.append((dims, ids))
+            continue
+        matrix = [d for d in dims if d >= n - 2]
+        batch = [d for d in dims if d < n - 2]
+        if len(dims) != 2 or len(matrix) != 1 or len(batch) != 1:
+            return None
+        reps = head_reps(prop, node, x, batch[0], matrix[0])
+        if reps is None:
+            return None
+        blocks.append(((batch[0],), reps))
+        blocks.append(((matrix[0],), np.full(x.shape[matrix[0]], NOT_A_CHANNEL, np.int64)))
+    return TensorLabels(x.shape, blocks)
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -1279,7 +1337,7 @@ def _rule(couple: Callable, rewrite: Callable | None = None, linear: bool = Fals
 
 
 def _register_all() -> None:
-    unary_linear = ["clone", "contiguous", "_to_copy", "to", "alias", "detach", "neg", "lift_fresh_copy",
+    unary_linear = ["zero_", "fill_", "clone", "contiguous", "_to_copy", "to", "alias", "detach", "neg", "lift_fresh_copy",
                     "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
                     "type_as", "positive", "_assert_tensor_metadata"]
     unary = ["relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
@@ -1329,7 +1387,7 @@ def _register_all() -> None:
     register_rule(aten.narrow, _rule(narrow, rewrite_narrow, linear=True))
     register_rule(aten.index, _rule(index_tensor, linear=True))
     for name in ("mean", "sum", "amax", "amin", "max", "min", "var", "std", "logsumexp", "prod", "var_mean",
-                 "std_mean", "norm", "any", "all", "argmax", "argmin"):
+                 "std_mean", "norm", "any", "all", "argmax", "argmin", "linalg_vector_norm", "cumsum"):
         register_rule(getattr(aten, name), _rule(reduction, linear=name in ("mean", "sum")))
     for name in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
         register_rule(getattr(aten, name), _rule(softmax))
@@ -1358,6 +1416,10 @@ def _register_all() -> None:
     register_rule(aten.scaled_dot_product_attention, _rule(attention))
     for name in ("matmul", "bmm", "mm"):
         register_rule(getattr(aten, name), _rule(matmul))
+    for name in ("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
+                 "empty_like", "rand_like", "randn_like", "randint_like", "scalar_tensor", "arange"):
+        if hasattr(aten, name):
+            register_rule(getattr(aten, name), _rule(creation, linear=True))
     for name in ("max", "min"):  # max(a, b) is elementwise; max(x) and max(x, dim) reduce
         register_rule(getattr(aten, name).other, _rule(elementwise))
     register_rule(operator.getitem, _rule(getitem, linear=True))

@@ -45,6 +45,11 @@ class WidenInfo:
     counters_start: dict[str, torch.Tensor] = field(default_factory=dict)
     # The inputs the analysis ran on; compress certifies its result (I3) on them.
     example_inputs: tuple = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    # what the teachers' own class needs beside them (use_cache=False where capture dropped a cache)
+    class_kwargs: dict[str, Any] = field(default_factory=dict)
+    # layers that average the teachers with an explicit 1/N (their weight is tied, see _average_tied_heads)
+    tied_heads: list[str] = field(default_factory=list)
     certificates: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -83,7 +88,9 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     untraced = [{k: v.clone() for k, v in s.items() if k not in traced_names} for s in states]
     start = {k: v.clone() for k, v in big.state_dict().items() if _is_counter(v)}
     counters = [{k: s[k].clone() for k in start if k in s} for s in states]
-    big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced, counters, start)
+    tied = big.meta.pop("graphmerge_tied_heads", [])
+    big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced, counters, start,
+                                       tied_heads=tied)
     return big
 
 
@@ -413,9 +420,125 @@ def _rewrite_literals(big: torch.fx.GraphModule, groups: GroupSet, n: int, width
         if node.target is F.layer_norm or node.target is torch.ops.aten.layer_norm.default:
             norm_index = _rewrite_layer_norm(big, node, groups.layout, n, widths, widened, norm_index)
     if is_aten_graph(big):
+        _rewrite_blockwise(big, groups, n, widths, widened)
+        _average_tied_heads(big, groups, n, widened)
         rewrite_aten_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0], widened)
     else:
         rewrite_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0])
+
+
+def _average_tied_heads(big: torch.fx.GraphModule, groups: GroupSet, n: int, widened: set[int]) -> list[str]:
+    """A layer that writes an output from widened channels averages the teachers: widen divides its
+    weight by N. A weight tied to another use (GPT-2's lm_head is the token embedding) cannot be
+    divided, so the layer's product is divided instead: ``linear(x, W) / N + b``. Returns the layers."""
+    from graphmerge.passes.registry import op_args, param_root
+
+    layout = groups.layout
+    widened_list = list(widened)
+    weight_out = {torch.ops.aten.linear.default: ("weight", 0, "bias"),
+                  torch.ops.aten.addmm.default: ("mat2", 1, "self")}
+    rewritten = []
+    for node in list(big.graph.nodes):
+        spec = weight_out.get(node.target)
+        if spec is None:
+            continue
+        weight_arg, out_dim, bias_arg = spec
+        args = op_args(node)
+        param = param_root(args[weight_arg])
+        dims = layout.params.get(param or "")
+        out_layout = (layout.nodes.get(node.name) or [None])[-1]
+        if param is None or dims is None or layout.out_dims.get(param) == out_dim or out_layout is None:
+            continue
+        in_layout = dims[1 - out_dim]
+        if np.isin(out_layout.group, widened_list).any() or in_layout is None \
+                or not np.isin(in_layout.group, widened_list).any():
+            continue
+        bias = args.get(bias_arg)
+        with big.graph.inserting_after(node):
+            scaled = big.graph.call_function(torch.ops.aten.mul.Tensor, (node, 1.0 / n))
+        node.replace_all_uses_with(scaled)
+        alias(big, scaled, node.name)
+        scaled.args = (node, 1.0 / n)
+        if isinstance(bias, torch.fx.Node):
+            if node.target is torch.ops.aten.linear.default:
+                node.args = (args["input"], args["weight"])
+                node.kwargs = {}
+            else:
+                node.target = torch.ops.aten.mm.default
+                node.args = (args["mat1"], args["mat2"])
+                node.kwargs = {}
+            with big.graph.inserting_after(scaled):
+                biased = big.graph.call_function(torch.ops.aten.add.Tensor, (scaled, bias))
+            scaled.replace_all_uses_with(biased)
+            alias(big, biased, node.name)
+            biased.args = (scaled, bias)
+        rewritten.append(node.name)
+    big.meta.setdefault("graphmerge_tied_heads", []).extend(rewritten)
+    return rewritten
+
+
+def _rewrite_blockwise(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths: dict[int, int],
+                       widened: set[int]) -> None:
+    """Reductions and softmax over a widened channel dim run once per teacher's block (exact I1)."""
+    nodes = {node.name: node for node in big.graph.nodes}
+    for index, (name, dim) in enumerate(sorted(groups.layout.blockwise.items())):
+        node = nodes.get(name)
+        source = node.args[0] if node is not None else None
+        dims = groups.layout.nodes.get(layout_name(big, source)) if isinstance(source, torch.fx.Node) else None
+        layout_dim = dims[dim] if dims is not None else None
+        if layout_dim is None or not np.isin(layout_dim.group, list(widened)).any():
+            continue
+        if not np.isin(layout_dim.group, list(widened)).all():
+            raise LayoutError(f"{name}: a reduction over a dim that mixes widened and shared channels")
+        _, maps = teacher_maps(layout_dim, n, widths, widened)
+        buffer = f"graphmerge_blocks_{index}"
+        big.register_buffer(buffer, torch.as_tensor(np.stack(maps), dtype=torch.long), persistent=False)
+        from graphmerge.passes.registry import op_args
+
+        args = op_args(node)
+        args.pop("self", None)
+        args.pop("input", None)
+        with big.graph.inserting_before(node):
+            blocks = big.graph.get_attr(buffer)
+            call = big.graph.call_function(blockwise, (source, node.target, dim, blocks), args)
+        node.replace_all_uses_with(call)
+        alias(big, call, node.name)
+        big.graph.erase_node(node)
+
+
+def blockwise(x: torch.Tensor, op: Any, dim: int, blocks: torch.Tensor, /, **args: Any) -> torch.Tensor:
+    """Apply a reduction (keepdim) or softmax over ``dim`` separately to each teacher's block.
+
+    ``blocks[t]`` lists teacher t's positions along ``dim``. A reduction's result is broadcast back
+    over its block, so the output has ``x``'s shape and feeds the elementwise ops that follow.
+    """
+    dim = dim % x.ndim
+    n, width = blocks.shape
+    grouped = x.index_select(dim, blocks.reshape(-1)).unflatten(dim, (n, width))
+    if "keepdim" in args:
+        reduced = args.pop("dim")
+        reduced = [reduced] if isinstance(reduced, int) else list(reduced)
+        reduced = [d % x.ndim for d in reduced]
+        args["dim"] = [d + 1 if d >= dim else d for d in reduced]
+        args["keepdim"] = True
+        out = op(grouped, **args).expand(grouped.shape)
+    else:
+        args["dim"] = dim + 1
+        out = op(grouped, **args)
+    out = out.flatten(dim, dim + 1)
+    return torch.empty_like(out).index_copy_(dim, blocks.reshape(-1), out)
+
+
+def alias(gm: torch.fx.GraphModule, new: torch.fx.Node, old_name: str) -> None:
+    """``new`` stands for the analysed node ``old_name``: later rewrites look its layout up by that."""
+    aliases = gm.meta.setdefault("graphmerge_aliases", {})
+    aliases[new.name] = aliases.get(old_name, old_name)
+
+
+def layout_name(gm: torch.fx.GraphModule, node: Any) -> str | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    return gm.meta.get("graphmerge_aliases", {}).get(node.name, node.name)
 
 
 def is_aten_graph(gm: torch.fx.GraphModule) -> bool:
@@ -436,7 +559,7 @@ def rewrite_aten_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of, wide
         if node.op not in ("call_function", "call_module"):
             continue
         source = node.args[0] if node.args else None
-        input_dims = layout.nodes.get(source.name) if isinstance(source, torch.fx.Node) else None
+        input_dims = layout.nodes.get(layout_name(gm, source)) if isinstance(source, torch.fx.Node) else None
         rewrite_node(node, SizeContext(layout.nodes.get(node.name), input_dims, size_of, is_widened), gm)
 
 
@@ -556,7 +679,7 @@ def _rewrite_index(index: Any, in_dims: list[DimLayout | None], prefix) -> Any:
 def _rewrite_layer_norm(big: torch.fx.GraphModule, node: torch.fx.Node, layout, n: int,
                         widths: dict[int, int], widened: set[int], index: int) -> int:
     source = node.args[0]
-    dims = layout.nodes.get(source.name) if isinstance(source, torch.fx.Node) else None
+    dims = layout.nodes.get(layout_name(big, source)) if isinstance(source, torch.fx.Node) else None
     last = dims[-1] if dims else None
     if last is None or not np.isin(last.group, list(widened)).any():
         return index
@@ -570,6 +693,7 @@ def _rewrite_layer_norm(big: torch.fx.GraphModule, node: torch.fx.Node, layout, 
     with big.graph.inserting_after(node):
         replacement = big.graph.call_module(name, (source, weight, bias))
     node.replace_all_uses_with(replacement)
+    alias(big, replacement, node.name)
     big.graph.erase_node(node)
     return index + 1
 
@@ -586,13 +710,15 @@ def _rewrite_permutations(big: torch.fx.GraphModule, groups: GroupSet, n: int, w
     permutation in the big layout.
     """
     nodes = dict(groups.layout.nodes)
+    is_aten = is_aten_graph(big)
     changed = False
     for node in list(big.graph.nodes):
         out = nodes.get(node.name)
         if out is None or any(d is None for d in out) or not node.args:
             continue
         source = node.args[0]
-        if not isinstance(source, torch.fx.Node) or not _in_joint_block(nodes.get(source.name)):
+        if not isinstance(source, torch.fx.Node) or not _in_joint_block(nodes.get(source.name)) \
+                or (is_aten and source.name not in groups.layout.permuted_nodes):
             continue
         start = source
         while _in_joint_block(nodes.get(start.name)):
@@ -615,6 +741,7 @@ def _rewrite_permutations(big: torch.fx.GraphModule, groups: GroupSet, n: int, w
             index = big.graph.get_attr(buffer)
             gathered = big.graph.call_method("index_select", (start, dim, index))
         node.replace_all_uses_with(gathered)
+        alias(big, gathered, node.name)
         nodes[gathered.name] = out
         changed = True
     if changed:

@@ -26,7 +26,7 @@ if str(REPO_ROOT) not in sys.path:  # the packages import without `pip install -
     sys.path.insert(0, str(REPO_ROOT))
 
 # CI runs the property tests with a fixed seed (derandomize); `make fuzz` draws fresh seeds.
-settings.register_profile("default", max_examples=200, deadline=None, derandomize=True)
+settings.register_profile("default", max_examples=100, deadline=None, derandomize=True)
 settings.register_profile("thorough", max_examples=3000, deadline=None, derandomize=True)
 settings.register_profile("fuzz", max_examples=int(os.environ.get("GRAPHMERGE_FUZZ_EXAMPLES", "10000")),
                           deadline=None, derandomize=False, database=None)

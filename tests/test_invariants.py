@@ -260,7 +260,7 @@ def test_random_architectures_satisfy_the_invariants(spec, n: int, seed: int) ->
         assert patterns, f"pinned inside for no known reason: {[g.reason for g in groups.internal_pinned]}"
         return  # I1 cannot hold with groups pinned inside; only these listed patterns may pin
     try:
-        big = graphmerge.widen(teachers, inputs)
+        big = graphmerge.widen(teachers, inputs, groups=groups)
     except graphmerge.GraphMergeError as error:  # refused with an explanation: only for listed patterns
         assert unsupported_patterns(spec), f"widen refused a supported architecture: {error}"
         assert "cannot lay out" in str(error)

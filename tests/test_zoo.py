@@ -1,7 +1,9 @@
-"""The torchvision classification zoo: every model is analysed; I1/I2/I4 on a representative subset
+"""The torchvision classification zoo: a representative subset is analysed and checked for I1-I4
 (every model with GRAPHMERGE_FULL_ZOO=1). Models are built with weights=None."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -29,13 +31,20 @@ INVARIANT_MODELS = [n for n in (ALL_MODELS if full_zoo() else REPRESENTATIVE) if
 # I1 in float64 for these: in float32 the rounding of twelve-plus LayerNorm/attention layers over
 # the widened stream alone exceeds 1e-4 of the output (vit_b_16: 9.5e-2 relative with random
 # weights, 1.4e-11 in float64; benchmarks/zoo.py --double), which says nothing about widen.
-FLOAT64_I1 = {name for name in ALL_MODELS if name.startswith("vit_")}
+FLOAT64_I1 = {name for name in ALL_MODELS if name.startswith(("vit_", "swin"))}
 # A LayerNorm over a widened channel dim normalises over the channels that are kept, so I3 is
 # exact only when every group keeps one teacher's block (the test's mixed=False).
-I3_ONE_TEACHER = {name for name in ALL_MODELS if name.startswith(("vit_", "convnext"))}
+I3_ONE_TEACHER = {name for name in ALL_MODELS if name.startswith(("vit_", "convnext", "swin"))}
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+ANALYSED_MODELS = ALL_MODELS if full_zoo() else sorted(set(REPRESENTATIVE) | {
+    "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "efficientnet_v2_s", "inception_v3",
+    "mobilenet_v3_large", "shufflenet_v2_x1_0", "alexnet", "swin_t", "swin_v2_t", "maxvit_t", "vit_b_16"})
+INVARIANT_MODELS = sorted(set(INVARIANT_MODELS) | {"swin_t", "swin_v2_t"}) if not full_zoo() \
+    else INVARIANT_MODELS
+
+
+@pytest.mark.parametrize("name", ANALYSED_MODELS)
 def test_zoo_model_is_analysed(name: str) -> None:
     groups = graphmerge.analyze(build(name), example_inputs(name))
     assert groups.widened, f"{name}: no widened group"
@@ -59,12 +68,18 @@ def test_zoo_model_invariants(name: str) -> None:
     inputs = example_inputs(name)
     teachers = make_teachers(lambda: build(name), 2, seed=1)
     skip_above_param_cap(name, teachers[0])
-    if name in FLOAT64_I1:
-        teachers = [t.double() for t in teachers]
-        inputs = tuple(x.double() for x in inputs)
     big = graphmerge.widen(teachers, inputs)
-    check_i1(teachers, big, inputs)
+    if name in FLOAT64_I1:  # float64 copies for I1 only: float32 everywhere else keeps memory in bounds
+        teachers64 = [copy.deepcopy(t).double() for t in teachers]
+        big64 = copy.deepcopy(big).double()
+        check_i1(teachers64, big64, tuple(x.double() for x in inputs))
+        del teachers64, big64
+    else:
+        check_i1(teachers, big, inputs)
     check_i2(teachers, big, output_layer_name(teachers[0], inputs))
     _, info = widen_info(big)
-    check_i3(big, info.groups, 2, inputs, seed=0, mixed=name not in I3_ONE_TEACHER)
     check_i4(graphmerge.compress(big, "teacher:1"), teachers[0], inputs)
+    if name in FLOAT64_I1:  # float32 rounding alone exceeds the tolerance on these (see above)
+        big = copy.deepcopy(big).double()
+        inputs = tuple(x.double() for x in inputs)
+    check_i3(big, info.groups, 2, inputs, seed=0, mixed=name not in I3_ONE_TEACHER)
