@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from graphmerge.passes.compress import widen_info
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import teacher_maps
 from graphmerge.passes.util import training_mode
+from graphmerge.passes.widen import widen_info
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 

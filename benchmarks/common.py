@@ -594,7 +594,8 @@ def plot_common(result: dict[str, Any], out: Path, name: str) -> None:
 
 def plot_first_layer(gated: nn.Module, weight_name: str, out: Path, name: str) -> None:
     """The first layer's filters of the big student, kept ones marked by the teacher they come from."""
-    from graphmerge.passes.compress import select_channels, widen_info
+    from graphmerge.passes.gate import select_channels
+    from graphmerge.passes.widen import widen_info
 
     _, info = widen_info(gated)
     gid = next(g.id for g in info.groups.widened if any(k[0] == weight_name and k[1] == 0 for k in g.index_maps))

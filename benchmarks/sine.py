@@ -61,7 +61,8 @@ def plot_hidden_units(gated, out: Path) -> None:
     """The first layer's features: each hidden unit is a ReLU kink at x = -b/w, slope w; kept
     units coloured by the teacher they come from (run 0)."""
     import matplotlib.pyplot as plt
-    from graphmerge.passes.compress import select_channels, widen_info
+    from graphmerge.passes.gate import select_channels
+    from graphmerge.passes.widen import widen_info
 
     _, info = widen_info(gated)
     gid = info.groups.widened[0].id

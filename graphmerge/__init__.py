@@ -26,25 +26,22 @@ __all__ = [
 ]
 
 
-def analyze(model, example_inputs, *, example_kwargs=None, leaf_modules=(), concrete_args=None,
-            frontend="export"):
+def analyze(model, example_inputs, *, example_kwargs=None, leaf_modules=()):
     """Capture ``model`` on ``example_inputs`` (and ``example_kwargs``) with torch.export and return
     its coupling groups (a GroupSet)."""
     from graphmerge.api import analyze as _analyze
 
-    return _analyze(model, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules,
-                    concrete_args=concrete_args, frontend=frontend)
+    return _analyze(model, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules)
 
 
-def widen(teachers, example_inputs, *, example_kwargs=None, leaf_modules=(), concrete_args=None,
-          frontend="export", verify=True, groups=None):
+def widen(teachers, example_inputs, *, example_kwargs=None, leaf_modules=(), verify=True, groups=None):
     """Concatenate N teachers into one big student that computes the mean of their outputs.
 
     ``verify`` (default on) certifies that on the example inputs (invariant I1, float64)."""
     from graphmerge.api import widen as _widen
 
     return _widen(teachers, example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules,
-                  concrete_args=concrete_args, frontend=frontend, verify=verify, groups=groups)
+                  verify=verify, groups=groups)
 
 
 def add_gates(big, **gate_options: Any):

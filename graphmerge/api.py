@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -11,12 +12,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphmerge.errors import CertificateError, GraphMergeError, ModelMismatchError
+from graphmerge.errors import CertificateError, GraphMergeError, ModelMismatchError, TraceError
 from graphmerge.passes.certify import Certificate
 from graphmerge.passes.couple import couple
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import LayoutError
-from graphmerge.passes.trace import trace
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -24,40 +24,47 @@ def _as_tuple(example_inputs: Any) -> tuple:
 
 
 def analyze(model: nn.Module, example_inputs: Any, *, example_kwargs: dict[str, Any] | None = None,
-            leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
-            frontend: str = "export") -> GroupSet:
-    """Capture ``model`` on ``example_inputs`` and find its channel-coupling groups.
+            leaf_modules: Sequence[Any] = ()) -> GroupSet:
+    """Capture ``model`` on its example inputs with torch.export and find its channel-coupling groups.
 
-    The front end is ``torch.export`` (an ATen graph; ``frontend="fx"`` uses the older
-    ``torch.fx.symbolic_trace``, which ``concrete_args`` requires). ``leaf_modules`` (submodule
-    names, or module classes) are kept opaque: every channel they touch is pinned.
+    ``leaf_modules`` (submodule names, module classes or class names) are kept opaque: every channel
+    they touch is pinned. (With torch.fx's symbolic_trace, retired, a leaf also got a model past
+    code the tracer could not follow; torch.export follows such code itself.)
     """
-    start = time.perf_counter()
-    if frontend == "fx" or concrete_args:
-        gm = trace(model, _as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
-        traced = time.perf_counter()
-        groups = couple(gm)
-    elif frontend == "export":
-        from graphmerge.passes.capture import capture
+    from graphmerge.passes.capture import capture
 
-        gm = capture(model, _as_tuple(example_inputs), example_kwargs)
-        traced = time.perf_counter()
-        groups = couple(gm, leaf_modules=_leaf_names(model, leaf_modules))
-    else:
-        raise GraphMergeError(f"frontend must be 'export' or 'fx', got {frontend!r}.")
-    groups.timings["trace_s"] = traced - start
+    start = time.perf_counter()
+    gm = capture(model, _as_tuple(example_inputs), example_kwargs)
+    captured = time.perf_counter()
+    groups = couple(gm, leaf_modules=leaf_names(model, leaf_modules))
+    groups.timings["trace_s"] = captured - start
     return groups
 
 
-def _leaf_names(model: nn.Module, leaf_modules: Sequence[Any]) -> tuple[str, ...]:
-    """Qualified names of the leaf submodules (a class or class name stands for all its instances)."""
-    from graphmerge.passes.trace import _resolve_leaves
-
-    types, names = _resolve_leaves(model, leaf_modules, type(model).__name__)
-    found = set(names)
-    for name, module in model.named_modules():
-        if name and types and isinstance(module, types):
-            found.add(name)
+def leaf_names(model: nn.Module, leaf_modules: Sequence[Any]) -> tuple[str, ...]:
+    """Qualified names of the leaf submodules; a class (or class name) stands for all its instances."""
+    submodules = dict(model.named_modules())
+    class_by_name = {type(m).__name__: type(m) for m in submodules.values()}
+    types: list[type] = []
+    found: set[str] = set()
+    for spec in leaf_modules:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            types.append(spec)
+        elif isinstance(spec, str) and spec and spec in submodules:
+            found.add(spec)
+        elif isinstance(spec, str) and spec in class_by_name:
+            types.append(class_by_name[spec])
+        else:
+            candidates = [n for n in submodules if n] + sorted(class_by_name)
+            close = difflib.get_close_matches(str(spec), candidates, n=5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise TraceError(
+                f"leaf module {spec!r} is neither a submodule name nor a module class of model "
+                f"{type(model).__name__!r}.{hint} Give a qualified submodule name as printed by "
+                "`model.named_modules()` (e.g. 'layer1.0'), the name of a module class used in the model, "
+                "or (in Python) the class itself.")
+    if types:
+        found.update(name for name, module in submodules.items() if name and isinstance(module, tuple(types)))
     return tuple(sorted(found))
 
 
@@ -90,8 +97,8 @@ def check_same_architecture(teachers: Sequence[nn.Module]) -> None:
 
 
 def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs: dict[str, Any] | None = None,
-          leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None, frontend: str = "export",
-          verify: bool = True, groups: GroupSet | None = None) -> torch.fx.GraphModule:
+          leaf_modules: Sequence[Any] = (), verify: bool = True, groups: GroupSet | None = None
+          ) -> torch.fx.GraphModule:
     """Concatenate N teachers into one big student (an fx GraphModule) computing their mean.
 
     With ``verify`` (the default) the big student is run on ``example_inputs`` against the mean of
@@ -108,8 +115,7 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs:
     teachers = list(teachers)
     check_same_architecture(teachers)
     if groups is None:  # ``groups``: the analysis of teachers[0] on the same inputs, done already
-        groups = analyze(teachers[0], example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules,
-                         concrete_args=concrete_args, frontend=frontend)
+        groups = analyze(teachers[0], example_inputs, example_kwargs=example_kwargs, leaf_modules=leaf_modules)
     start = time.perf_counter()
     with torch.no_grad():
         try:
@@ -124,10 +130,9 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs:
     info = big.meta["graphmerge"]
     info.example_inputs = _as_tuple(example_inputs)
     info.example_kwargs = dict(example_kwargs or {})
-    if frontend == "export" and not concrete_args:
-        from graphmerge.passes.capture import _cache_kwargs
+    from graphmerge.passes.capture import _cache_kwargs
 
-        info.class_kwargs = _cache_kwargs(teachers[0], info.example_inputs, info.example_kwargs)
+    info.class_kwargs = _cache_kwargs(teachers[0], info.example_inputs, info.example_kwargs)
     if verify:
         pinned = groups.internal_pinned
         try:
@@ -159,7 +164,7 @@ def compress(big: nn.Module, keep: Any = "gates", *, scales: dict[int, Any] | No
     """
     from graphmerge.passes.certify import certify_equal
     from graphmerge.passes.compress import compress as compress_pass
-    from graphmerge.passes.compress import widen_info
+    from graphmerge.passes.widen import widen_info
 
     student = compress_pass(big, keep, scales=scales, ratio=ratio)
     if not verify:
@@ -189,10 +194,9 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
     """A gated copy of the big student whose eval gates are 0 where compress drops a channel and,
     where it keeps one, the scale compress folded in (the gates' own eval value, or exactly 1)."""
     from graphmerge.passes.certify import detached_copy
-    from graphmerge.passes.compress import select_channels
-    from graphmerge.passes.gate import add_gates
+    from graphmerge.passes.gate import GatedStudent, add_gates, select_channels
 
-    gated = hasattr(big, "gate_scores")
+    gated = isinstance(big, GatedStudent)
     from_gates = isinstance(keep, str) and keep == "gates"
     if scales is not None and not from_gates:
         return None, "custom scales"

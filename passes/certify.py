@@ -190,7 +190,7 @@ def _first_differing(big: torch.fx.GraphModule, big_values: dict[str, Any], teac
 
 def failing_node(gm: torch.fx.GraphModule, inputs: tuple, kwargs: dict[str, Any]) -> str:
     """'at NODE (source line): ' for the node whose op raises when ``gm`` runs, or ''."""
-    from graphmerge.passes.oprules import describe
+    from graphmerge.passes.registry import describe
 
     failed: list[torch.fx.Node] = []
 

@@ -18,74 +18,10 @@ import torch
 import torch.fx
 from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.errors import GraphMergeError
+from graphmerge.passes.gate import GatedStudent, Keep, select_channels
 from graphmerge.passes.layout import pieces, student_map
-from graphmerge.passes.widen import (
-    WidenInfo,
-    copy_structure,
-    is_aten_graph,
-    rewrite_aten_sizes,
-    rewrite_sizes,
-    set_tensor,
-    sync_width_attributes,
-)
+from graphmerge.passes.widen import WidenInfo, copy_structure, rewrite_aten_sizes, set_tensor, widen_info
 from torch import nn
-
-Keep = str | dict[int, Any]
-
-
-def widen_info(big: nn.Module) -> tuple[torch.fx.GraphModule, WidenInfo]:
-    """The big GraphModule and its WidenInfo, from a big student or a gated big student."""
-    graph_module = getattr(big, "graph_module", big)
-    info = getattr(graph_module, "meta", {}).get("graphmerge")
-    if not isinstance(info, WidenInfo):
-        raise GraphMergeError(
-            f"compress needs a big student made by graphmerge.widen (or gated by graphmerge.add_gates); "
-            f"got a {type(big).__name__} without graphmerge metadata. Build it with graphmerge.widen(teachers, "
-            "example_inputs) first.")
-    return graph_module, info
-
-
-def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | None = None) -> dict[int, np.ndarray]:
-    """Which big channels each widened group keeps, in ascending order.
-
-    ``keep`` is ``"teacher:K"`` or ``{group_id: scores}`` (N × width scores; the top ``width``
-    are kept, ties broken by lower index). Groups selected in units (conv groups) keep whole
-    units, ranked by the sum of their channels' scores.
-    """
-    n = info.n_teachers
-    kept: dict[int, np.ndarray] = {}
-    if isinstance(keep, str) and keep.startswith("teacher:"):
-        try:
-            teacher = int(keep.split(":", 1)[1])
-        except ValueError:
-            raise GraphMergeError(f"keep='{keep}' is not of the form 'teacher:K' with an integer K.") from None
-        if not 0 <= teacher < n:
-            raise GraphMergeError(f"keep='{keep}' names teacher {teacher}, but the big student has {n} "
-                                  f"teachers (0..{n - 1}).")
-        for group in info.groups.widened:
-            kept[group.id] = teacher * group.width + np.arange(group.width)
-        return kept
-    if not isinstance(keep, dict):
-        raise GraphMergeError(f"keep must be 'gates', 'teacher:K' or a dict of per-group scores; got {keep!r}.")
-    for group in info.groups.widened:
-        if group.id not in keep:
-            raise GraphMergeError(f"no scores for widened group {group.id} (width {group.width}): give a "
-                                  f"score for each of its {n * group.width} big channels.")
-        scores = np.asarray(torch.as_tensor(keep[group.id]).detach().cpu().double().numpy()).ravel()
-        if scores.size != n * group.width:
-            raise GraphMergeError(f"group {group.id} has {n * group.width} big channels but {scores.size} "
-                                  "scores were given.")
-        count = (counts or {}).get(group.id, group.width)
-        kept[group.id] = _top(scores, count, group.unit)
-    return kept
-
-
-def _top(scores: np.ndarray, count: int, unit: int) -> np.ndarray:
-    if unit > 1:
-        per_unit = scores.reshape(-1, unit).sum(1)
-        units = np.sort(np.argsort(-per_unit, kind="stable")[: count // unit])
-        return (units[:, None] * unit + np.arange(unit)).ravel()
-    return np.sort(np.argsort(-scores, kind="stable")[:count])
 
 
 def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | None = None,
@@ -100,7 +36,7 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
     """
     graph_module, info = widen_info(big)
     if isinstance(keep, str) and keep == "gates":
-        if not hasattr(big, "gate_scores"):
+        if not isinstance(big, GatedStudent):
             raise GraphMergeError("keep='gates' needs a gated big student (graphmerge.add_gates(big)); for a "
                                   "plain big student pass keep='teacher:K' or per-group scores.")
         keep = big.gate_scores()
@@ -150,13 +86,7 @@ def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep
         state = _gather_state(graph_module.state_dict(), info, kept, scales)
     for name, tensor in state.items():
         set_tensor(student, name, tensor)
-    for module in student.modules():
-        sync_width_attributes(module)
-    size_of = lambda dim: len(student_map(dim, n, widths, widened, kept))  # noqa: E731
-    if is_aten_graph(student):
-        rewrite_aten_sizes(student, info.groups, size_of, widened)
-    else:
-        rewrite_sizes(student, info.groups, size_of)
+    rewrite_aten_sizes(student, info.groups, lambda dim: len(student_map(dim, n, widths, widened, kept)), widened)
     student.recompile()
     student.train(graph_module.training)
     return student

@@ -1,7 +1,7 @@
 """Channel-coupling analysis: which channels of a traced model must be kept or dropped together.
 
 Think of it as type inference with dimension variables, done per position: every channel
-position of every activation and parameter gets an integer id; op rules (``graphmerge.passes.oprules``)
+position of every activation and parameter gets an integer id; op rules (``graphmerge.passes.registry``)
 say which positions are the same channel (a residual add, a BatchNorm's parameters, a conv's
 input against its weight). Solving the equalities (connected components) gives channel
 *units*; units that always travel together in the same order form a *group*.
@@ -209,16 +209,13 @@ def couple(gm: torch.fx.GraphModule, *, leaf_modules: tuple[str, ...] = ()) -> G
 
     ``gm`` is not modified.
     """
-    if _is_aten_graph(gm):
-        from graphmerge.passes.registry import pin_all, propagate_node
-    else:
-        from graphmerge.passes.oprules import propagate_node
+    from graphmerge.passes.registry import pin_all, propagate_node
 
     start = time.perf_counter()
     prop = Propagation(gm)
     for node in gm.graph.nodes:
         leaf = _inside_leaf(node, leaf_modules)
-        if leaf is not None and node.op in ("call_function", "call_module") and _is_aten_graph(gm):
+        if leaf is not None and node.op in ("call_function", "call_module"):
             prop.labels[node] = pin_all(prop, node, f"inside leaf module '{leaf}' (kept opaque on request)")
         else:
             prop.labels[node] = propagate_node(prop, node)

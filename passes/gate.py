@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-from graphmerge.passes.compress import widen_info
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.layout import teacher_maps
+from graphmerge.passes.widen import WidenInfo, widen_info
 from torch import nn
 
 GATES = "graphmerge_gates"
@@ -82,34 +82,6 @@ def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: i
     return x * values.reshape(shape)
 
 
-@torch.fx.wrap
-def gated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gates: torch.Tensor,
-                    in_index: torch.Tensor, index: torch.Tensor, in_proj_weight: torch.Tensor,
-                    in_proj_bias: torch.Tensor | None,
-                    out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor | None, num_heads: int,
-                    batch_first: bool, attn_mask: torch.Tensor | None = None,
-                    key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-    """nn.MultiheadAttention with gates on its inputs and on each head channel before out_proj.
-
-    The in-projection consumes the input stream, so the stream's gates multiply query, key and
-    value; the heads' concatenated output is what out_proj consumes, so the heads' gates go there
-    (running the attention with an identity out-projection exposes it). Batch-first only.
-    """
-    stream = gates.index_select(1, in_index).unsqueeze(1)
-    query, key, value = query * stream, key * stream, value * stream
-    if batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    embed = in_proj_weight.shape[0] // 3
-    identity = torch.eye(embed, dtype=query.dtype, device=query.device)
-    heads, _ = torch.nn.functional.multi_head_attention_forward(
-        query, key, value, embed, num_heads, in_proj_weight, in_proj_bias, None, None, False, 0.0,
-        identity, None, training=False, key_padding_mask=key_padding_mask, need_weights=False,
-        attn_mask=attn_mask)
-    values = gates.index_select(1, index)
-    out = torch.nn.functional.linear(heads * values.unsqueeze(0), out_proj_weight, out_proj_bias)
-    return (out.transpose(0, 1) if batch_first else out), None
-
-
 class GatedStudent(nn.Module):
     """A big student with gates at every consumer of every widened group."""
 
@@ -152,8 +124,6 @@ class GatedStudent(nn.Module):
 
     def teacher_share(self) -> dict[int, list[int]]:
         """How many of each group's top-``width`` channels (by gate score) come from each teacher."""
-        from graphmerge.passes.compress import select_channels
-
         _, info = widen_info(self)
         kept = select_channels(info, self.gate_scores())
         return {gid: np.bincount(k // info.widths[gid], minlength=self.n_teachers).tolist()
@@ -208,13 +178,6 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         index = _site_index(in_dim, n, widths, widened, gates)
         buffer = f"graphmerge_gate_index_{site}"
         gated.register_buffer(buffer, torch.as_tensor(index, dtype=torch.long), persistent=False)
-        if arg_index < 0:
-            stream_dim = groups.layout.params[f"{node.target}.in_proj_weight"][1]
-            stream_index = _site_index(stream_dim, n, widths, widened, gates)
-            gated.register_buffer(f"{buffer}_input", torch.as_tensor(stream_index, dtype=torch.long),
-                                  persistent=False)
-            _gate_attention(gated, node, gate_node, buffer)
-            continue
         with graph.inserting_before(node):
             index_node = graph.get_attr(buffer)
             gated_input = graph.call_function(apply_gate, (node.args[arg_index], gate_node, index_node, act_dim))
@@ -223,43 +186,6 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         node.args = tuple(args)
     gated.recompile()
     return GatedStudent(gated, n)
-
-
-def _gate_attention(gated: torch.fx.GraphModule, node: torch.fx.Node, gate_node: torch.fx.Node,
-                    buffer: str) -> None:
-    """Replace a call of nn.MultiheadAttention by ``gated_attention`` on the same parameters."""
-    module = gated.get_submodule(node.target)
-    if module.dropout > 0:
-        raise GraphMergeError(f"attention '{node.target}' uses attention dropout {module.dropout}; gating its heads "
-                              "is supported only without it. Set dropout=0.0 on that module for the merge.")
-    if not module.batch_first:
-        raise GraphMergeError(f"attention '{node.target}' is sequence-first (batch_first=False); its heads can be "
-                              "gated only when the batch is the first dim. Build it with batch_first=True.")
-    graph = gated.graph
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-             "is_causal")
-    call_args = {name: node.args[i] if len(node.args) > i else node.kwargs.get(name) for i, name in enumerate(names)}
-    if call_args["is_causal"]:
-        raise GraphMergeError(f"attention '{node.target}' is called with is_causal=True; pass the causal mask as "
-                              "attn_mask instead so the gated attention can apply it.")
-    inputs = [call_args["query"], call_args["key"], call_args["value"]]
-    masks = {k: call_args[k] for k in ("attn_mask", "key_padding_mask") if call_args[k] is not None}
-    with graph.inserting_before(node):
-        params = [graph.get_attr(f"{node.target}.{p}") if getattr_path(gated, f"{node.target}.{p}") is not None
-                  else None for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
-        index = graph.get_attr(buffer)
-        in_index = graph.get_attr(f"{buffer}_input")
-        call = graph.call_function(gated_attention, (*inputs, gate_node, in_index, index, *params, module.num_heads,
-                                                     module.batch_first), masks)
-    node.replace_all_uses_with(call)
-    graph.erase_node(node)
-
-
-def getattr_path(root: nn.Module, path: str) -> Any:
-    value: Any = root
-    for part in path.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def _site_index(in_dim, n: int, widths: dict[int, int], widened: set[int], gates: HardConcreteGates) -> np.ndarray:
@@ -271,3 +197,49 @@ def _site_index(in_dim, n: int, widths: dict[int, int], widened: set[int], gates
             if g in widened:
                 index[maps[t][p]] = gates.offsets[g] + t * widths[g] + c
     return index
+
+
+Keep = str | dict[int, Any]
+
+
+def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+    """Which big channels each widened group keeps, in ascending order.
+
+    ``keep`` is ``"teacher:K"`` or ``{group_id: scores}`` (N × width scores; the top ``width``
+    are kept, ties broken by lower index). Groups selected in units (conv groups) keep whole
+    units, ranked by the sum of their channels' scores.
+    """
+    n = info.n_teachers
+    kept: dict[int, np.ndarray] = {}
+    if isinstance(keep, str) and keep.startswith("teacher:"):
+        try:
+            teacher = int(keep.split(":", 1)[1])
+        except ValueError:
+            raise GraphMergeError(f"keep='{keep}' is not of the form 'teacher:K' with an integer K.") from None
+        if not 0 <= teacher < n:
+            raise GraphMergeError(f"keep='{keep}' names teacher {teacher}, but the big student has {n} "
+                                  f"teachers (0..{n - 1}).")
+        for group in info.groups.widened:
+            kept[group.id] = teacher * group.width + np.arange(group.width)
+        return kept
+    if not isinstance(keep, dict):
+        raise GraphMergeError(f"keep must be 'gates', 'teacher:K' or a dict of per-group scores; got {keep!r}.")
+    for group in info.groups.widened:
+        if group.id not in keep:
+            raise GraphMergeError(f"no scores for widened group {group.id} (width {group.width}): give a "
+                                  f"score for each of its {n * group.width} big channels.")
+        scores = np.asarray(torch.as_tensor(keep[group.id]).detach().cpu().double().numpy()).ravel()
+        if scores.size != n * group.width:
+            raise GraphMergeError(f"group {group.id} has {n * group.width} big channels but {scores.size} "
+                                  "scores were given.")
+        count = (counts or {}).get(group.id, group.width)
+        kept[group.id] = _top(scores, count, group.unit)
+    return kept
+
+
+def _top(scores: np.ndarray, count: int, unit: int) -> np.ndarray:
+    if unit > 1:
+        per_unit = scores.reshape(-1, unit).sum(1)
+        units = np.sort(np.argsort(-per_unit, kind="stable")[: count // unit])
+        return (units[:, None] * unit + np.arange(unit)).ravel()
+    return np.sort(np.argsort(-scores, kind="stable")[:count])

@@ -1337,9 +1337,9 @@ def _rule(couple: Callable, rewrite: Callable | None = None, linear: bool = Fals
 
 
 def _register_all() -> None:
-    unary_linear = ["zero_", "fill_", "clone", "contiguous", "_to_copy", "to", "alias", "detach", "neg", "lift_fresh_copy",
-                    "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout",
-                    "type_as", "positive", "_assert_tensor_metadata"]
+    unary_linear = ["zero_", "fill_", "clone", "contiguous", "_to_copy", "to", "alias", "detach", "neg",
+                    "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
+                    "native_dropout", "type_as", "positive", "_assert_tensor_metadata"]
     unary = ["relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
              "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "leaky_relu", "leaky_relu_", "elu",
              "elu_", "selu", "celu", "mish", "mish_", "softplus", "hardtanh", "hardtanh_", "relu6", "exp", "log",

@@ -24,9 +24,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from graphmerge.passes.couple import DimLayout
+from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import LayoutError, shared_mask, teacher_maps
-from graphmerge.passes.oprules import meta_shapes
 from torch import nn
 
 
@@ -81,7 +81,6 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
         tensors = [_teacher_tensor(t, s, name, constants[name]) for t, s in zip(teachers, states, strict=True)]
         new = _scatter(tensors, dims, layout.out_dims.get(name), n, widths, widened, name)
         set_tensor(big, name, new)
-    _rewrite_modules(big, groups, n, widths, widened)
     _rewrite_literals(big, groups, n, widths, widened)
     _rewrite_permutations(big, groups, n, widths, widened)
     big.recompile()
@@ -92,6 +91,18 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced, counters, start,
                                        tied_heads=tied)
     return big
+
+
+def widen_info(big: nn.Module) -> tuple[torch.fx.GraphModule, WidenInfo]:
+    """The big GraphModule and its WidenInfo, from a big student or a gated big student."""
+    graph_module = getattr(big, "graph_module", big)
+    info = getattr(graph_module, "meta", {}).get("graphmerge")
+    if not isinstance(info, WidenInfo):
+        raise GraphMergeError(
+            f"compress needs a big student made by graphmerge.widen (or gated by graphmerge.add_gates); "
+            f"got a {type(big).__name__} without graphmerge metadata. Build it with graphmerge.widen(teachers, "
+            "example_inputs) first.")
+    return graph_module, info
 
 
 def teacher_graph(groups: GroupSet, teacher: nn.Module) -> torch.fx.GraphModule:
@@ -137,7 +148,7 @@ def node_expectations(groups: GroupSet, n: int) -> Any:
 def locate_divergence(groups: GroupSet, n: int) -> Any:
     """A ``locate`` callback for ``certify.certify_mean``: names the first big node that differs."""
     from graphmerge.passes.certify import first_divergence
-    from graphmerge.passes.oprules import describe
+    from graphmerge.passes.registry import describe
 
     def locate(big: torch.fx.GraphModule, teachers: list[nn.Module], inputs: tuple, kwargs: dict,
                tolerance: float) -> str:
@@ -304,85 +315,6 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(owner, attr, value)
 
 
-# -- width attributes --------------------------------------------------------------------------
-
-def _rewrite_modules(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths: dict[int, int],
-                     widened: set[int]) -> None:
-    """Make every module's width attributes agree with its new tensors (so it prints and runs)."""
-    for name, module in list(big.named_modules()):
-        sync_width_attributes(module)
-        if isinstance(module, nn.LayerNorm) and module.weight is not None:
-            dim = groups.layout.params.get(f"{name}.weight", [None])[0]
-            if dim is not None and np.isin(dim.group, list(widened)).any():
-                _, maps = teacher_maps(dim, n, widths, widened)
-                _replace_module(big, name, BlockLayerNorm.from_layer_norm(module, maps))
-
-
-def sync_width_attributes(module: nn.Module) -> None:
-    """Set in/out channel, feature and group counts from the module's (resized) tensors."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        weight = module.weight
-        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-        new_in = weight.shape[0] if transposed else weight.shape[1] * module.groups
-        if module.groups > 1 and not transposed:
-            out_per_group = module.out_channels // module.groups
-            module.groups = weight.shape[0] // out_per_group
-            new_in = weight.shape[1] * module.groups
-        module.in_channels = new_in
-        module.out_channels = weight.shape[1] * module.groups if transposed else weight.shape[0]
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        tensor = module.weight if module.weight is not None else module.running_mean
-        if tensor is not None:
-            module.num_features = tensor.shape[0]
-    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
-        channels_per_group = module.num_channels // module.num_groups
-        module.num_channels = module.weight.shape[0]
-        module.num_groups = module.num_channels // channels_per_group
-    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
-        module.normalized_shape = tuple(module.weight.shape)
-    elif isinstance(module, nn.Embedding):
-        module.num_embeddings, module.embedding_dim = module.weight.shape
-    elif isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
-        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[0] // 3
-        module.num_heads = module.embed_dim // module.head_dim
-    elif isinstance(module, nn.PReLU):
-        module.num_parameters = module.weight.shape[0]
-
-
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    setattr(owner, attr, new)
-
-
-class BlockLayerNorm(nn.Module):
-    """N LayerNorms side by side: normalises each teacher's channels of the last dim separately.
-
-    ``order`` gathers the last dim teacher-major (it may interleave when the dim holds several
-    groups); keeps the parameter names ``weight`` and ``bias`` of the LayerNorm it replaces.
-    """
-
-    def __init__(self, order: torch.Tensor, blocks: int, eps: float, weight: nn.Parameter | None,
-                 bias: nn.Parameter | None):
-        super().__init__()
-        self.blocks = blocks
-        self.eps = eps
-        self.register_buffer("order", order, persistent=False)
-        self.register_buffer("inverse", torch.argsort(order), persistent=False)
-        self.weight = weight
-        self.bias = bias
-
-    @staticmethod
-    def from_layer_norm(module: nn.LayerNorm, maps: list[np.ndarray]) -> BlockLayerNorm:
-        order = torch.as_tensor(np.concatenate(maps), dtype=torch.long)
-        return BlockLayerNorm(order, len(maps), module.eps, module.weight, module.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_layer_norm(x, self.order, self.inverse, self.blocks, self.eps, self.weight, self.bias)
-
-
 def block_layer_norm(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, blocks: int, eps: float,
                      weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     grouped = x.index_select(-1, order)
@@ -417,14 +349,11 @@ def _rewrite_literals(big: torch.fx.GraphModule, groups: GroupSet, n: int, width
                       widened: set[int]) -> None:
     norm_index = 0
     for node in list(big.graph.nodes):
-        if node.target is F.layer_norm or node.target is torch.ops.aten.layer_norm.default:
+        if node.target is torch.ops.aten.layer_norm.default:
             norm_index = _rewrite_layer_norm(big, node, groups.layout, n, widths, widened, norm_index)
-    if is_aten_graph(big):
-        _rewrite_blockwise(big, groups, n, widths, widened)
-        _average_tied_heads(big, groups, n, widened)
-        rewrite_aten_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0], widened)
-    else:
-        rewrite_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0])
+    _rewrite_blockwise(big, groups, n, widths, widened)
+    _average_tied_heads(big, groups, n, widened)
+    rewrite_aten_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0], widened)
 
 
 def _average_tied_heads(big: torch.fx.GraphModule, groups: GroupSet, n: int, widened: set[int]) -> list[str]:
@@ -541,10 +470,6 @@ def layout_name(gm: torch.fx.GraphModule, node: Any) -> str | None:
     return gm.meta.get("graphmerge_aliases", {}).get(node.name, node.name)
 
 
-def is_aten_graph(gm: torch.fx.GraphModule) -> bool:
-    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
-
-
 def rewrite_aten_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of, widened: set[int]) -> None:
     """Let every op's rule rewrite its literal arguments (``registry.OpRule.rewrite``)."""
     from graphmerge.passes.registry import SizeContext, rewrite_node
@@ -561,119 +486,6 @@ def rewrite_aten_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of, wide
         source = node.args[0] if node.args else None
         input_dims = layout.nodes.get(layout_name(gm, source)) if isinstance(source, torch.fx.Node) else None
         rewrite_node(node, SizeContext(layout.nodes.get(node.name), input_dims, size_of, is_widened), gm)
-
-
-def rewrite_sizes(gm: torch.fx.GraphModule, groups: GroupSet, size_of) -> None:
-    """Rewrite literal sizes (view shapes, split sizes, slice bounds) for new channel widths.
-
-    ``size_of(dim_layout)`` gives the new size of a labelled dim of the teachers' graph.
-    """
-    layout = groups.layout
-
-    def prefix(dim: DimLayout, stop: int) -> int:
-        return size_of(DimLayout(dim.group[:stop], dim.channel[:stop])) if stop else 0
-
-    def new_size(dim: DimLayout | None) -> int | None:
-        return None if dim is None else size_of(dim)
-
-    for node in list(gm.graph.nodes):
-        if node.name not in layout.literal_nodes:
-            continue
-        source = node.args[0] if node.args else None
-        in_dims = layout.nodes.get(source.name) if isinstance(source, torch.fx.Node) else None
-        out_dims = layout.nodes.get(node.name)
-        target = node.target
-        if target in ("view", "reshape", torch.reshape) and out_dims is not None:
-            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
-                else node.args[1:]
-            new = _view_sizes(sizes, out_dims, new_size)
-            node.args = (node.args[0], tuple(new)) if len(node.args) == 2 and \
-                isinstance(node.args[1], (list, tuple)) else (node.args[0], *new)
-        elif target in ("split", torch.split) and in_dims is not None:
-            sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-            layout_dim = in_dims[dim]
-            if isinstance(sizes, (list, tuple)) and layout_dim is not None:
-                bounds = np.cumsum([0, *sizes])
-                new_sizes = [prefix(layout_dim, int(b)) - prefix(layout_dim, int(a))
-                             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-                node.args = (node.args[0], new_sizes, *node.args[2:])
-            elif isinstance(sizes, int) and layout_dim is not None:
-                node.args = (node.args[0], prefix(layout_dim, sizes), *node.args[2:])
-        elif target in ("chunk", torch.chunk) and in_dims is not None:
-            _chunk_to_split(node, in_dims, prefix)
-        elif target in ("narrow", torch.narrow) and in_dims is not None:
-            dim, start, length = node.args[1], node.args[2], node.args[3]
-            layout_dim = in_dims[dim]
-            if layout_dim is not None:
-                big_start = prefix(layout_dim, start)
-                node.args = (node.args[0], dim, big_start, prefix(layout_dim, start + length) - big_start)
-        elif target is __import__("operator").getitem and in_dims is not None:
-            node.args = (node.args[0], _rewrite_index(node.args[1], in_dims, prefix))
-
-
-def _chunk_to_split(node: torch.fx.Node, in_dims: list[DimLayout | None], prefix) -> None:
-    """``chunk(k)`` cuts the big dim into k near-equal pieces, which are not the teachers' pieces
-    side by side unless the width divides evenly: it becomes a ``split`` with explicit sizes."""
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    shapes = meta_shapes(node)
-    layout_dim = in_dims[dim] if -len(in_dims) <= dim < len(in_dims) else None
-    if layout_dim is None or not shapes:
-        return
-    bounds = np.cumsum([0, *[int(s[dim]) for s in shapes]])
-    sizes = [prefix(layout_dim, int(b)) - prefix(layout_dim, int(a))
-             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    if node.op == "call_method":
-        node.target = "split"
-    else:
-        node.target = torch.split
-    node.args = (node.args[0], sizes)
-    node.kwargs = {"dim": dim}
-
-
-def _view_sizes(sizes: Any, out_dims: list[DimLayout | None], new_size) -> list[Any]:
-    """New arguments of a view/reshape: every size the labels determine, except the batch dim.
-
-    A size computed in the graph (``channels // groups``) would be computed from the new width
-    with the teacher's other constants, which is not what the teacher meant; when every dim's new
-    size is known, all but the first (batch) become literals. -1 stays -1.
-    """
-    known = all(d is not None for d in out_dims) and len(out_dims) == len(sizes)
-    new = []
-    for d, size in enumerate(sizes):
-        target = new_size(out_dims[d]) if d < len(out_dims) else None
-        if isinstance(size, int) and size != -1 and target:
-            new.append(target)
-        elif known and d > 0 and isinstance(size, torch.fx.Node) and target:
-            new.append(target)
-        else:
-            new.append(size)
-    return new
-
-
-def _rewrite_index(index: Any, in_dims: list[DimLayout | None], prefix) -> Any:
-    items = index if isinstance(index, tuple) else (index,)
-    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
-    out, d = [], 0
-    for item in items:
-        if item is Ellipsis:
-            d += len(in_dims) - n_real
-            out.append(item)
-            continue
-        if item is None:
-            out.append(item)
-            continue
-        dim = in_dims[d] if d < len(in_dims) else None
-        if isinstance(item, slice) and dim is not None and (dim.group >= 0).any():
-            if item.step not in (None, 1):
-                raise LayoutError("strided slicing along a channel dim cannot be widened")
-            length = len(dim.group)
-            start, stop, _ = item.indices(length)
-            item = slice(prefix(dim, start) if item.start is not None else None,
-                         prefix(dim, stop) if item.stop is not None else None)
-        out.append(item)
-        d += 1
-    return tuple(out) if isinstance(index, tuple) else out[0]
 
 
 def _rewrite_layer_norm(big: torch.fx.GraphModule, node: torch.fx.Node, layout, n: int,
@@ -710,7 +522,6 @@ def _rewrite_permutations(big: torch.fx.GraphModule, groups: GroupSet, n: int, w
     permutation in the big layout.
     """
     nodes = dict(groups.layout.nodes)
-    is_aten = is_aten_graph(big)
     changed = False
     for node in list(big.graph.nodes):
         out = nodes.get(node.name)
@@ -718,7 +529,7 @@ def _rewrite_permutations(big: torch.fx.GraphModule, groups: GroupSet, n: int, w
             continue
         source = node.args[0]
         if not isinstance(source, torch.fx.Node) or not _in_joint_block(nodes.get(source.name)) \
-                or (is_aten and source.name not in groups.layout.permuted_nodes):
+                or source.name not in groups.layout.permuted_nodes:
             continue
         start = source
         while _in_joint_block(nodes.get(start.name)):
@@ -739,7 +550,7 @@ def _rewrite_permutations(big: torch.fx.GraphModule, groups: GroupSet, n: int, w
         big.register_buffer(buffer, torch.as_tensor(order, dtype=torch.long), persistent=False)
         with big.graph.inserting_before(node.next):
             index = big.graph.get_attr(buffer)
-            gathered = big.graph.call_method("index_select", (start, dim, index))
+            gathered = big.graph.call_function(torch.ops.aten.index_select.default, (start, dim, index))
         node.replace_all_uses_with(gathered)
         alias(big, gathered, node.name)
         nodes[gathered.name] = out

@@ -14,8 +14,8 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.fx
 from graphmerge.passes.groups import Group, GroupSet
-from graphmerge.passes.trace import trace
 from torch import nn
 
 from graphmerge.cli import PALETTE, PINNED_COLOUR, graph_to_dot
@@ -332,7 +332,7 @@ def test_a_class_needing_arguments_cannot_be_named_directly(write_file):
 
 def stand_in_groups() -> GroupSet:
     """Groups of a 4 -> 7 -> 3 MLP written by hand: what the coupling pass should report."""
-    gm = trace(nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3)), (torch.randn(2, 4),))
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3)))
     return GroupSet([
         Group(0, 4, pinned=True, reason="graph input", consumers=["_0"]),
         Group(1, 7, producers=["_0"], consumers=["_2"], members=["_1"]),
