@@ -22,6 +22,7 @@ __all__ = [
     "compress",
     "export_onnx",
     "merge",
+    "register_rule",
     "widen",
 ]
 
@@ -70,3 +71,12 @@ def export_onnx(model, example_inputs, path, **options: Any):
     from graphmerge.passes.export import export_onnx as _export_onnx
 
     return _export_onnx(model, example_inputs, path, **options)
+
+
+def register_rule(op, rule, *, linear=False):
+    """Teach the analysis an ATen op it lacks: ``op`` an OpOverload or OpOverloadPacket
+    (``torch.ops.mylib.myop``), ``rule`` a ``graphmerge.passes.registry.OpRule`` or a function
+    ``(prop, node) -> labels`` (see docs/design.md, "Adding an op")."""
+    from graphmerge.passes.registry import register_rule as _register_rule
+
+    _register_rule(op, rule, linear=linear)
