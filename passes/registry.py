@@ -1330,6 +1330,50 @@ def _collapse_heads(prop: Propagation, node: torch.fx.Node, x: TensorLabels) -> 
     return TensorLabels(x.shape, blocks)
 
 
+def einsum(prop: Propagation, node: torch.fx.Node) -> Any:
+    """einsum as a product over letters: a letter's channels are unified across the operands that
+    carry it; a letter summed away must carry no channel; heads x head_dim blocks become head
+    channels first (attention written as einsum, MaxViT)."""
+    args = op_args(node)
+    equation, operands = args["equation"], list(args["tensors"])
+    shape = node_shape(node)
+    labels = [labels_of(prop, t) for t in operands]
+    if shape is None or "..." in equation or "->" not in equation \
+            or not all(isinstance(x, TensorLabels) for x in labels):
+        return pin_all(prop, node, f"{describe(node)}: an einsum this rule cannot read")
+    inputs, out = equation.replace(" ", "").split("->")
+    letters = inputs.split(",")
+    if len(letters) != len(labels) or any(len(s) != x.ndim for s, x in zip(letters, labels, strict=False)):
+        return pin_all(prop, node, f"{describe(node)}: an einsum this rule cannot read")
+    flat = []
+    for x in labels:
+        for dims, _ in list(x.blocks):
+            if len(dims) == 2:  # heads x head_dim: the earlier dim holds the heads
+                x = _collapse_block(prop, node, x, min(dims), max(dims)) or x
+        if any(len(dims) > 1 for dims, _ in x.blocks):
+            return pin_all(prop, node, f"{describe(node)}: einsum over a reshaped channel block")
+        flat.append(x)
+    by_letter: dict[str, list[np.ndarray]] = {}
+    for subscripts, x in zip(letters, flat, strict=True):
+        for d, letter in enumerate(subscripts):
+            if x.shape[d] > 1 or letter not in out:
+                by_letter.setdefault(letter, []).append(x.dim(d))
+    reason = f"{describe(node)}: einsum sums over a channel dim"
+    for letter, arrays in by_letter.items():
+        sizes = {len(a) for a in arrays}
+        if len(sizes) == 1:
+            for other in arrays[1:]:
+                prop.unify(arrays[0], other, describe(node))
+        if letter not in out:
+            for a in arrays:
+                prop.pin(a, reason)
+    dims = []
+    for d, letter in enumerate(out):
+        arrays = [a for a in by_letter.get(letter, []) if len(a) == shape[d]]
+        dims.append(arrays[0] if arrays else np.full(shape[d], NOT_A_CHANNEL, np.int64))
+    return TensorLabels.from_dims(shape, dims)
+
+
 # -- the table -------------------------------------------------------------------------------------
 
 def _rule(couple: Callable, rewrite: Callable | None = None, linear: bool = False) -> FunctionRule:
@@ -1414,6 +1458,7 @@ def _register_all() -> None:
     register_rule(aten.addmm, _rule(addmm, linear=True))
     register_rule(aten.embedding, _rule(embedding, linear=True))
     register_rule(aten.scaled_dot_product_attention, _rule(attention))
+    register_rule(aten.einsum, _rule(einsum))
     for name in ("matmul", "bmm", "mm"):
         register_rule(getattr(aten, name), _rule(matmul))
     for name in ("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",

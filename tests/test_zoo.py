@@ -31,10 +31,10 @@ INVARIANT_MODELS = [n for n in (ALL_MODELS if full_zoo() else REPRESENTATIVE) if
 # I1 in float64 for these: in float32 the rounding of twelve-plus LayerNorm/attention layers over
 # the widened stream alone exceeds 1e-4 of the output (vit_b_16: 9.5e-2 relative with random
 # weights, 1.4e-11 in float64; benchmarks/zoo.py --double), which says nothing about widen.
-FLOAT64_I1 = {name for name in ALL_MODELS if name.startswith(("vit_", "swin"))}
+FLOAT64_I1 = {name for name in ALL_MODELS if name.startswith(("vit_", "swin", "maxvit"))}
 # A LayerNorm over a widened channel dim normalises over the channels that are kept, so I3 is
 # exact only when every group keeps one teacher's block (the test's mixed=False).
-I3_ONE_TEACHER = {name for name in ALL_MODELS if name.startswith(("vit_", "convnext", "swin"))}
+I3_ONE_TEACHER = {name for name in ALL_MODELS if name.startswith(("vit_", "convnext", "swin", "maxvit"))}
 
 
 ANALYSED_MODELS = ALL_MODELS if full_zoo() else sorted(set(REPRESENTATIVE) | {
