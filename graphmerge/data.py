@@ -7,6 +7,9 @@
 - ``mnist1d``: MNIST-1D (Greydanus 2020), generated offline by the ``mnist1d`` package (never
   downloaded): inputs (N, 1, 40), 10 classes.
 - ``digits``: scikit-learn's 8×8 handwritten digits as (N, 1, 8, 8) in [0, 1], 10 classes.
+- ``chars``: next-character prediction on the source of a fixed list of Python standard-library
+  modules (ships with Python, never downloaded): (input ids (64,), next-char ids (64,)) windows,
+  bytes clipped to 0-127; 200 000 training characters, 20 000 validation, 20 000 test.
 - ``path/to/data.py``: a file defining ``train_data()`` and optionally ``val_data()``,
   ``test_data()`` (each returning a Dataset or DataLoader) and ``TASK`` ("classification" or
   "regression"; inferred from the target dtype when absent).
@@ -32,12 +35,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from graphmerge.errors import GraphMergeError
 
-__all__ = ["BUILTINS", "cifar", "digits", "image_folder", "infer_task", "load_data", "mnist1d", "sine"]
+__all__ = ["BUILTINS", "chars", "cifar", "digits", "image_folder", "infer_task", "load_data", "mnist1d", "sine"]
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 TASKS = (CLASSIFICATION, REGRESSION)
-BUILTINS = ("sine", "mnist1d", "digits")
+BUILTINS = ("sine", "mnist1d", "digits", "chars")
 
 DataSplits = tuple[Any, Any, Any, str]
 
@@ -102,6 +105,48 @@ def digits(n_val: int = 300, n_test: int = 300, *, seed: int = 0) -> DataSplits:
             TensorDataset(x[test], y[test]), CLASSIFICATION)
 
 
+CHARS_MODULES = ("argparse", "textwrap", "string", "functools", "dataclasses", "collections", "enum",
+                 "pathlib", "shutil", "inspect", "typing")
+
+
+def chars(context: int = 64, n_train: int = 200_000, n_val: int = 20_000, n_test: int = 20_000) -> DataSplits:
+    """Character-level language modelling on Python's own standard-library source.
+
+    The corpus is the source of ``CHARS_MODULES`` (read with ``inspect.getsource``, concatenated
+    in that order until long enough), as bytes with values above 127 clipped to 127; it is split
+    by position: the first ``n_train`` characters train, the next ``n_val`` validate, the next
+    ``n_test`` test. Each split is cut into non-overlapping windows: input ``text[i:i+context]``,
+    target ``text[i+1:i+context+1]`` (both int64). Deterministic for a given Python version (the
+    modules' source differs between versions). The loss is cross-entropy over all positions;
+    divide it by ln 2 for bits per character.
+    """
+    import importlib
+    import inspect
+
+    needed = n_train + n_val + n_test
+    pieces, length = [], 0
+    for name in CHARS_MODULES:
+        source = inspect.getsource(importlib.import_module(name)).encode("utf-8")
+        pieces.append(source)
+        length += len(source)
+        if length >= needed:
+            break
+    if length < needed:
+        raise GraphMergeError(f"the chars corpus has only {length} characters; ask for at most {length} "
+                              f"(n_train + n_val + n_test = {needed}).")
+    text = torch.frombuffer(bytearray(b"".join(pieces)[:needed]), dtype=torch.uint8).clamp(max=127).long()
+
+    def windows(part: torch.Tensor) -> TensorDataset:
+        count = (len(part) - 1) // context
+        x = part[:count * context].reshape(count, context)
+        y = part[1:count * context + 1].reshape(count, context)
+        return TensorDataset(x.clone(), y.clone())
+
+    bounds = (0, n_train, n_train + n_val, needed)
+    train, val, test = (windows(text[a:b]) for a, b in zip(bounds, bounds[1:]))
+    return train, val, test, CLASSIFICATION
+
+
 @contextmanager
 def _preserved_global_rngs() -> Iterator[None]:
     numpy_state, python_state = np.random.get_state(), random.getstate()
@@ -153,7 +198,7 @@ def cifar(path: str | Path, *, train: bool = True) -> Dataset:
 def load_data(spec: str) -> DataSplits:
     """Resolve a data spec (see the module docstring) to ``(train, val, test, task)``."""
     if spec in BUILTINS:
-        return {"sine": sine, "mnist1d": mnist1d, "digits": digits}[spec]()
+        return {"sine": sine, "mnist1d": mnist1d, "digits": digits, "chars": chars}[spec]()
     if spec.startswith("imagefolder:"):
         return _image_folder_spec(spec[len("imagefolder:"):])
     if spec.startswith("cifar10:"):

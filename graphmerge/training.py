@@ -113,11 +113,34 @@ def resolve_loss(loss: str | LossFn) -> tuple[LossFn, bool]:
     if callable(loss):
         return loss, False
     if loss == "cross_entropy":
-        return F.cross_entropy, True
+        return cross_entropy, True
     if loss == "mse":
         return F.mse_loss, False
     raise GraphMergeError(f"unknown loss {loss!r}: use 'cross_entropy', 'mse' or a callable "
                           f"(output, target) -> scalar tensor.")
+
+
+def _class_last(output: torch.Tensor, target: torch.Tensor) -> bool:
+    """Sequence logits (B, T, V) against (B, T) targets: the classes are the last dimension.
+
+    (torch's convention for extra dimensions is (B, C, d), so where V == T a (B, T, V) output
+    counts as class-last.)"""
+    return output.ndim == 3 and target.ndim == 2 and output.shape[:2] == target.shape
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy``; for sequence logits (B, T, V) and targets (B, T), the mean over all
+    B·T positions (divide by ln 2 for bits per token)."""
+    if _class_last(output, target):
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(output, target)
+
+
+def _correct(output: torch.Tensor, target: torch.Tensor) -> float:
+    """Sum over the batch of each sample's fraction of correct predictions (1 or 0 for a plain
+    classifier; the fraction of correct tokens for a sequence)."""
+    predicted = output.argmax(dim=-1 if _class_last(output, target) else 1)
+    return float((predicted == target).reshape(len(target), -1).float().mean(dim=1).sum())
 
 
 def sgd(params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9,
@@ -221,7 +244,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, loss: str | LossFn, *
             n = len(target)
             total_loss += float(loss_fn(output, target)) * n
             if with_accuracy:
-                correct += float((output.argmax(dim=1) == target).sum())
+                correct += _correct(output, target)
             count += n
     total_loss, correct, count = ctx.sum([total_loss, correct, count])
     if count == 0:
