@@ -218,6 +218,21 @@ class OpRule:
     def rewrite(self, node: torch.fx.Node, sizes: SizeContext) -> None:
         """Rewrite literal arguments for the new channel widths (widen, compress to a ratio)."""
 
+    def is_linear(self, prop: Propagation, node: torch.fx.Node) -> bool:
+        """Whether this call commutes with averaging the teachers (``linear``, by default)."""
+        return self.linear
+
+
+class ProductRule(OpRule):
+    """mul/div and friends: elementwise; linear when only one operand carries values of the network
+    (``x / 2``, ``x * scale``), non-linear when two do (``x * gate(x)``)."""
+
+    def couple(self, prop: Propagation, node: torch.fx.Node) -> Any:
+        return elementwise(prop, node)
+
+    def is_linear(self, prop: Propagation, node: torch.fx.Node) -> bool:
+        return sum(1 for x in tensor_args(prop, node) if (x.all_ids() >= 0).any()) < 2
+
 
 class FunctionRule(OpRule):
     """A rule from plain functions: ``couple(prop, node)`` and optionally ``rewrite(node, sizes)``."""
@@ -909,20 +924,43 @@ def reduction(prop: Propagation, node: torch.fx.Node) -> Any:
                                               for d in range(x.ndim)])
     for d in dims:
         prop.pin(x.block_of(d)[1], f"{describe(node)}: reduction over a channel dim")
-    kept = [d for d in range(x.ndim) if d not in dims]
-    labels = [x.dim(d) if d in kept else np.full(1, NOT_A_CHANNEL, np.int64)
-              for d in range(x.ndim) if keepdim or d in kept]
-    if any(a is None for a in labels):
+    result = _reduced(x, dims, keepdim, shape)
+    if result is None:
         prop.pin(x.all_ids(), f"{describe(node)}: reduction over a reshaped channel block")
         result = TensorLabels.unlabelled(shape)
-    else:
-        result = TensorLabels.from_dims(shape, labels)
     if node_shapes(node):  # max.dim / min.dim: (values, indices)
         return (result, result)
     return result
 
 
 BLOCKWISE = (aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp)
+
+
+def _reduced(x: TensorLabels, dims: set[int], keepdim: bool, shape: tuple[int, ...]) -> TensorLabels | None:
+    """Labels after reducing ``dims``: other blocks (joint ones too) are kept, renumbered without
+    keepdim; None when a reduced dim shares a joint block with a kept one."""
+    blocks = []
+    for bdims, ids in x.blocks:
+        if set(bdims) & dims:
+            if not set(bdims) <= dims:
+                return None
+            if keepdim:
+                blocks.extend(((d,), np.full(1, NOT_A_CHANNEL, np.int64)) for d in bdims)
+            continue
+        new = tuple(d if keepdim else d - sum(1 for r in dims if r < d) for d in bdims)
+        blocks.append((new, ids))
+    result = TensorLabels(shape, blocks)
+    return result if all(result.shape[d] == s for d, s in enumerate(shape)) else None
+
+
+def scan(prop: Propagation, node: torch.fx.Node) -> Any:
+    """cumsum/cumprod keep the shape; along a channel dim they mix channels (pinned)."""
+    x = labels_of(prop, node.args[0])
+    if not isinstance(x, TensorLabels):
+        return unlabelled(node)
+    dim = op_args(node)["dim"] % x.ndim
+    prop.pin(x.block_of(dim)[1], f"{describe(node)}: a running sum along a channel dim")
+    return x
 
 
 def softmax(prop: Propagation, node: torch.fx.Node) -> Any:
@@ -1392,7 +1430,8 @@ def _register_all() -> None:
              "isinf", "nan_to_num", "pow", "rrelu", "log_sigmoid", "tanhshrink", "softsign", "exp2", "expm1",
              "bitwise_not", "hardshrink", "softshrink", "threshold", "logit"]
     binary_linear = ["add", "add_", "sub", "sub_", "rsub"]
-    binary = ["mul", "mul_", "div", "div_", "where", "maximum", "minimum", "masked_fill", "masked_fill_",
+    products = ["mul", "div", "true_divide", "multiply", "divide"]
+    binary = ["where", "maximum", "minimum", "masked_fill", "masked_fill_",
               "lerp", "addcmul", "addcdiv", "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or",
               "bitwise_and", "bitwise_or", "fmod", "remainder", "floor_divide", "atan2", "copysign", "true_divide"]
     def with_inplace(names: list[str]) -> list[str]:
@@ -1411,6 +1450,8 @@ def _register_all() -> None:
     for name in binary:
         if hasattr(aten, name):
             register_rule(getattr(aten, name), _rule(elementwise))
+    for name in with_inplace(products):
+        register_rule(getattr(aten, name), ProductRule())
     sized = {"view": "size", "reshape": "shape", "_unsafe_view": "size", "unflatten": "sizes"}
     for name, arg_name in sized.items():
         rewrite = functools.partial(rewrite_size_list, name=arg_name)
@@ -1431,8 +1472,10 @@ def _register_all() -> None:
     register_rule(aten.narrow, _rule(narrow, rewrite_narrow, linear=True))
     register_rule(aten.index, _rule(index_tensor, linear=True))
     for name in ("mean", "sum", "amax", "amin", "max", "min", "var", "std", "logsumexp", "prod", "var_mean",
-                 "std_mean", "norm", "any", "all", "argmax", "argmin", "linalg_vector_norm", "cumsum"):
+                 "std_mean", "norm", "any", "all", "argmax", "argmin", "linalg_vector_norm"):
         register_rule(getattr(aten, name), _rule(reduction, linear=name in ("mean", "sum")))
+    for name in ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"):
+        register_rule(getattr(aten, name), _rule(scan, linear=name == "cumsum"))
     for name in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
         register_rule(getattr(aten, name), _rule(softmax))
     for name in ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
@@ -1496,7 +1539,7 @@ def propagate_node(prop: Propagation, node: torch.fx.Node) -> Any:
         return pin_all(prop, node, f"unknown op {describe(node)}: no rule in graphmerge.passes.registry "
                                    "(register one with graphmerge.register_rule)")
     result = rule.couple(prop, node)
-    if not rule.linear and isinstance(result, TensorLabels):
+    if isinstance(result, TensorLabels) and not rule.is_linear(prop, node):
         prop.nonlinear.append((node.name, result.all_ids()))
     return result
 
