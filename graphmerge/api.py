@@ -17,6 +17,7 @@ from graphmerge.passes.certify import Certificate
 from graphmerge.passes.couple import couple
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import LayoutError
+from graphmerge.passes.util import check_teacher_count
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -70,9 +71,7 @@ def leaf_names(model: nn.Module, leaf_modules: Sequence[Any]) -> tuple[str, ...]
 
 def check_same_architecture(teachers: Sequence[nn.Module]) -> None:
     """All teachers must be one class with identical parameter and buffer names and shapes."""
-    if len(teachers) < 2:
-        raise GraphMergeError(f"merging needs at least 2 teachers, got {len(teachers)}: pass two or more "
-                              "trained instances of the same architecture.")
+    check_teacher_count(len(teachers), "pass two or more trained instances of the same architecture.")
     first = teachers[0]
     reference = first.state_dict()
     for index, other in enumerate(teachers[1:], start=1):

@@ -143,7 +143,7 @@ def chars(context: int = 64, n_train: int = 200_000, n_val: int = 20_000, n_test
         return TensorDataset(x.clone(), y.clone())
 
     bounds = (0, n_train, n_train + n_val, needed)
-    train, val, test = (windows(text[a:b]) for a, b in zip(bounds, bounds[1:]))
+    train, val, test = (windows(text[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     return train, val, test, CLASSIFICATION
 
 

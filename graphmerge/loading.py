@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from graphmerge.errors import GraphMergeError
+from graphmerge.passes.util import one_line
 
 __all__ = ["LoadedModel", "default_input_shape", "example_names", "load_model", "parse_input_shape"]
 
@@ -225,7 +226,7 @@ def _load_timm(name: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
         model = timm.create_model(name, pretrained=False)
     except Exception as exc:
         raise GraphMergeError(
-            f"timm.create_model({name!r}, pretrained=False) raised {_one_line(exc)}. Choose another "
+            f"timm.create_model({name!r}, pretrained=False) raised {one_line(exc)}. Choose another "
             f"timm model, or build this one in a model file and load path/to/model.py.") from exc
     if input_shape is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
@@ -260,7 +261,7 @@ def _load_hf(target: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise GraphMergeError(
-            f"reading {path / 'config.json'} raised {_one_line(exc)}. Check that the file is the "
+            f"reading {path / 'config.json'} raised {one_line(exc)}. Check that the file is the "
             f"config.json written by save_pretrained with this transformers version "
             f"({transformers.__version__}), or upgrade transformers.") from exc
     architectures = getattr(config, "architectures", None) or []
@@ -301,7 +302,7 @@ def _from_pretrained(cls: Any, path: Path) -> nn.Module:
             hf_logging.enable_progress_bar()
     if model is None:
         raise GraphMergeError(
-            f"loading {cls.__name__} from {path} raised {_one_line(error)}. hf:PATH needs the "
+            f"loading {cls.__name__} from {path} raised {one_line(error)}. hf:PATH needs the "
             f"directory model.save_pretrained(PATH) writes: config.json and the weights "
             f"(model.safetensors); write it again with save_pretrained.") from error
     missing = list(info.get("missing_keys") or []) + [
@@ -397,12 +398,12 @@ def _import_file(path: Path) -> ModuleType:
         del sys.modules[module_name]
         raise GraphMergeError(
             f"model file {path} failed to import {exc.name or 'a module'!r} at "
-            f"{_location_in(exc, path)}: {_one_line(exc)}. Install the missing package in this "
+            f"{_location_in(exc, path)}: {one_line(exc)}. Install the missing package in this "
             f"environment, or fix the import (sibling files in {path.parent} are importable).") from exc
     except Exception as exc:
         del sys.modules[module_name]
         raise GraphMergeError(
-            f"running model file {path} raised {_one_line(exc)} at {_location_in(exc, path)}. Fix "
+            f"running model file {path} raised {one_line(exc)} at {_location_in(exc, path)}. Fix "
             f"the file so that `python {path.name}` runs.") from exc
     finally:
         sys.path.remove(str(path.parent))
@@ -484,7 +485,7 @@ def _build(factory: Any, where: str) -> nn.Module:
         model = factory()
     except Exception as exc:
         raise GraphMergeError(
-            f"calling {where}() raised {_one_line(exc)} at {_location_in(exc, None)}. Fix it so "
+            f"calling {where}() raised {one_line(exc)} at {_location_in(exc, None)}. Fix it so "
             f"that it builds the model with no arguments (give its parameters defaults).") from exc
     if not isinstance(model, nn.Module):
         raise GraphMergeError(
@@ -507,7 +508,7 @@ def _file_example_inputs(module: ModuleType, origin: str, model_where: str) -> t
         inputs = make() if callable(make) else make
     except Exception as exc:
         raise GraphMergeError(
-            f"calling example_inputs() in {origin} raised {_one_line(exc)} at "
+            f"calling example_inputs() in {origin} raised {one_line(exc)} at "
             f"{_location_in(exc, None)}. Fix it, or pass --input-shape instead.") from exc
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
@@ -542,8 +543,4 @@ def _location_in(exc: BaseException, path: Path | None) -> str:
     code = f" `{found.line.strip()}`" if found.line else ""
     return f"{found.filename}:{found.lineno}{code}"
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()).rstrip(".")
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

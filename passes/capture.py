@@ -70,6 +70,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from graphmerge.passes.errors import TraceError
+from graphmerge.passes.util import one_line
 from torch import nn
 
 __all__ = ["CaptureWarning", "ModeBatchNorm", "ModeInstanceNorm", "ModeOp", "capture", "node_shape",
@@ -130,7 +131,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool,
         except Exception as exc:
             if not _retry_static(exc):
                 raise TraceError(_export_failure_message(exc, model, model_name)) from exc
-            reason = _first_line(exc)
+            reason = one_line(exc, 300, first=True)
         warnings.warn(f"model {model_name!r} cannot be exported with a dynamic batch dimension ({reason}); "
                       f"captured with static shapes, so the graph only runs on the example batch size.",
                       CaptureWarning, stacklevel=3)
@@ -577,15 +578,6 @@ def _warn_static_batch(gm: torch.fx.GraphModule, model_name: str) -> None:
 
 # --- errors ------------------------------------------------------------------------------------
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    text = text.rstrip(".")
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}"
-
-
 def _unknown_output_type(exc: BaseException) -> str | None:
     match = re.search(r"Found <class '([^']+)'> in output, which is not a known type", str(exc))
     return match[1] if match else None
@@ -625,9 +617,9 @@ def _export_failure_message(exc: BaseException, model: nn.Module, model_name: st
     elif isinstance(exc, GuardOnDataDependentSymNode) or "data-dependent" in str(exc):
         fix = ("Python control flow or a Python number there depends on a tensor's value: make that value a tensor op "
                "(e.g. torch.where instead of `if`), pass it as a non-tensor keyword argument, or report the model.")
-        cause = _first_line(exc)
+        cause = one_line(exc, 300, first=True)
     else:
         fix = ("Make the code there traceable (tensor ops instead of Python values computed from tensors), pass "
                "non-tensor settings as keyword arguments, or report the model with this message.")
-        cause = _first_line(exc)
+        cause = one_line(exc, 300, first=True)
     return f"torch.export cannot capture model {model_name!r}{at}: {cause}. {fix}"

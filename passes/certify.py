@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.fx
 from graphmerge.passes.errors import CertificateError
-from graphmerge.passes.util import eval_mode
+from graphmerge.passes.util import eval_mode, one_line
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -79,8 +79,31 @@ def certify_mean(big: torch.fx.GraphModule, teachers: Sequence[nn.Module], examp
                  example_kwargs: dict[str, Any] | None = None, *, class_kwargs: dict[str, Any] | None = None,
                  locate: Callable[..., str] | None = None) -> Certificate:
     """I1 on the example inputs; raise ``CertificateError`` naming the first diverging node."""
-    start = time.perf_counter()
     dtype = check_dtype([*teachers, big])
+    info = getattr(big, "meta", {}).get("graphmerge")
+    captured = info.groups.graph_module if info is not None else big  # the teacher-sized captured graph
+    if dtype == torch.float64 and not _runs_in(captured, dtype, example_inputs, example_kwargs, None):
+        dtype = torch.float32  # the model casts to float32 itself (pos.to(torch.float32)): check it as it runs
+    return _certify_mean(big, teachers, example_inputs, example_kwargs, class_kwargs, locate, dtype)
+
+
+def _runs_in(model: nn.Module, dtype: torch.dtype, inputs: tuple, kwargs: dict[str, Any] | None,
+             class_kwargs: dict[str, Any] | None) -> bool:
+    """Whether a copy of ``model`` in ``dtype`` runs on the example inputs (some models hard-code dtypes)."""
+    copy_ = in_dtype(model, dtype)
+    args, kw = cast_floats((tuple(inputs), dict(kwargs or {})), dtype)
+    try:
+        with torch.no_grad(), eval_mode(copy_), contextlib.redirect_stderr(io.StringIO()):
+            copy_(*args, **kw, **(class_kwargs or {}))
+    except RuntimeError:
+        return False
+    return True
+
+
+def _certify_mean(big: torch.fx.GraphModule, teachers: Sequence[nn.Module], example_inputs: tuple,
+                  example_kwargs: dict[str, Any] | None, class_kwargs: dict[str, Any] | None,
+                  locate: Callable[..., str] | None, dtype: torch.dtype) -> Certificate:
+    start = time.perf_counter()
     tolerance = tolerance_for(dtype)
     kwargs = dict(example_kwargs or {})
     big_copy = in_dtype(big, dtype)
@@ -96,7 +119,7 @@ def certify_mean(big: torch.fx.GraphModule, teachers: Sequence[nn.Module], examp
         except Exception as error:  # noqa: BLE001 - a big student that cannot run is a widen bug
             raise CertificateError(
                 f"widen built a big student that fails to run on the example inputs: "
-                f"{failing_node(big_copy, inputs, kwargs)}{type(error).__name__}: {first_line(error)}. This is a gap "
+                f"{failing_node(big_copy, inputs, kwargs)}{one_line(error, first=True)}. This is a gap "
                 "in graphmerge's op rules, not something in your model to fix: please report it with the model. "
                 "Meanwhile mark the submodule around that line a leaf (leaf_modules=[...], --leaf NAME) so its "
                 "channels are pinned.") from None
@@ -209,11 +232,6 @@ def failing_node(gm: torch.fx.GraphModule, inputs: tuple, kwargs: dict[str, Any]
         except Exception:  # noqa: BLE001 - only the failing node is wanted
             pass
     return f"at {describe(failed[0])}: " if failed else ""
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _record(gm: torch.fx.GraphModule, inputs: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

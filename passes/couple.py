@@ -93,6 +93,7 @@ class Propagation:
         self.across_norm: list[tuple[np.ndarray, str]] = []
         self.gate_sites: list[GateSite] = []
         self.discarded: list[np.ndarray] = []
+        self.input_ranges: list[tuple[int, int]] = []
         self.blockwise: dict[str, int] = {}
         self.fresh_param_dims: dict[str, list[np.ndarray | None]] = {}
         self.literal_nodes: set[str] = set()
@@ -163,6 +164,23 @@ class Propagation:
             seen.out_dim = out_dim
         if not seen.in_dims:
             seen.in_dims = in_dims
+
+    def input_ids(self, n: int) -> np.ndarray:
+        """Fresh ids for a graph input's dim (token positions, image channels), remembered as such."""
+        ids = self.fresh(n)
+        self.input_ranges.append((int(ids[0]), int(ids[-1]) + 1) if n else (0, 0))
+        return ids
+
+    def from_input(self, ids: np.ndarray) -> bool:
+        """Whether every channel id in ``ids`` is a position of a graph input's dim."""
+        ids = np.asarray(ids).ravel()
+        ids = ids[ids >= 0]
+        if not ids.size:
+            return False
+        inside = np.zeros(ids.shape, dtype=bool)
+        for low, high in self.input_ranges:
+            inside |= (ids >= low) & (ids < high)
+        return bool(inside.all())
 
     def discard(self, ids: np.ndarray) -> None:
         """These ids turned out not to be channels (a parameter's kernel dim): they form no group."""

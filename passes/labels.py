@@ -55,11 +55,11 @@ class TensorLabels:
             return np.zeros(0, np.int64)
         return np.concatenate([ids.ravel() for _, ids in self.blocks])
 
-    def with_dim(self, dim: int, ids: np.ndarray, size: int | None = None) -> TensorLabels:
+    def with_dim(self, dim: int, ids: np.ndarray) -> TensorLabels:
         """A copy where ``dim`` (which must be its own block) carries ``ids``."""
         dim %= self.ndim
         shape = list(self.shape)
-        shape[dim] = len(ids) if size is None else size
+        shape[dim] = len(ids)
         blocks = [((dim,), np.asarray(ids, np.int64)) if dims == (dim,) else (dims, a)
                   for dims, a in self.blocks]
         return TensorLabels(tuple(shape), blocks)

@@ -83,10 +83,6 @@ def teacher_maps(dim: DimLayout, n_teachers: int, widths: dict[int, int],
     return offset, maps
 
 
-def big_size(dim: DimLayout, n_teachers: int, widths: dict[int, int], widened: set[int]) -> int:
-    return teacher_maps(dim, n_teachers, widths, widened)[0]
-
-
 def shared_mask(dim: DimLayout, widened: set[int]) -> np.ndarray:
     """True at positions all teachers share (they are written N times, or average at a head)."""
     return ~np.isin(dim.group, list(widened))

@@ -31,6 +31,7 @@ import torch
 import torch.fx
 from graphmerge.passes.couple import DimLayout, Propagation
 from graphmerge.passes.labels import NOT_A_CHANNEL, TensorLabels, factor_block
+from graphmerge.passes.util import getattr_path
 from torch import nn
 
 aten = torch.ops.aten
@@ -170,6 +171,12 @@ def param_name(value: Any) -> str | None:
     return None
 
 
+def pin_mixing(prop: Propagation, ids: np.ndarray, reason: str) -> None:
+    """Pin ids an op sums or indexes over. Positions of a graph input (token positions that a
+    positional table or the input itself labels) are shared by every teacher: not an inner pin."""
+    prop.pin(ids, f"graph input positions: {reason}" if prop.from_input(ids) else reason)
+
+
 def pin_all(prop: Propagation, node: torch.fx.Node, reason: str) -> Any:
     """Pin everything the op touches (its tensor inputs, parameters among them); unlabelled output."""
     for labels in tensor_args(prop, node):
@@ -282,7 +289,7 @@ def placeholder(prop: Propagation, node: torch.fx.Node) -> Any:
         return None
     dims = [np.full(shape[0], NOT_A_CHANNEL, np.int64)] if shape else []
     for d, size in enumerate(shape[1:], start=1):
-        ids = prop.fresh(size)
+        ids = prop.input_ids(size)
         prop.pin(ids, f"graph input '{node.name}' dim {d}")
         dims.append(ids)
     return TensorLabels.from_dims(shape, dims)
@@ -296,9 +303,7 @@ def output(prop: Propagation, node: torch.fx.Node) -> Any:
 
 
 def get_attr(prop: Propagation, node: torch.fx.Node) -> Any:
-    value: Any = prop.gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
+    value = getattr_path(prop.gm, str(node.target))
     if not isinstance(value, torch.Tensor):
         return None
     name = str(node.target)
@@ -753,7 +758,7 @@ def _drop_dim(prop: Propagation, node: torch.fx.Node, x: TensorLabels, dim: int,
             blocks.append((renumber, ids))
         elif len(bdims) == 1:
             if (piece >= 0).any():
-                prop.pin(piece, f"{describe(node)}: an integer index into a channel dim")
+                pin_mixing(prop, piece, f"{describe(node)}: an integer index into a channel dim")
         else:
             kept = np.take(piece, 0, axis=bdims.index(dim))
             blocks.extend(factor_block(renumber, kept))
@@ -923,7 +928,7 @@ def reduction(prop: Propagation, node: torch.fx.Node) -> Any:
         return TensorLabels.from_dims(shape, [x.dim(d) if d not in dims else np.full(1, NOT_A_CHANNEL, np.int64)
                                               for d in range(x.ndim)])
     for d in dims:
-        prop.pin(x.block_of(d)[1], f"{describe(node)}: reduction over a channel dim")
+        pin_mixing(prop, x.block_of(d)[1], f"{describe(node)}: reduction over a channel dim")
     result = _reduced(x, dims, keepdim, shape)
     if result is None:
         prop.pin(x.all_ids(), f"{describe(node)}: reduction over a reshaped channel block")
@@ -1246,6 +1251,10 @@ def head_reps(prop: Propagation, node: torch.fx.Node, x: TensorLabels, head_dim:
     if dims == (inner_dim,) and not (ids >= 0).any():
         reps = x.dim(head_dim)
         return reps if reps is not None else None
+    if dims == (inner_dim,) and x.shape[head_dim] == 1 and x.dim(head_dim) is not None:
+        row = ids[ids >= 0]  # one head (multi-query k/v, a single-head model): all of head_dim is it
+        prop.unify(np.full(row.size, row[0]), row, f"{describe(node)}: one attention head")
+        return np.array([row[0]], np.int64)
     if set(dims) != {head_dim, inner_dim}:
         return None
     arr = x.joint((head_dim, inner_dim))
@@ -1322,8 +1331,8 @@ def matmul(prop: Propagation, node: torch.fx.Node) -> Any:
     reason = f"{describe(node)}: matmul contracts a channel dim"
     ka, kb = a.dim(n - 1), b.dim(n - 2)
     if (ka >= 0).any() or (kb >= 0).any():
-        prop.pin(ka, reason)
-        prop.pin(kb, reason)
+        pin_mixing(prop, ka, reason)
+        pin_mixing(prop, kb, reason)
     dims = []
     for d in range(n - 2):
         candidates = [x.dim(d) for x in (a, b) if x.shape[d] == shape[d]]
@@ -1404,7 +1413,7 @@ def einsum(prop: Propagation, node: torch.fx.Node) -> Any:
                 prop.unify(arrays[0], other, describe(node))
         if letter not in out:
             for a in arrays:
-                prop.pin(a, reason)
+                pin_mixing(prop, a, reason)
     dims = []
     for d, letter in enumerate(out):
         arrays = [a for a in by_letter.get(letter, []) if len(a) == shape[d]]

@@ -28,11 +28,15 @@ _MISSING = object()
 
 # --- messages ------------------------------------------------------------------------------
 
-def one_line(exc: BaseException, limit: int = 400) -> str:
+def one_line(exc: BaseException, limit: int = 400, *, first: bool = False) -> str:
     """``Type: message`` on one line (whitespace folded, colours and the final period dropped, at
     most ``limit`` characters of message), for one-paragraph error messages; the type alone when
-    the message is empty."""
-    text = " ".join(_ANSI.sub("", str(exc)).split()).rstrip(". ")
+    the message is empty. ``first``: only the message's first non-empty line (torch.export's
+    errors go on for pages)."""
+    message = _ANSI.sub("", str(exc))
+    if first:
+        message = next((line for line in message.splitlines() if line.strip()), "")
+    text = " ".join(message.split()).rstrip(". ")
     if len(text) > limit:
         text = text[: limit - 6].rstrip() + " [...]"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

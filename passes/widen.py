@@ -27,6 +27,7 @@ from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.groups import GroupSet
 from graphmerge.passes.layout import LayoutError, shared_mask, teacher_maps
+from graphmerge.passes.util import getattr_path
 from torch import nn
 
 
@@ -171,9 +172,7 @@ def _teacher_tensor(teacher: nn.Module, state: dict[str, torch.Tensor], name: st
     constant the tracer captured (``_tensor_constantN``), which all teachers share."""
     if name in state:
         return state[name]
-    value: Any = teacher
-    for part in name.split("."):
-        value = getattr(value, part, None)
+    value = getattr_path(teacher, name, None)
     return value if isinstance(value, torch.Tensor) else traced
 
 

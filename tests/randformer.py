@@ -272,7 +272,8 @@ def specs(draw, max_blocks: int = 3) -> FormerSpec:
     kv_heads = draw(st.sampled_from(kv_options))  # MHA, MQA or GQA
     attention = draw(st.sampled_from(["sdpa", "explicit"]))
     if kv_heads < heads:
-        kv_repeat = draw(st.sampled_from(["repeat_interleave", "expand"] + (["sdpa_gqa"] if attention == "sdpa" else [])))
+        repeats = ["repeat_interleave", "expand"] + (["sdpa_gqa"] if attention == "sdpa" else [])
+        kv_repeat = draw(st.sampled_from(repeats))
         qkv = draw(st.sampled_from(["separate", "fused_split"]))
     else:
         kv_repeat = "repeat_interleave"  # unused

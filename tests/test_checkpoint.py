@@ -185,9 +185,9 @@ _GOOD = _mlp()
 def test_merge_teacher_and_export_weights_accept_and_refuse_the_same_files(tmp_path: Path, monkeypatch):
     """Both commands run in-process up to the point where the weights are in the model; the heavy
     step after it (the merge recipe, the ONNX export) is replaced by a stub that records the model."""
+    import graphmerge.passes.export
     from typer.testing import CliRunner
 
-    import graphmerge.passes.export
     import graphmerge.recipe
     from graphmerge.cli import app
 

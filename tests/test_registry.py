@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphmerge.passes import registry
 from torch import nn
 
 import graphmerge
-from graphmerge.passes import registry
 
 torch.set_num_threads(1)
 
