@@ -1,10 +1,15 @@
 """The paper's training strategy end to end: (train N teachers →) widen → gate phase → compress →
 fine-tune, resumable from a checkpoint after every epoch of every phase.
 
-Defaults follow the paper's reference code: weights trained with SGD (lr 0.01, momentum 0.9)
-in every phase; in the gate phase the gates' log-alphas have their own SGD (lr 0.1, momentum 0.9,
-never weight decay); the loss is ``task loss + λ·Σ_groups L_half`` with λ grown once per epoch,
-before the epoch, by ``λ ← λ + 0.05·√λ`` from ``λ₀ = 0.01``; fine-tuning uses MultiStepLR.
+Defaults follow the paper's reference code (SGD lr 0.01, momentum 0.9, in every phase; the gates'
+log-alphas have their own SGD, lr 0.1, momentum 0.9, never weight decay; fine-tuning uses
+MultiStepLR), except for how the gate phase meets its budget. The paper adds ``λ·Σ_groups L_half``
+with λ grown by ``λ ← λ + 0.05·√λ`` from ``λ₀ = 0.01`` once per epoch; that schedule assumes about
+150 gate epochs and leaves groups far above 1/N open on short phases (``gate_budget="penalty"``
+keeps it). The default, ``gate_budget="projected"``, treats "mean P[g > 0] ≤ budget" as a
+constraint: after every step each group's log-alphas are shifted by one constant onto the budget,
+which falls linearly from 1 to 1/N over the first ``budget_ramp`` of the phase. The budget is met
+on any number of gate epochs, with nothing to tune per task.
 
 Reproducibility: each phase starts by seeding every RNG from its own seed (teacher i: its seed;
 gate phase: ``seed + 2``, gate initialisation ``seed``; fine-tuning: ``seed + 1``; under torchrun
@@ -36,6 +41,7 @@ import graphmerge
 from graphmerge import checkpoint as ckpt
 from graphmerge.data import first_inputs
 from graphmerge.errors import GraphMergeError
+from graphmerge.passes.gate import budget_target
 from graphmerge.passes.util import check_teacher_count
 from graphmerge.training import (
     DistContext,
@@ -55,6 +61,7 @@ __all__ = ["MergeResult", "MergeSettings", "TrainResult", "merge", "train"]
 CHECKPOINT_NAME = "merge.safetensors"
 TRAIN_CHECKPOINT_NAME = "train.safetensors"
 OPEN_FRACTION_TOLERANCE = 0.1
+GATE_BUDGETS = ("projected", "penalty")
 RANK_SEED_STRIDE = 7919  # rank r of a torchrun job draws its random numbers from seed + r * stride
 Data = Dataset | DataLoader
 LogSink = Callable[[dict[str, Any]], None] | str | Path | None
@@ -103,6 +110,8 @@ class MergeSettings:
     weight_decay: float = 0.0
     gate_lr: float = 0.1
     gate_momentum: float = 0.9
+    gate_budget: str = "projected"
+    budget_ramp: float = 0.5
     lambda_schedule: str | Callable[[int], float] = "quadratic"
     lambda0: float = 0.01
     lambda_growth: float = 0.05
@@ -141,6 +150,13 @@ class MergeSettings:
         _check_sgd("finetune", self.finetune_lr, self.finetune_momentum)
         _check_sgd("teacher", self.teacher_lr)
         _check_number("finetune_gamma", self.finetune_gamma, positive=True)
+        if self.gate_budget not in GATE_BUDGETS:
+            raise GraphMergeError(f"unknown gate_budget {self.gate_budget!r}: use 'projected' (the budget 1/N "
+                                  f"is met by the end of any gate phase) or 'penalty' (the paper's λ·L_half).")
+        _check_number("budget_ramp", self.budget_ramp, positive=True)
+        if self.budget_ramp > 1:
+            raise GraphMergeError(f"budget_ramp is the fraction of the gate phase spent reaching the budget; it "
+                                  f"must lie in (0, 1], got {self.budget_ramp}.")
         _check_number("lambda_growth", self.lambda_growth)
         _check_number("lambda0", self.lambda0)
         lambda_schedule(self.lambda_schedule, self.lambda0, self.lambda_growth)  # names a bad schedule
@@ -426,8 +442,16 @@ class _MergeRun:
         start = self._restore_phase(gated, optimizers, [], "gate", fresh_seed=self.s.seed + 2)
         epochs = self.s.gate_epochs
 
+        projected = self.s.gate_budget == "projected"
+        n = gated.n_teachers
+
         def fields(epoch: int) -> dict[str, Any]:
+            if projected:
+                return {"budget": budget_target((epoch + 1) / epochs, n, self.s.budget_ramp)}
             return {"lambda": self.lambda_at(epoch)}
+
+        def after_step(progress: float) -> None:
+            gated.project_to_budget(budget_target(progress, n, self.s.budget_ramp))
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             record.update(_gate_fields(gated))
@@ -437,7 +461,8 @@ class _MergeRun:
 
         phase = PhaseConfig(name="gate", epochs=epochs, batch_size=self.s.batch_size, seed=self.s.seed,
                             optimizers=optimizers, progress=self.s.progress, epoch_fields=fields,
-                            aux_loss=lambda epoch: self.lambda_at(epoch) * gated.gate_loss())
+                            after_step=after_step if projected else None,
+                            aux_loss=None if projected else lambda epoch: self.lambda_at(epoch) * gated.gate_loss())
         fit(gated, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
         if epochs == 0 or start >= epochs:
@@ -456,8 +481,9 @@ class _MergeRun:
         if far and self.ctx.is_main:
             listed = ", ".join(f"group {k}: {v:.2f}" for k, v in list(far.items())[:5])
             warnings.warn(f"after the gate phase {len(far)} group(s) are far from {target:.2f} open "
-                          f"({listed}); compression will cut channels the student still uses. Increase "
-                          f"lambda0 or gate_epochs, or use a faster-growing lambda schedule.", stacklevel=2)
+                          f"({listed}); compression will cut channels the student still uses. Use the "
+                          f"default gate_budget='projected' (--gate-budget projected), which meets the budget on "
+                          f"any number of gate epochs, or increase lambda0 or gate_epochs.", stacklevel=2)
 
     # -- phase 3: compress and fine-tune
 

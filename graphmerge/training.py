@@ -267,6 +267,7 @@ class PhaseConfig:
     schedulers: Sequence[Any] = ()
     aux_loss: Callable[[int], torch.Tensor] | None = None  # epoch -> extra term of the loss
     epoch_fields: Callable[[int], dict[str, Any]] | None = None  # epoch -> extra record fields
+    after_step: Callable[[float], None] | None = None  # fraction of the phase done -> (after each step)
     progress: bool = True
 
 
@@ -307,6 +308,10 @@ def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase
     model.train()
     total = count = 0.0
     lr = next(iter(phase.optimizers.values())).param_groups[0]["lr"]
+    try:
+        per_epoch = len(batches)
+    except TypeError:  # an IterableDataset: the phase's progress advances by whole epochs
+        per_epoch = None
     for index, batch in enumerate(_progress(batches, phase, epoch, ctx)):
         inputs, target = _to_device(batch, ctx.device)
         task_loss = loss_fn(model(*inputs), target)
@@ -317,8 +322,13 @@ def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase
         loss.backward()
         for optimizer in phase.optimizers.values():
             optimizer.step()
+        if phase.after_step is not None:
+            done = epoch + ((index + 1) / per_epoch if per_epoch else 0.0)
+            phase.after_step(min(done, epoch + 1) / phase.epochs)
         total += float(task_loss.detach()) * len(target)
         count += len(target)
+    if phase.after_step is not None and per_epoch is None:
+        phase.after_step((epoch + 1) / phase.epochs)
     total, count = ctx.sum([total, count])
     return {"loss": total / max(count, 1.0), "lr": lr}
 

@@ -66,10 +66,80 @@ class HardConcreteGates(nn.Module):
 
     def prob_open(self, gid: int) -> torch.Tensor:
         """P[g > 0] per channel: sigmoid(log_alpha - beta log(-gamma / zeta))."""
-        return torch.sigmoid(self.log_alpha[f"g{gid}"] - self.beta * math.log(-self.gamma / self.zeta))
+        return torch.sigmoid(self.log_alpha[f"g{gid}"] - self.open_shift)
 
     def eval_value(self, gid: int) -> torch.Tensor:
         return (torch.sigmoid(self.log_alpha[f"g{gid}"]) * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+
+    @property
+    def open_shift(self) -> float:
+        """``beta log(-gamma / zeta)``: P[g > 0] = sigmoid(log_alpha - open_shift)."""
+        return self.beta * math.log(-self.gamma / self.zeta)
+
+    def segments(self) -> torch.Tensor:
+        """For each entry of :meth:`all_log_alpha`, the position of its group in ``group_ids``."""
+        sizes = [self.log_alpha[f"g{gid}"].numel() for gid in self.group_ids]
+        return torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes, dtype=torch.long))
+
+    @torch.no_grad()
+    def project_to_budget(self, target: float) -> None:
+        """Shift each group's log-alphas by one constant so its mean P[g > 0] is at most ``target``.
+
+        The Euclidean projection of the log-alphas onto the budget along the all-ones direction of
+        each group: the channels' order (what compression keeps) and their differences (what the
+        task gradient taught) are unchanged; only groups above the budget move.
+        """
+        if not self.group_ids:
+            return
+        flat = self.all_log_alpha().detach()
+        shifted = budget_projection(flat, self.segments(), target, self.open_shift)
+        for gid in self.group_ids:
+            param = self.log_alpha[f"g{gid}"]
+            start = self.offsets[gid]
+            param.copy_(shifted[start:start + param.numel()])
+
+
+def budget_target(progress: float, n_teachers: int, ramp: float = 0.5) -> float:
+    """The open-fraction budget ``progress`` (0..1) of the way through the gate phase: from 1 down
+    to 1/N linearly over the first ``ramp`` of the phase, then 1/N (the weights train the rest of
+    the phase with the student's budget)."""
+    if not 0 < ramp <= 1:
+        raise GraphMergeError(f"budget_ramp must lie in (0, 1], got {ramp}.")
+    final = 1.0 / n_teachers
+    return final + (1.0 - final) * max(0.0, 1.0 - progress / ramp)
+
+
+@torch.no_grad()
+def budget_projection(log_alpha: torch.Tensor, segments: torch.Tensor, target: float, open_shift: float,
+                      iterations: int = 60) -> torch.Tensor:
+    """``log_alpha + c[segment]`` with the largest ``c <= 0`` per segment (and per leading batch
+    row) for which the segment's mean ``sigmoid(log_alpha + c - open_shift)`` is at most ``target``.
+
+    Bisection on every segment at once (the mean is monotone in ``c``), in float64. ``log_alpha``
+    is ``(..., channels)``; ``segments`` names each channel's segment, 0..G-1.
+    """
+    x = log_alpha.double() - open_shift
+    count = torch.bincount(segments).double()
+    groups = count.numel()
+
+    def mean_open(c: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(x + c.index_select(-1, segments))
+        return torch.zeros(*x.shape[:-1], groups, dtype=x.dtype).index_add_(-1, segments, p) / count
+
+    lead = x.shape[:-1]
+    high = torch.zeros(*lead, groups, dtype=x.dtype)
+    over = mean_open(high) > target
+    if not bool(over.any()):
+        return log_alpha
+    top = torch.full((*lead, groups), -torch.inf, dtype=x.dtype).scatter_reduce(-1, segments.expand_as(x), x, "amax")
+    low = -(top + 40.0)  # every sigmoid below e^-40: the mean is below any positive target
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        above = mean_open(mid) > target
+        low = torch.where(above, low, mid)
+        high = torch.where(above, mid, high)
+    shift = torch.where(over, low, torch.zeros_like(low))
+    return (log_alpha.double() + shift.index_select(-1, segments)).to(log_alpha.dtype)
 
 
 @torch.fx.wrap
@@ -109,6 +179,10 @@ class GatedStudent(nn.Module):
         target = 1.0 / self.n_teachers
         losses = [(target - self.gates.prob_open(gid).mean()) ** 2 for gid in self.gates.group_ids]
         return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def project_to_budget(self, target: float) -> None:
+        """Bring every group's mean P[g > 0] down to ``target`` at most (see HardConcreteGates)."""
+        self.gates.project_to_budget(target)
 
     def open_fraction(self) -> dict[int, float]:
         return {gid: float(self.gates.prob_open(gid).detach().mean()) for gid in self.gates.group_ids}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from graphmerge.passes.couple import display_name
-from graphmerge.passes.gate import GATES, HardConcreteGates
+from graphmerge.passes.gate import GATES, HardConcreteGates, budget_projection, budget_target
 
 import graphmerge
 from graphmerge.examples.resnet20 import build_model as resnet20
@@ -201,3 +201,39 @@ def test_gate_phase_reaches_half_open_and_compression_matches_the_gated_student(
     student = graphmerge.compress(gated, "gates").eval()
     with torch.no_grad():
         assert torch.allclose(student(x), gated(x), atol=1e-5)
+
+
+def test_budget_projection_shifts_each_group_over_budget_onto_it():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [5, 8, 3]
+    segments = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    log_alpha = torch.randn(4, sum(sizes), generator=generator, dtype=torch.float64) * 2
+    log_alpha[:, 5:13] -= 6.0  # group 1 starts below the budget
+    shift, target = 0.3, 0.4
+    projected = budget_projection(log_alpha, segments, target, shift)
+    for row in range(4):
+        for g, (lo, hi) in enumerate([(0, 5), (5, 13), (13, 16)]):
+            before, after = log_alpha[row, lo:hi], projected[row, lo:hi]
+            mean_before = float(torch.sigmoid(before - shift).mean())
+            mean_after = float(torch.sigmoid(after - shift).mean())
+            if mean_before <= target:
+                assert torch.equal(before, after), (row, g)
+            else:
+                assert mean_after == pytest.approx(target, abs=1e-9) and mean_after <= target + 1e-12
+                delta = after - before  # one constant per group: the ranking is kept
+                assert float(delta.max() - delta.min()) < 1e-9 and float(delta[0]) < 0
+
+
+def test_budget_target_falls_linearly_to_one_over_n_then_holds():
+    assert budget_target(0.0, 2) == 1.0
+    assert budget_target(0.25, 2) == pytest.approx(0.75)
+    assert budget_target(0.5, 2) == 0.5 and budget_target(0.9, 2) == 0.5
+    assert budget_target(0.5, 3, ramp=1.0) == pytest.approx(2 / 3)
+    with pytest.raises(Exception, match="budget_ramp"):
+        budget_target(0.5, 2, ramp=0.0)
+
+
+def test_gated_student_projection_meets_the_budget_per_group(big):
+    gated = graphmerge.add_gates(big[0], seed=0)
+    gated.project_to_budget(0.5)
+    assert all(abs(v - 0.5) < 1e-5 for v in gated.open_fraction().values())

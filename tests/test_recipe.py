@@ -164,7 +164,8 @@ def test_merge_settings_fingerprint_is_the_checkpoint_format():
     assert settings.fingerprint() == {
         "loss": "test_merge_settings_fingerprint_is_the_checkpoint_format.<locals>.my_loss",
         "gate_epochs": 10, "finetune_epochs": 10, "batch_size": 32, "weight_lr": 0.01, "weight_momentum": 0.9,
-        "weight_decay": 0.0, "gate_lr": 0.1, "gate_momentum": 0.9, "lambda_schedule": "quadratic", "lambda0": 0.01,
+        "weight_decay": 0.0, "gate_lr": 0.1, "gate_momentum": 0.9, "gate_budget": "projected", "budget_ramp": 0.5,
+        "lambda_schedule": "quadratic", "lambda0": 0.01,
         "lambda_growth": 0.05, "gate_options": None, "finetune_lr": 0.01, "finetune_momentum": 0.9,
         "finetune_milestones": (3, 4), "finetune_gamma": 0.1, "teacher_epochs": None, "teacher_seeds": None,
         "n_teachers": 2, "teacher_lr": 0.01, "teacher_milestones": None, "seed": 0}
@@ -178,7 +179,8 @@ def test_merge_sine_mlp_end_to_end(tmp_path: Path):
     train_data, val_data = small_sine()
     records = []
     result = merge(build_mlp, train_data, val_data=val_data, loss="mse", teacher_epochs=2, gate_epochs=2,
-                   finetune_epochs=2, lambda0=0.5, log=records.append, checkpoint_dir=tmp_path / "ck")
+                   finetune_epochs=2, gate_budget="penalty", lambda0=0.5, log=records.append,
+                   checkpoint_dir=tmp_path / "ck")
     assert type(result.student).__name__ == "SineMLP"
     build_mlp().load_state_dict(result.student.state_dict(), strict=True)
     phases = [(r["phase"], r["epoch"]) for r in records]
@@ -213,7 +215,38 @@ def test_far_from_half_open_gates_warn():
     train_data, _ = small_sine(n_train=64)
     with pytest.warns(UserWarning, match="far from 0.50 open"):
         merge(build_mlp, train_data, loss="mse", teacher_epochs=1, gate_epochs=1, finetune_epochs=0,
-              lambda_schedule="constant", lambda0=0.0)
+              gate_budget="penalty", lambda_schedule="constant", lambda0=0.0)
+
+
+@pytest.mark.parametrize("gate_epochs", [1, 3])
+def test_projected_budget_meets_one_over_n_on_any_number_of_gate_epochs(gate_epochs: int):
+    """The default gate phase ends with every group at mean P[g > 0] = 1/N, recomputed here from the
+    gates' log-alphas; the paper's schedule on the same teachers stays far above it."""
+    data = small_mnist1d()
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teachers.append(train(build_cnn(), data, epochs=1, seed=seed, batch_size=64).model)
+    records = []
+    gated = _gated_after_gate_phase(teachers, data, gate_epochs, "projected", records.append)
+    gates = gated.gates
+    shift = gates.beta * math.log(-gates.gamma / gates.zeta)
+    for gid in gates.group_ids:
+        mean_open = float(torch.sigmoid(gates.log_alpha[f"g{gid}"].detach().double() - shift).mean())
+        assert mean_open == pytest.approx(0.5, abs=1e-4), gid
+    budgets = [r["budget"] for r in records if r["phase"] == "gate"]
+    assert budgets[-1] == 0.5 and len(budgets) == gate_epochs
+    penalty = _gated_after_gate_phase(teachers, data, gate_epochs, "penalty", None)
+    assert max(penalty.open_fraction().values()) > 0.6
+
+
+def _gated_after_gate_phase(teachers, data, gate_epochs, budget, log):
+    """The gated student at the end of the recipe's gate phase (merge returns only the student)."""
+    from graphmerge.recipe import MergeSettings, _MergeRun
+
+    settings = MergeSettings(loss="cross_entropy", gate_epochs=gate_epochs, finetune_epochs=0, batch_size=64,
+                             gate_budget=budget, log=log)
+    return _MergeRun(teachers, data, None, settings)._gate_phase([t.eval() for t in teachers])
 
 
 # --- resume --------------------------------------------------------------------------------
