@@ -31,9 +31,53 @@ def test_quick_mode_runs_and_reports_every_strategy(script: str, tmp_path: Path)
         assert stats["min"] == min(values) and stats["max"] == max(values)
     epochs = result["epochs"]
     assert epochs["student"] == epochs["bo3 model"] == epochs["one model"] == result["budget"]["total"]
-    for png in ("box", "gates", "first_layer"):
+    _check_costs(script, result)
+    _check_paired(result)
+    for png in ("box", "gates", "first_layer", "paired", "cost"):
         assert (tmp_path / f"{script}_{png}.png").stat().st_size > 0
     assert "student" in done.stdout and "bo3 model" in done.stdout  # the rich table was printed
+    assert "paired differences" in done.stdout
+
+
+def _check_costs(script: str, result: dict) -> None:
+    """FLOPs of the pipelines from the counted per-sample FLOPs (and, for the sine MLP, from a hand
+    count), the equal-FLOPs baselines' epochs, and attributed seconds for every run."""
+    b, per, flops, epochs = result["budget"], result["flops_per_sample"], result["flops"], result["epochs"]
+    n = per["samples"]["train"]
+    if script == "sine":
+        # per sample, fc1 (1 -> 100): forward 2·1·100, weight gradient 2·1·100 (the data needs no
+        # gradient); fc2 (100 -> 1): forward, weight and input gradients 2·100·1 each
+        assert per["small_train"] == 200 + 200 + 3 * 200
+        assert per["gated_N2_train"] == 2 * 1000  # the big student: 200 hidden units
+        # quick mode: 2 000 samples, unit 2: teachers 2 x 4 epochs, gate 2 epochs, fine-tune 2 epochs
+        assert n == 2000 and b["unit"] == 2
+        assert flops["student"] == 2000 * (2 * 4 * 1000 + 2 * 2000 + 2 * 1000)
+        assert epochs["one model (equal FLOPs)"] == 14  # 28e6 / (2000 x 1000) epochs of one model
+        assert epochs["bo3 (equal FLOPs)"] == 3 * 5  # 14 / 3 rounded, each
+    student = n * ((2 * b["teacher_epochs"] + b["finetune_epochs"]) * per["small_train"]
+                   + b["gate_epochs"] * per["gated_N2_train"])
+    assert flops["student"] == pytest.approx(student)
+    assert epochs["one model (equal FLOPs)"] == round(student / (n * per["small_train"]))
+    assert epochs["bo3 (equal FLOPs)"] == 3 * round(student / (3 * n * per["small_train"]))
+    assert flops["one model"] == pytest.approx(n * b["total"] * per["small_train"])
+    for name in result["stats"]:
+        assert len(result["wall_s"][name]) == result["runs"] and min(result["wall_s"][name]) > 0, name
+
+
+def _check_paired(result: dict) -> None:
+    """Each comparison's mean is the mean of the per-run differences, inside its interval, and the
+    verdict follows the interval."""
+    table = result["paired"]
+    variants = {c["variant"] for c in table["comparisons"]}
+    assert variants == {"student", table["best_student_variant"]}
+    for c in table["comparisons"]:
+        diffs = [v - b for v, b in zip(result["values"][c["variant"]], result["values"][c["baseline"]], strict=True)]
+        assert c["mean"] == pytest.approx(statistics.fmean(diffs))
+        low, high = c["ci95"]
+        assert low <= c["mean"] <= high
+        better = (low > 0) if result["higher_is_better"] else (high < 0)
+        worse = (high < 0) if result["higher_is_better"] else (low > 0)
+        assert c["verdict"] == ("win" if better else "loss" if worse else "no difference")
 
 
 @pytest.mark.slow
