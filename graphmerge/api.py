@@ -193,6 +193,7 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
     """A gated copy of the big student whose eval gates are 0 where compress drops a channel and,
     where it keeps one, the scale compress folded in (the gates' own eval value, or exactly 1)."""
     from graphmerge.passes.certify import detached_copy
+    from graphmerge.passes.compress import mixes_per_teacher_layers
     from graphmerge.passes.gate import GatedStudent, add_gates, select_channels
 
     gated = isinstance(big, GatedStudent)
@@ -215,6 +216,10 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
     if normalised:
         return None, (f"group {normalised[0]} is normalised across its channels "
                       f"({info.groups.layout.across_norm[normalised[0]]}) and the kept channels mix teachers")
+    stacked = mixes_per_teacher_layers(info, kept)
+    if stacked:
+        return None, (f"{stacked[0]} belongs to a token-mixing layer that the big student applies per teacher; "
+                      "the kept channels mix teachers and the student has one such weight for all of them")
     reference = detached_copy(big) if gated else add_gates(big)
     reference.graph_module.meta["graphmerge"] = info
     log_alpha = reference.gates.log_alpha

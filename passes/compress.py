@@ -139,6 +139,8 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
     out: dict[str, torch.Tensor] = {}
     for name in info.groups.graph_module.state_dict():
         tensor = big_state[name]
+        if name in info.per_teacher:
+            tensor = _one_of_stacked(tensor, info, info.per_teacher[name], kept)
         dims = layout.params.get(name)
         if dims is None or tensor.ndim == 0:
             out[name] = tensor.clone()
@@ -153,6 +155,31 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
                 tensor = tensor * _scale_vector(dim, info, kept, scales, tensor.ndim, d).to(tensor.dtype)
         out[name] = tensor.contiguous()
     return out
+
+
+def _one_of_stacked(stacked: torch.Tensor, info: WidenInfo, group_ids: list[int],
+                    kept: dict[int, np.ndarray]) -> torch.Tensor:
+    """A token-mixing layer's weight from its N per-teacher copies: teacher t's copy weighted by
+    the share of the kept channels (of the groups it is applied to) that come from teacher t.
+    Keeping one teacher's channels gives that teacher's weight exactly (I2); a mixture of teachers
+    cannot be exact, since the student has one weight for all its channels."""
+    counts = np.zeros(info.n_teachers)
+    for gid in group_ids:
+        counts += np.bincount(np.asarray(kept[gid]) // info.widths[gid], minlength=info.n_teachers)
+    if counts.max() == counts.sum():
+        return stacked[int(counts.argmax())].clone()
+    share = torch.as_tensor(counts / counts.sum(), dtype=torch.float64)
+    return torch.einsum("t,t...->...", share, stacked.double()).to(stacked.dtype)
+
+
+def mixes_per_teacher_layers(info: WidenInfo, kept: dict[int, np.ndarray]) -> list[str]:
+    """The stacked per-teacher parameters whose groups keep channels of more than one teacher."""
+    mixed = []
+    for name, group_ids in info.per_teacher.items():
+        owners = {int(c) // info.widths[g] for g in group_ids for c in np.asarray(kept[g])}
+        if len(owners) > 1:
+            mixed.append(name)
+    return mixed
 
 
 def _scale_vector(dim: DimLayout, info: WidenInfo, kept: dict[int, np.ndarray], scales: dict[int, Any],

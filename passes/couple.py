@@ -75,6 +75,10 @@ class Layout:
     blockwise: dict[str, int] = field(default_factory=dict)
     # nodes holding a joint block of widened channels that no per-dim layout describes (a shuffle)
     permuted_nodes: set[str] = field(default_factory=set)
+    # linear layers over a non-channel axis (token-mixing): node name -> (the input's dims that
+    # may carry channels, weight, bias). Where one of those dims is widened and the weight is not,
+    # widen gives the layer one weight per teacher and applies each to its teacher's block.
+    per_teacher: dict[str, tuple[tuple[int, ...], str, str | None]] = field(default_factory=dict)
 
 
 class Propagation:
@@ -95,6 +99,8 @@ class Propagation:
         self.discarded: list[np.ndarray] = []
         self.input_ranges: list[tuple[int, int]] = []
         self.blockwise: dict[str, int] = {}
+        self.per_teacher: dict[str, tuple[tuple[int, ...], str, str | None]] = {}
+        self.not_channel: list[np.ndarray] = []
         self.fresh_param_dims: dict[str, list[np.ndarray | None]] = {}
         self.literal_nodes: set[str] = set()
         self.nonlinear: list[tuple[str, np.ndarray]] = []
@@ -170,6 +176,21 @@ class Propagation:
         ids = self.fresh(n)
         self.input_ranges.append((int(ids[0]), int(ids[-1]) + 1) if n else (0, 0))
         return ids
+
+    def mark_not_channel(self, ids: np.ndarray, reason: str) -> None:
+        """Pin ids that label an axis which is not a channel (token positions a linear mixes)."""
+        ids = np.asarray(ids, np.int64).ravel()
+        self.pin(ids, reason)
+        self.not_channel.append(ids[ids >= 0])
+
+    def is_not_channel(self, ids: np.ndarray) -> bool:
+        """Whether every position of ``ids`` is a non-channel axis (no id, or one marked so)."""
+        ids = np.asarray(ids, np.int64).ravel()
+        ids = ids[ids >= 0]
+        if not ids.size:
+            return True
+        marked = np.concatenate(self.not_channel) if self.not_channel else np.zeros(0, np.int64)
+        return bool(np.isin(ids, marked).all())
 
     def from_input(self, ids: np.ndarray) -> bool:
         """Whether every channel id in ``ids`` is a position of a graph input's dim."""
@@ -301,6 +322,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
             layout.across_norm.setdefault(gid, what)
     layout.literal_nodes = set(prop.literal_nodes)
     layout.blockwise = dict(prop.blockwise)
+    layout.per_teacher = dict(prop.per_teacher)
     _flag_nonlinear_heads(prop, groups, component, group_of)
     for group in groups:
         if group.width % group.unit:

@@ -160,7 +160,7 @@ def channels(prop: Propagation, ids: np.ndarray | None, size: int, reason: str) 
     if missing.any():
         ids = ids.copy()
         fresh = prop.fresh(int(missing.sum()))
-        prop.pin(fresh, reason)
+        prop.mark_not_channel(fresh, reason)
         ids[missing] = fresh
     return ids
 
@@ -1169,9 +1169,14 @@ def _matrix_product(prop: Propagation, node: torch.fx.Node, x: TensorLabels, wei
     """x @ W^T (weight_out=0, linear) or x @ W (weight_out=1): W's other dim reads x's last dim."""
     weight = labels_of(prop, weight_node)
     root = param_root(weight_node)
-    in_ids = channels(prop, x.dim(x.ndim - 1), x.shape[-1],
-                      f"not a channel: {describe(node)} reads values every teacher shares")
+    last = x.dim(x.ndim - 1)
+    contracts_tokens = last is None or prop.is_not_channel(last) or prop.from_input(last)
+    mixing = _token_mixing_dims(prop, x) if param_name(weight_node) and contracts_tokens else ()
+    in_ids = channels(prop, last, x.shape[-1], f"not a channel: {describe(node)} reads values every teacher shares")
     out_ids = prop.fresh(weight.shape[weight_out])
+    if mixing:  # a token-mixing layer: its output axis is tokens again, never a channel group
+        prop.mark_not_channel(out_ids, f"not a channel: {describe(node)} mixes a non-channel axis per channel")
+        prop.per_teacher[node.name] = (mixing, str(root), param_name(bias_node))
     dims = [out_ids, in_ids] if weight_out == 0 else [in_ids, out_ids]
     if root is None:  # a weight computed from activations: a product of two activations
         reason = f"{describe(node)}: its weight is computed from the inputs, not a parameter"
@@ -1192,6 +1197,18 @@ def _matrix_product(prop: Propagation, node: torch.fx.Node, x: TensorLabels, wei
     prop.role(node, "producer", out_ids)
     prop.role(node, "consumer", in_ids)
     return x.with_dim(x.ndim - 1, out_ids)
+
+
+def _token_mixing_dims(prop: Propagation, x: TensorLabels) -> tuple[int, ...]:
+    """The dims (besides the last) of a linear layer's input that may carry channels: when the
+    contracted last axis is not a channel, each of these positions is mixed on its own, so a
+    widened channel there needs each teacher's weight applied to its teacher's block."""
+    found = []
+    for d in range(x.ndim - 1):
+        ids = x.dim(d)
+        if ids is not None and (ids >= 0).any() and not prop.is_not_channel(ids) and not prop.from_input(ids):
+            found.append(d)
+    return tuple(found)
 
 
 SLICING = ("chunk", "split", "split_with_sizes", "slice", "narrow", "select", "unbind")

@@ -52,6 +52,9 @@ class WidenInfo:
     # layers that average the teachers with an explicit 1/N (their weight is tied, see _average_tied_heads)
     tied_heads: list[str] = field(default_factory=list)
     certificates: dict[str, Any] = field(default_factory=dict)
+    # parameters stacked per teacher (token-mixing layers): name -> the widened groups whose
+    # channels each teacher's copy is applied to
+    per_teacher: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def widths(self) -> dict[int, int]:
@@ -77,11 +80,17 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     states = [t.state_dict() for t in teachers]
     traced_names = set(big.state_dict().keys())
     constants = groups.graph_module.state_dict()
+    per_teacher = per_teacher_layers(big, groups, widened)
+    stacked = {param: dim_layout for _, _, dim_layout, params in per_teacher.values() for param in params}
     for name in traced_names:
         dims = layout.params.get(name)
         tensors = [_teacher_tensor(t, s, name, constants[name]) for t, s in zip(teachers, states, strict=True)]
-        new = _scatter(tensors, dims, layout.out_dims.get(name), n, widths, widened, name)
+        if name in stacked:
+            new = torch.stack(tensors)
+        else:
+            new = _scatter(tensors, dims, layout.out_dims.get(name), n, widths, widened, name)
         set_tensor(big, name, new)
+    _rewrite_per_teacher(big, per_teacher, n, widths, widened)
     _rewrite_literals(big, groups, n, widths, widened)
     _rewrite_permutations(big, groups, n, widths, widened)
     big.recompile()
@@ -89,9 +98,73 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     start = {k: v.clone() for k, v in big.state_dict().items() if _is_counter(v)}
     counters = [{k: s[k].clone() for k in start if k in s} for s in states]
     tied = big.meta.pop("graphmerge_tied_heads", [])
-    big.meta["graphmerge"] = WidenInfo(groups, n, copy_structure(teachers[0]), untraced, counters, start,
-                                       tied_heads=tied)
+    big.meta["graphmerge"] = WidenInfo(
+        groups, n, copy_structure(teachers[0]), untraced, counters, start, tied_heads=tied,
+        per_teacher={param: sorted(set(dim.group[dim.group >= 0].tolist())) for param, dim in stacked.items()})
     return big
+
+
+def per_teacher_layers(gm: torch.fx.GraphModule, groups: GroupSet,
+                       widened: set[int]) -> dict[str, tuple[torch.fx.Node, int, DimLayout, list[str]]]:
+    """Token-mixing layers whose input carries a widened channel dim while their weight does not:
+    node name -> (the node, that dim of its input, the dim's layout, the parameters to stack)."""
+    layout = groups.layout
+    widened_list = list(widened)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    found = {}
+    for name, (dims, weight, bias) in layout.per_teacher.items():
+        node = nodes.get(name)
+        source = node.args[0] if node is not None and node.args else None
+        source_dims = layout.nodes.get(source.name) if isinstance(source, torch.fx.Node) else None
+        if source_dims is None:
+            continue
+        params = [p for p in (weight, bias) if p is not None]
+        if any(np.isin(d.group, widened_list).any() for p in params for d in layout.params.get(p, []) if d is not None):
+            continue  # the weight itself is widened: an ordinary layer
+        candidates = [d for d in dims if source_dims[d] is not None
+                      and np.isin(source_dims[d].group, widened_list).any()]
+        if not candidates:
+            continue
+        if len(candidates) > 1 or not np.isin(source_dims[candidates[0]].group, widened_list).all():
+            raise LayoutError(f"{name}: a token-mixing layer over an input with several widened dims, or a dim "
+                              "mixing widened and shared channels; it cannot be applied per teacher")
+        users = [user for read in gm.graph.nodes if read.op == "get_attr" and str(read.target) in params
+                 for user in read.users if user is not node]
+        if users:
+            raise LayoutError(f"{name}: its weight is also read elsewhere, so it cannot be stacked per teacher")
+        found[name] = (node, candidates[0], source_dims[candidates[0]], params)
+    return found
+
+
+def _rewrite_per_teacher(big: torch.fx.GraphModule,
+                         layers: dict[str, tuple[torch.fx.Node, int, DimLayout, list[str]]],
+                         n: int, widths: dict[int, int], widened: set[int]) -> None:
+    """``linear(x, W, b)`` over a non-channel axis becomes each teacher's ``linear`` on its block."""
+    from graphmerge.passes.registry import op_args
+
+    for index, (node, dim, dim_layout, _) in enumerate(layers[name] for name in sorted(layers)):
+        args = op_args(node)
+        x = args["input"]
+        _, maps = teacher_maps(dim_layout, n, widths, widened)
+        buffer = f"graphmerge_teacher_blocks_{index}"
+        big.register_buffer(buffer, torch.as_tensor(np.stack(maps), dtype=torch.long), persistent=False)
+        with big.graph.inserting_before(node):
+            blocks = big.graph.get_attr(buffer)
+            call = big.graph.call_function(per_teacher_linear, (x, args["weight"], args.get("bias"), dim, blocks))
+        node.replace_all_uses_with(call)
+        alias(big, call, node.name)
+        big.graph.erase_node(node)
+
+
+def per_teacher_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int,
+                       blocks: torch.Tensor) -> torch.Tensor:
+    """Teacher t's ``linear(·, weight[t], bias[t])`` on teacher t's positions ``blocks[t]`` of ``dim``."""
+    dim = dim % x.ndim
+    n, width = blocks.shape
+    grouped = x.index_select(dim, blocks.reshape(-1)).unflatten(dim, (n, width))
+    out = torch.stack([F.linear(grouped.select(dim, t), weight[t], None if bias is None else bias[t])
+                       for t in range(n)], dim).flatten(dim, dim + 1)
+    return torch.empty_like(out).index_copy_(dim, blocks.reshape(-1), out)
 
 
 def widen_info(big: nn.Module) -> tuple[torch.fx.GraphModule, WidenInfo]:
