@@ -282,6 +282,8 @@ class Benchmark:
     seed: int = 0
     time_unbatched: bool = True
     mode: str = "vmap"  # how ``train`` runs the models of a stack: "vmap" or "loop"
+    compare_budgets: bool = False  # also the student whose gate phase uses the other gate budget
+    settings: dict[str, Any] = field(default_factory=dict)  # the task's model and data choices, for the JSON
     log: Callable[[str], None] = print
 
 
@@ -521,13 +523,28 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
     t1 = time.perf_counter()
     gate2, hist2, bigs, time2 = gate_phase(bench, [t[:2] for t in teachers], tag="N=2")
     gate3, hist3, _, time3 = gate_phase(bench, teachers3, tag="N=3")
+    histories = {"N=2": hist2, "N=3": hist3}
+    strategies = dict(STRATEGIES)
+    other = other_budget = None
+    if bench.compare_budgets:  # the same teachers' student with the other gate budget, side by side
+        other_budget = "penalty" if b.gate_budget == "projected" else "projected"
+        other = f"student ({other_budget} budget)"
+        strategies[other] = (STRATEGIES["student"][0], f"as student, gate budget '{other_budget}'")
+        gate_other, histories[f"N=2 {other_budget}"], _, time_other = gate_phase(
+            bench, [t[:2] for t in teachers], tag=f"N=2 {other_budget}", gate_budget=other_budget)
     timings["gate_phases_s"] = time.perf_counter() - t1
 
     # Phase 3: every merged student of the teachers' class, fine-tuned in one stack.
     t2 = time.perf_counter()
     students, build_s = build_students(bench, teachers, bigs, gate2, gate3)
+    if other:
+        students[other], build_s[other] = [], []
+        for g in gate_other:
+            t = time.perf_counter()
+            students[other].append(graphmerge.compress(g.eval(), "gates"))
+            build_s[other].append(time.perf_counter() - t)
     timings["compress_and_baselines_s"] = time.perf_counter() - t2
-    order = list(FINETUNED)
+    order = list(FINETUNED) + ([other] if other else [])
     ft_stack = Stack.of([students[name][i] for name in order for i in range(r)])
     check_batched_forward(ft_stack, students[order[0]][0], xt[:64])
     before = metric(task, predict(ft_stack, xt), yt).view(len(order), r)
@@ -545,6 +562,10 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
     val_means = {name: float(after_val[order.index(name)].mean()) for name in STUDENT_VARIANTS}
     best = (max if higher else min)(STUDENT_VARIANTS, key=val_means.__getitem__)
     wall = attribute_wall(seconds, time2, time3, build_s, timings["finetune_s"] / ft_stack.size)
+    if other:
+        wall[other] = (seconds["abc"][:, :2].sum(1) + np.asarray(time_other["compile_s"])
+                       + time_other["train_per_model_s"] + np.asarray(build_s[other]) + timings["finetune_s"]
+                       / ft_stack.size)
     curves = None
     if task == "regression":
         grid = torch.linspace(0, 1, 500).unsqueeze(1)
@@ -553,8 +574,10 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
                   "bo3 model": [predict(abc.select([3 * i + int(pick[i])]), grid)[0, :, 0].tolist() for i in range(r)],
                   "one model": predict(pools["one"], grid).squeeze(-1).tolist()}
     flops = strategy_flops(b, costs, eq)
+    if other:
+        flops[other] = flops["student"]  # the penalty's gate loss adds no matmul
     result = {
-        "benchmark": bench.name, "task": task, "runs": r, "higher_is_better": higher,
+        "benchmark": bench.name, "task": task, "runs": r, "higher_is_better": higher, "settings": bench.settings,
         "metric": "test MSE (lower is better)" if task == "regression" else "test accuracy (higher is better)",
         "budget": {"unit": b.unit, "teacher_epochs": b.teacher, "teacher_epochs_N3": b.teacher3,
                    "gate_epochs": b.unit, "finetune_epochs": b.unit, "total": b.total, "lr": b.lr,
@@ -562,10 +585,10 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
                    "gate_budget": b.gate_budget, "budget_ramp": b.budget_ramp,
                    "lambda0": b.lambda0, "lambda_growth_per_epoch": b.lambda_growth,
                    "equal_flops_one_model_epochs": eq.one, "equal_flops_bo3_epochs_each": eq.bo3},
-        "epochs": {name: STRATEGIES[name][0](b, eq) for name in STRATEGIES},
-        "descriptions": {name: STRATEGIES[name][1] for name in STRATEGIES},
-        "values": {name: values[name] for name in STRATEGIES}, "before_finetune": pre_ft, "teachers": teacher_test,
-        "stats": {name: summary(values[name]) for name in STRATEGIES},
+        "epochs": {name: strategies[name][0](b, eq) for name in strategies},
+        "descriptions": {name: strategies[name][1] for name in strategies},
+        "values": {name: values[name] for name in strategies}, "before_finetune": pre_ft, "teachers": teacher_test,
+        "stats": {name: summary(values[name]) for name in strategies},
         "flops": flops,
         "flops_per_sample": {"small_train": costs.small, "gated_N2_train": costs.gated2,
                              "gated_N3_train": costs.gated3, "small_eval_forward": costs.forward,
@@ -573,11 +596,11 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
                              "note": "torch.utils.flop_counter.FlopCounterMode on one training batch (forward, "
                                      "loss, backward; matmuls and convolutions only), divided by the batch size; "
                                      "a strategy's FLOPs scale these by samples x epochs per model it trains"},
-        "wall_s": {name: [float(v) for v in wall[name]] for name in STRATEGIES},
+        "wall_s": {name: [float(v) for v in wall[name]] for name in strategies},
         "wall_note": WALL_NOTE,
         "val_student_variants": val_means, "best_student_variant": best,
-        "paired": compare.paired_table(values, best, BASELINES, higher),
-        "gate_history": {"N=2": hist2, "N=3": hist3},
+        "paired": compare.paired_table(values, best, BASELINES + ([other] if other else []), higher),
+        "gate_history": histories,
         "teacher_share": teacher_shares(gate2),
         "timings_s": timings,
         "mode": bench.mode,
@@ -615,13 +638,14 @@ def attribute_wall(seconds: dict[str, np.ndarray], gate2: dict, gate3: dict, bui
             "one model (equal FLOPs)": seconds["one_eq"][:, 0], "bo3 (equal FLOPs)": seconds["bo3_eq"].sum(1),
             "ensemble (2x cost)": pair}
     wall.update({name: upstream[name] + np.asarray(build[name]) + finetune for name in FINETUNED})
-    return {name: wall[name] for name in STRATEGIES}
+    return wall
 
 
-def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str) -> tuple[list, dict, list, dict]:
+def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
+               gate_budget: str | None = None) -> tuple[list, dict, list, dict]:
     """widen -> add_gates per run (the compiler), then one batched gate phase over all runs.
 
-    The budget ``mean P[g > 0] = 1/N`` is met as ``bench.budget.gate_budget`` says: "projected"
+    The budget ``mean P[g > 0] = 1/N`` is met as ``gate_budget`` (default: ``bench.budget``'s) says: "projected"
     (graphmerge's default) shifts each group's log-alphas, after every step, onto the budget
     ``budget_target`` (1 falling to 1/N over the first ``budget_ramp`` of the phase), with no
     penalty in the loss; "penalty" (the paper) adds ``λ·gate_loss`` with λ grown once per epoch.
@@ -640,9 +664,10 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str) -> t
         compile_s.append(time.perf_counter() - t0)
     stack = Stack.of([WithGateLoss(g) for g in gated])
     check_batched_forward(stack, WithGateLoss(gated[0]), bench.data["test"][0][:64])
-    projected = b.gate_budget == "projected"
-    if b.gate_budget not in ("projected", "penalty"):
-        raise ValueError(f"gate_budget must be 'projected' or 'penalty', got {b.gate_budget!r}")
+    gate_budget = gate_budget or b.gate_budget
+    projected = gate_budget == "projected"
+    if gate_budget not in ("projected", "penalty"):
+        raise ValueError(f"gate_budget must be 'projected' or 'penalty', got {gate_budget!r}")
     lam = lambda_schedule("quadratic", b.lambda0, b.lambda_growth)
     gates = gated[0].gates
     n = len(teachers[0])
@@ -673,7 +698,7 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str) -> t
     x, y = bench.data["train"]
     train(stack, x, y, bench.task, phase, bench.mode)
     seconds = time.perf_counter() - t0
-    bench.log(f"  gate phase {tag} ({b.gate_budget}): {b.unit} epochs, {stack.size} runs, {seconds:.0f} s")
+    bench.log(f"  gate phase {tag} ({gate_budget}): {b.unit} epochs, {stack.size} runs, {seconds:.0f} s")
     target = 1 / n
     far = {g: round(v[-1], 2) for g, v in history["open"].items() if abs(v[-1] - target) > 0.1}
     if far:
@@ -893,6 +918,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
                         help="how the gate phase meets mean P[g>0] = 1/N: 'projected' (graphmerge's default: "
                              "log-alphas shifted onto a budget falling from 1 to 1/N over the first half of the "
                              "phase, after every step) or 'penalty' (the paper's λ·L_half, λ grown per epoch)")
+    parser.add_argument("--compare-budgets", action="store_true",
+                        help="also merge the same teachers with the other --gate-budget (one more gate phase) and "
+                             "report that student beside the others, paired")
     parser.add_argument("--mode", choices=("vmap", "loop"), default=None,
                         help="how the runs of a stack train: one vmap call, or a loop over models (default: "
                              "the task's faster one on this CPU)")
@@ -915,7 +943,8 @@ CNN_GATES = {"lambda0": 4.0, "lambda_growth": 0.5, "gate_lr": 0.5}
 
 def run_classification(args: argparse.Namespace, name: str, build: Callable[[], nn.Module],
                        example_inputs: Callable[[], tuple], data: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                       batch_size: int, mode: str, first_layer: str) -> dict[str, Any]:
+                       batch_size: int, mode: str, first_layer: str,
+                       settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The protocol for a classification task at the CNN settings (unit 15, lr 0.05, weight decay
     5e-4, ``CNN_GATES``), with the command line's overrides; plots the first layer's filters."""
     unit = args.unit or (1 if args.quick else 15)
@@ -923,7 +952,7 @@ def run_classification(args: argparse.Namespace, name: str, build: Callable[[], 
                     **{**CNN_GATES, **gate_overrides(args)})
     bench = Benchmark(name=name, task="classification", build=build, example_inputs=example_inputs, data=data,
                       budget=budget, runs=args.runs or (2 if args.quick else 10), out=args.out, seed=args.seed,
-                      mode=args.mode or mode)
+                      mode=args.mode or mode, compare_budgets=args.compare_budgets, settings=settings or {})
     result, gated = run_protocol(bench)
     plot_first_layer(gated, first_layer, args.out, name)
     return result

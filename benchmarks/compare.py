@@ -159,3 +159,26 @@ def plot_cost(result: Mapping[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the paired table of benchmark result JSONs; for results written before the paired
+    statistics existed, compute it (the student against every other strategy in the file)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="+", help="benchmark result JSON files")
+    for path in parser.parse_args(argv).results:
+        result = json.loads(path.read_text())
+        if "paired" not in result:
+            higher = "higher is better" in result["metric"]
+            others = [n for n in result["values"] if n != "student"]
+            result["paired"] = paired_table(result["values"], "student", others, higher)
+            result["paired"]["best_student_variant"] = "not chosen (no validation values in this file)"
+        title, columns, rows = paired_rows(result)
+        print(f"{path}: {title}\n\n{markdown(columns, rows)}\n")
+
+
+if __name__ == "__main__":
+    main()
