@@ -110,6 +110,16 @@ def merge_command(
     lambda_schedule: str = typer.Option("quadratic", "--lambda-schedule",
                                         help="How lambda grows per epoch: quadratic, linear, constant "
                                              "(--gate-budget penalty)."),
+    distill: str = typer.Option("none", "--distill",
+                                help="Distil during fine-tuning: big (towards the gated big student as trained in "
+                                     "the gate phase), teachers (towards the mean of the teachers' outputs) or "
+                                     "none."),
+    distill_weight: float | None = typer.Option(None, "--distill-weight",
+                                                help="w in the fine-tuning loss (1 - w)*task + w*distill, in [0, 1] "
+                                                     "(default 0.5; needs --distill)."),
+    temperature: float | None = typer.Option(None, "--temperature",
+                                             help="Softmax temperature T of the distillation term KL * T^2 for "
+                                                  "classification data (default 1; needs --distill)."),
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint every epoch here."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --checkpoint-dir."),
     seed: int = typer.Option(0, "--seed", help="Seed of the gate noise and the data order."),
@@ -131,12 +141,15 @@ def merge_command(
     teachers = [checkpoint.load_weights(copy.deepcopy(loaded.model), state, name=str(path))
                 for path, state in zip(teacher, states, strict=True)]
     _check_runs(teachers[0], train_data, model, data)
+    distillation = {"distill": None if distill.lower() == "none" else distill}
+    distillation.update({name: value for name, value in (("distill_weight", distill_weight),
+                                                         ("temperature", temperature)) if value is not None})
     start = time.perf_counter()
     result = recipe.merge(
         teachers, train_data, val_data=val_data, loss=_loss_for(task), gate_epochs=gate_epochs,
         finetune_epochs=finetune_epochs, batch_size=batch_size, weight_lr=lr, gate_lr=gate_lr,
         finetune_lr=finetune_lr, weight_decay=weight_decay, gate_budget=gate_budget, budget_ramp=budget_ramp,
-        lambda0=lambda0, lambda_schedule=lambda_schedule,
+        lambda0=lambda0, lambda_schedule=lambda_schedule, **distillation,
         checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, log=_epoch_logger(log_json, resume),
         progress=True, device=device)
     if _is_main():
@@ -176,9 +189,11 @@ DEMO_SETTINGS: dict[str, Any] = {"teacher_epochs": 5, "gate_epochs": 8, "finetun
 # --- reporting -----------------------------------------------------------------------------
 
 def format_record(record: dict[str, Any]) -> str:
-    """One log line per epoch: phase, epoch, loss, λ, L_half, open fraction, validation metric."""
+    """One log line per epoch: phase, epoch, loss, λ, L_half, open fraction, distillation term, validation
+    metric."""
     parts = [f"{record['phase']:>9} epoch {record['epoch']:>3}", f"loss {record['loss']:.4f}"]
-    for key, label in (("lambda", "λ"), ("budget", "budget"), ("l_half", "L_half"), ("open_fraction", "open")):
+    for key, label in (("lambda", "λ"), ("budget", "budget"), ("l_half", "L_half"), ("open_fraction", "open"),
+                       ("distill_loss", "distill")):
         if key in record:
             parts.append(f"{label} {record[key]:.4g}")
     for key in ("val_loss", "val_acc"):
@@ -199,7 +214,12 @@ def print_summary(result: Any, teacher_names: Sequence[str], seconds: float,
     summary = result.summary
     metric = summary["metric"]
     better = "higher" if metric.endswith("acc") else "lower"
-    table = Table(title=f"{metric} ({better} is better), total {seconds:.0f} s")
+    distill = summary.get("distill")
+    caption = None if distill is None else (
+        f"fine-tuned towards the {'gated big student' if distill['target'] == 'big' else 'teachers mean'} "
+        f"(distill weight {distill['weight']:g}, T {distill['temperature']:g}): {distill['model_forwards']} extra "
+        f"forwards of {'a teacher' if distill['target'] == 'teachers' else 'the big student'}")
+    table = Table(title=f"{metric} ({better} is better), total {seconds:.0f} s", caption=caption)
     table.add_column("model")
     table.add_column(metric, justify="right")
     for name, value in zip(teacher_names, summary["teachers"], strict=True):

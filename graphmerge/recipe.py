@@ -11,6 +11,16 @@ constraint: after every step each group's log-alphas are shifted by one constant
 which falls linearly from 1 to 1/N over the first ``budget_ramp`` of the phase. The budget is met
 on any number of gate epochs, with nothing to tune per task.
 
+Distillation (``distill="big"`` or ``"teachers"``): fine-tuning minimises
+``(1 − distill_weight)·task + distill_weight·distill``, where the distill term pulls the student's
+outputs towards a target computed in eval mode without gradient: the gated big student as it is at
+the end of the gate phase (deterministic gates), or the mean of the teachers' outputs (their
+ensemble; for classifiers the mean of the logits, which is what the big student computes before
+the gate phase). For ``loss="cross_entropy"`` the term is Hinton's ``KL(softmax(t/T) ||
+softmax(s/T))·T²``, for ``loss="mse"`` the MSE between the two outputs; a custom loss callable
+needs ``distill_loss``. The target runs once per training sample, counted per epoch
+(``distill_samples``) and in ``summary["distill"]``.
+
 Reproducibility: each phase starts by seeding every RNG from its own seed (teacher i: its seed;
 gate phase: ``seed + 2``, gate initialisation ``seed``; fine-tuning: ``seed + 1``; under torchrun
 rank r adds ``r * RANK_SEED_STRIDE``, so ranks draw independent gate noise for their samples).
@@ -42,12 +52,15 @@ from graphmerge import checkpoint as ckpt
 from graphmerge.data import first_inputs
 from graphmerge.errors import GraphMergeError
 from graphmerge.passes.gate import budget_target
-from graphmerge.passes.util import check_teacher_count
+from graphmerge.passes.util import check_teacher_count, eval_mode
 from graphmerge.training import (
     DistContext,
+    Distillation,
     LossFn,
     PhaseConfig,
+    cross_entropy,
     default_milestones,
+    distill_term,
     evaluate,
     fit,
     lambda_schedule,
@@ -62,6 +75,9 @@ CHECKPOINT_NAME = "merge.safetensors"
 TRAIN_CHECKPOINT_NAME = "train.safetensors"
 OPEN_FRACTION_TOLERANCE = 0.1
 GATE_BUDGETS = ("projected", "penalty")
+DISTILL_TARGETS = ("big", "teachers")
+#: The distillation settings: fingerprinted only when ``distill`` is on (see MergeSettings.fingerprint).
+DISTILL_SETTINGS = ("distill", "distill_weight", "temperature", "distill_loss")
 RANK_SEED_STRIDE = 7919  # rank r of a torchrun job draws its random numbers from seed + r * stride
 Data = Dataset | DataLoader
 LogSink = Callable[[dict[str, Any]], None] | str | Path | None
@@ -74,6 +90,9 @@ class MergeResult:
     ``summary`` holds the validation metric (``metric``: ``val_acc`` or ``val_loss``) of each
     teacher, of the big student before the gate phase, of the student straight after compression
     and after fine-tuning. ``open_fraction`` / ``teacher_share`` are the gate report per group.
+    With distillation, ``summary["distill"]`` says what the target was and what it cost: ``samples``
+    run through it, ``target_models`` per sample (N for the teachers' ensemble, 1 for the big
+    student) and ``model_forwards`` (their product), to add to a FLOP count.
     """
 
     student: nn.Module
@@ -131,6 +150,10 @@ class MergeSettings:
     log: LogSink = None
     progress: bool = False
     device: str = "cpu"
+    distill: str | None = None
+    distill_weight: float = 0.5
+    temperature: float = 1.0
+    distill_loss: LossFn | None = None
 
     #: Settings that may change between a run and its resumption (where and how it reports).
     NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("resume", "log", "progress", "checkpoint_dir", "device",
@@ -161,6 +184,7 @@ class MergeSettings:
         _check_number("lambda0", self.lambda0)
         lambda_schedule(self.lambda_schedule, self.lambda0, self.lambda_growth)  # names a bad schedule
         resolve_loss(self.loss)  # names a bad loss
+        self._check_distill()
         for name in ("finetune_milestones", "teacher_milestones", "teacher_seeds"):
             value = getattr(self, name)
             if value is not None:
@@ -176,10 +200,42 @@ class MergeSettings:
         if self.resume and self.checkpoint_dir is None:
             raise GraphMergeError("resume=True needs checkpoint_dir (the folder of the run to resume).")
 
+    def _check_distill(self) -> None:
+        """distill in (None, 'big', 'teachers'); its weight in [0, 1]; a temperature only where it acts."""
+        if self.distill is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in DISTILL_SETTINGS}
+            changed = [name for name in DISTILL_SETTINGS if getattr(self, name) != defaults[name]]
+            if changed:
+                raise GraphMergeError(f"{changed[0]} is set but distill is None, so it would have no effect: pass "
+                                      f"distill='big' or 'teachers' (--distill big|teachers) to distill during "
+                                      f"fine-tuning, or leave {changed[0]} at its default.")
+            return
+        if self.distill not in DISTILL_TARGETS:
+            raise GraphMergeError(f"unknown distill {self.distill!r}: use 'big' (the gated big student as trained at "
+                                  f"the end of the gate phase), 'teachers' (the mean of the teachers' outputs) or "
+                                  f"None for no distillation (--distill big|teachers|none).")
+        _check_number("distill_weight", self.distill_weight)
+        if self.distill_weight > 1:
+            raise GraphMergeError(f"distill_weight is w in the fine-tuning loss (1 - w)·task + w·distill; it must "
+                                  f"lie in [0, 1], got {self.distill_weight}.")
+        _check_number("temperature", self.temperature, positive=True)
+        if self.distill_loss is not None and not callable(self.distill_loss):
+            raise GraphMergeError(f"distill_loss must be a callable (student_output, target_output) -> scalar "
+                                  f"tensor, got {type(self.distill_loss).__name__}.")
+        if self.temperature != 1 and (self.distill_loss is not None or resolve_loss(self.loss)[0] is not cross_entropy):
+            raise GraphMergeError(f"temperature={self.temperature} softens logits in the cross-entropy distillation "
+                                  f"term only; here the term is {'distill_loss' if self.distill_loss else 'the MSE'} "
+                                  f"between student and target outputs, where it has no effect. Leave temperature "
+                                  f"at 1 (--temperature 1).")
+        distill_term(self.loss, self.temperature, self.distill_loss)  # a custom loss needs distill_loss
+
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint records (callables by name); resuming compares them."""
+        """The settings a checkpoint records (callables by name); resuming compares them. The
+        distillation settings are left out while ``distill`` is None, so checkpoints written
+        before they existed resume, and a changed ``distill`` is still refused."""
+        skipped = self.NOT_FINGERPRINTED + (DISTILL_SETTINGS if self.distill is None else ())
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in self.NOT_FINGERPRINTED}
+                if f.name not in skipped}
 
 
 def _describe(value: Any) -> Any:
@@ -497,6 +553,7 @@ class _MergeRun:
             summary["before_finetune"] = _metric_value(evaluate(student, self.eval_data, self.s.loss,
                                                                 ctx=self.ctx))
         epochs = self.s.finetune_epochs
+        distill, kept = self._distillation(teachers, gated) if epochs else (None, {})
         optimizer = sgd(student.parameters(), self.s.finetune_lr, self.s.finetune_momentum,
                         self.s.weight_decay)
         scheduler = _multistep(optimizer, self.s.finetune_milestones, self.s.finetune_gamma, epochs)
@@ -506,16 +563,59 @@ class _MergeRun:
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             if epoch + 1 == epochs:
                 self.state["stage"] = "done"
-            self._save(epoch, record, student, {"weights": optimizer}, [scheduler])
+            self._save(epoch, record, student, {"weights": optimizer}, [scheduler], extra=kept)
 
         phase = PhaseConfig(name="finetune", epochs=epochs, batch_size=self.s.batch_size,
                             seed=self.s.seed + 1, optimizers={"weights": optimizer},
-                            schedulers=[scheduler], progress=self.s.progress)
+                            schedulers=[scheduler], distill=distill, progress=self.s.progress)
         fit(student, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
         final = evaluate(student, self.eval_data, self.s.loss, ctx=self.ctx)
         summary["after_finetune"] = _metric_value(final)
+        if self.s.distill is not None:
+            samples = sum(r.get("distill_samples", 0) for r in self.state["history"] if r["phase"] == "finetune")
+            models = len(teachers) if self.s.distill == "teachers" else 1
+            summary["distill"] = {"target": self.s.distill, "weight": self.s.distill_weight,
+                                  "temperature": self.s.temperature, "samples": samples,
+                                  "target_models": models, "model_forwards": samples * models}
         return student.eval()
+
+    def _distillation(self, teachers: list[nn.Module],
+                      gated: nn.Module | None) -> tuple[Distillation | None, dict[str, Any]]:
+        """The fine-tuning target, and what each fine-tuning checkpoint must keep to rebuild it.
+
+        "big" is the gated big student at the end of the gate phase: at hand after the gate phase
+        (or its reload), else (resumed inside fine-tuning) rebuilt by widen + add_gates and loaded
+        from the state every fine-tuning checkpoint keeps. Called before the RNG state is restored,
+        so the rebuild's seeding changes nothing.
+        """
+        if self.s.distill is None:
+            return None, {}
+        kept: dict[str, Any] = {}
+        if self.s.distill == "teachers":
+            models = list(teachers)
+        else:
+            if gated is None:
+                saved = (self.resumed or {}).get("distill_target")
+                if saved is None:
+                    raise GraphMergeError("the checkpoint to resume holds no distillation target (the gated big "
+                                          "student); restart the run in a new checkpoint folder.")
+                _, gated = self._build_gated(teachers)
+                gated.load_state_dict(saved)
+            else:  # a copy: compress's student may share tensors with it (a shared output bias), and trains
+                gated = copy.deepcopy(gated)
+            models = [gated]
+            kept = {"distill_target": gated.state_dict()}
+
+        def target(*inputs: torch.Tensor) -> torch.Tensor:
+            outputs = []
+            for model in models:
+                with eval_mode(model):
+                    outputs.append(model(*inputs))
+            return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(dim=0)
+
+        term = distill_term(self.s.loss, self.s.temperature, self.s.distill_loss)
+        return Distillation(target=target, term=term, weight=self.s.distill_weight), kept
 
     # -- checkpoints
 
@@ -543,10 +643,12 @@ class _MergeRun:
         return saved["epoch"]
 
     def _save(self, epoch: int, record: dict[str, Any], model: nn.Module,
-              optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Sequence[Any]) -> None:
-        """Checkpoint after a finished epoch (main rank writes, all ranks wait), then log it."""
+              optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Sequence[Any],
+              extra: Mapping[str, Any] | None = None) -> None:
+        """Checkpoint after a finished epoch (main rank writes, all ranks wait), then log it.
+        ``extra``: more top-level entries of the checkpoint (fine-tuning's distillation target)."""
         self.state["history"].append(record)
-        self.store.save({**self.state, "settings": self._fingerprint(), "phase": record["phase"],
+        self.store.save({**self.state, **(extra or {}), "settings": self._fingerprint(), "phase": record["phase"],
                          "epoch": epoch + 1, "model": model.state_dict(),
                          "optim": {k: o.state_dict() for k, o in optimizers.items()},
                          "sched": [s.state_dict() for s in schedulers], "rng": self._rng_of_all_ranks()})

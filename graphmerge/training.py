@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from graphmerge.errors import GraphMergeError
 from graphmerge.passes.util import eval_mode
 
-__all__ = ["DistContext", "TrainingDiverged", "default_milestones", "evaluate", "fit", "lambda_schedule",
-           "resolve_loss", "setup_distributed", "sgd"]
+__all__ = ["DistContext", "Distillation", "TrainingDiverged", "default_milestones", "distill_term", "evaluate",
+           "fit", "kd_kl", "lambda_schedule", "resolve_loss", "setup_distributed", "sgd"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -141,6 +141,63 @@ def _correct(output: torch.Tensor, target: torch.Tensor) -> float:
     classifier; the fraction of correct tokens for a sequence)."""
     predicted = output.argmax(dim=-1 if _class_last(output, target) else 1)
     return float((predicted == target).reshape(len(target), -1).float().mean(dim=1).sum())
+
+
+def kd_kl(output: torch.Tensor, target_output: torch.Tensor, labels: torch.Tensor,
+          temperature: float = 1.0) -> torch.Tensor:
+    """Hinton's distillation term for logits: ``KL(softmax(t/T) || softmax(s/T)) · T²``.
+
+    The KL is summed over the class dimension (dim 1, or the last one for sequence logits (B, T, V)
+    against (B, T) labels, as in ``cross_entropy``) and averaged over samples and positions, so it
+    is on the scale of the cross-entropy; the T² keeps its gradient's scale independent of T.
+    """
+    dim = -1 if _class_last(output, labels) else 1
+    log_student = F.log_softmax(output / temperature, dim=dim)
+    log_target = F.log_softmax(target_output / temperature, dim=dim)
+    kl = F.kl_div(log_student, log_target, reduction="none", log_target=True).sum(dim=dim)
+    return kl.mean() * temperature**2
+
+
+DistillTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def distill_term(loss: str | LossFn, temperature: float = 1.0, custom: LossFn | None = None) -> DistillTerm:
+    """-> ``(student output, target output, labels) -> scalar``, the distillation term for ``loss``.
+
+    ``custom(student_output, target_output)`` wins when given; else cross-entropy distills with
+    :func:`kd_kl` at ``temperature`` and mse with the MSE between the two outputs (a temperature
+    would cancel out of ``MSE(s/T, t/T) · T²``). A custom task loss has no built-in term.
+    """
+    if custom is not None:
+        return lambda output, target_output, labels: custom(output, target_output)
+    loss_fn, _ = resolve_loss(loss)
+    if loss_fn is cross_entropy:
+        return lambda output, target_output, labels: kd_kl(output, target_output, labels, temperature)
+    if loss_fn is F.mse_loss:
+        return lambda output, target_output, labels: F.mse_loss(output, target_output)
+    raise GraphMergeError("distillation with a custom loss callable needs distill_loss too: a callable "
+                          "(student_output, target_output) -> scalar tensor, since graphmerge cannot tell "
+                          "whether the outputs are logits or values. The built-in terms are the temperature-"
+                          "scaled KL for loss='cross_entropy' and the MSE for loss='mse'.")
+
+
+@dataclass
+class Distillation:
+    """An extra loss term of a phase: ``(1 − weight)·task + weight·term(output, target(inputs), labels)``.
+
+    ``target(*inputs)`` gives the output to pull the model towards, computed without gradient (the
+    caller puts its models in eval mode). ``fit`` records per epoch the mean term
+    (``distill_loss``) and the samples the target ran on over all ranks (``distill_samples``).
+    """
+
+    target: Callable[..., torch.Tensor]
+    term: DistillTerm
+    weight: float
+
+    def __call__(self, inputs: tuple, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target_output = self.target(*inputs)
+        return self.term(output, target_output.detach(), labels)
 
 
 def sgd(params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9,
@@ -268,6 +325,7 @@ class PhaseConfig:
     aux_loss: Callable[[int], torch.Tensor] | None = None  # epoch -> extra term of the loss
     epoch_fields: Callable[[int], dict[str, Any]] | None = None  # epoch -> extra record fields
     after_step: Callable[[float], None] | None = None  # fraction of the phase done -> (after each step)
+    distill: Distillation | None = None  # a target to pull the outputs towards (fine-tuning)
     progress: bool = True
 
 
@@ -304,7 +362,8 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, loss: str | LossFn, 
 
 def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase: PhaseConfig,
                      epoch: int, ctx: DistContext) -> dict[str, float]:
-    """One pass over ``batches``; returns the sample-weighted mean task loss over all ranks."""
+    """One pass over ``batches``; returns the sample-weighted mean task loss over all ranks (and, when
+    distilling, the mean distillation term and how many samples the target ran on)."""
     model.train()
     total = count = 0.0
     lr = next(iter(phase.optimizers.values())).param_groups[0]["lr"]
@@ -312,10 +371,17 @@ def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase
         per_epoch = len(batches)
     except TypeError:  # an IterableDataset: the phase's progress advances by whole epochs
         per_epoch = None
+    distilled = 0.0
     for index, batch in enumerate(_progress(batches, phase, epoch, ctx)):
         inputs, target = _to_device(batch, ctx.device)
-        task_loss = loss_fn(model(*inputs), target)
-        loss = task_loss if phase.aux_loss is None else task_loss + phase.aux_loss(epoch)
+        output = model(*inputs)
+        task_loss = loss_fn(output, target)
+        loss = task_loss
+        if phase.distill is not None:
+            distill_loss = phase.distill(inputs, output, target)
+            loss = (1 - phase.distill.weight) * task_loss + phase.distill.weight * distill_loss
+            distilled += float(distill_loss.detach()) * len(target)
+        loss = loss if phase.aux_loss is None else loss + phase.aux_loss(epoch)
         _check_finite_loss(loss, phase.name, epoch, index, ctx)
         for optimizer in phase.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -329,8 +395,11 @@ def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase
         count += len(target)
     if phase.after_step is not None and per_epoch is None:
         phase.after_step((epoch + 1) / phase.epochs)
-    total, count = ctx.sum([total, count])
-    return {"loss": total / max(count, 1.0), "lr": lr}
+    total, count, distilled = ctx.sum([total, count, distilled])
+    record = {"loss": total / max(count, 1.0), "lr": lr}
+    if phase.distill is not None:  # one target forward per training sample, on every rank
+        record.update(distill_loss=distilled / max(count, 1.0), distill_samples=int(count))
+    return record
 
 
 def _progress(batches: Iterable, phase: PhaseConfig, epoch: int, ctx: DistContext) -> Iterable:

@@ -136,6 +136,17 @@ def test_merge_rejects_a_single_teacher_and_a_factory_without_epochs():
     ({"lambda_schedule": "cubic"}, "unknown lambda schedule 'cubic'"),
     ({"resume": True}, "resume=True needs checkpoint_dir"),
     ({"gate_epoch": 3}, "unknown setting(s) gate_epoch"),
+    ({"distill": "bigger"}, "unknown distill 'bigger'"),
+    ({"distill": "none"}, "unknown distill 'none'"),
+    ({"distill": "big", "distill_weight": 1.5}, "distill_weight is w in the fine-tuning loss"),
+    ({"distill": "big", "distill_weight": -0.1}, "distill_weight must be at least 0, got -0.1"),
+    ({"distill": "big", "distill_weight": float("nan")}, "distill_weight must be a finite number"),
+    ({"distill": "teachers", "temperature": 0}, "temperature must be positive, got 0"),
+    ({"distill": "teachers", "temperature": 2.0}, "temperature=2.0 softens logits in the cross-entropy"),
+    ({"distill": "teachers", "loss": lambda o, t: (o - t).abs().mean()}, "needs distill_loss too"),
+    ({"distill": "teachers", "distill_loss": "kl"}, "distill_loss must be a callable"),
+    ({"distill_weight": 0.3}, "distill_weight is set but distill is None"),
+    ({"temperature": 3.0}, "temperature is set but distill is None"),
 ])
 def test_merge_settings_are_checked_before_any_work(options, message):
     train_data, _ = small_sine(n_train=32)
@@ -259,6 +270,7 @@ RESUME_SCRIPT = """
     from graphmerge.recipe import merge
 
     out, checkpoint_dir, crash_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+    distill = sys.argv[5] if len(sys.argv) > 5 else None
 
     def crash_after_checkpoint(record):  # the log runs after the epoch's checkpoint is written
         if f"{record['phase']}:{record['epoch']}" == crash_at:
@@ -267,7 +279,7 @@ RESUME_SCRIPT = """
     train_data, val_data, _, _ = sine(n_train=256, n_val=64, n_test=1)
     result = merge(build_model, train_data, val_data=val_data, loss="mse", teacher_epochs=2, gate_epochs=3,
                    finetune_epochs=2, lambda0=0.5, checkpoint_dir=checkpoint_dir, resume=resume,
-                   log=crash_after_checkpoint)
+                   log=crash_after_checkpoint, distill=distill)
     save_weights(out, result.student)
 """
 
@@ -278,15 +290,31 @@ def _run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+def _uninterrupted_run(folder: Path, *extra: str) -> tuple[Path, dict[str, torch.Tensor]]:
     """The resume script, and the student of one run that nothing interrupts."""
-    folder = tmp_path_factory.mktemp("resume")
     script = folder / "run.py"
     script.write_text(textwrap.dedent(RESUME_SCRIPT))
-    reference = _run_script(script, str(folder / "ref.safetensors"), str(folder / "ref_ck"), "never", "0")
+    reference = _run_script(script, str(folder / "ref.safetensors"), str(folder / "ref_ck"), "never", "0", *extra)
     assert reference.returncode == 0, reference.stderr
     return script, load_file(folder / "ref.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    return _uninterrupted_run(tmp_path_factory.mktemp("resume"))
+
+
+def _crash_and_resume(tmp_path: Path, script: Path, crash_at: str, *extra: str) -> dict[str, torch.Tensor]:
+    """Kill the script after the checkpoint of ``crash_at`` ("phase:epoch"), resume it; -> its student."""
+    crashed = _run_script(script, str(tmp_path / "b.safetensors"), str(tmp_path / "ck"), crash_at, "0", *extra)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert not (tmp_path / "b.safetensors").exists()
+    phase, epoch = crash_at.split(":")
+    saved = ckpt.load_state(tmp_path / "ck" / "merge.safetensors")
+    assert (saved["phase"], saved["epoch"]) == (phase, int(epoch))
+    resumed = _run_script(script, str(tmp_path / "b.safetensors"), str(tmp_path / "ck"), "never", "1", *extra)
+    assert resumed.returncode == 0, resumed.stderr
+    return load_file(tmp_path / "b.safetensors")
 
 
 # Killed after: a teacher epoch, a gate epoch, the last gate epoch (resume must compress), a
@@ -294,15 +322,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 @pytest.mark.parametrize("crash_at", ["teacher1:2", "gate:1", "gate:3", "finetune:1"])
 def test_resume_after_a_kill_gives_the_uninterrupted_result_bitwise(tmp_path: Path, crash_at: str, uninterrupted):
     script, expected = uninterrupted
-    crashed = _run_script(script, str(tmp_path / "b.safetensors"), str(tmp_path / "ck"), crash_at, "0")
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    assert not (tmp_path / "b.safetensors").exists()
-    phase, epoch = crash_at.split(":")
-    saved = ckpt.load_state(tmp_path / "ck" / "merge.safetensors")
-    assert (saved["phase"], saved["epoch"]) == (phase, int(epoch))
-    resumed = _run_script(script, str(tmp_path / "b.safetensors"), str(tmp_path / "ck"), "never", "1")
-    assert resumed.returncode == 0, resumed.stderr
-    actual = load_file(tmp_path / "b.safetensors")
+    actual = _crash_and_resume(tmp_path, script, crash_at)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
@@ -379,3 +399,149 @@ def test_cli_train_rejects_bad_options_before_any_work(run_cli, tmp_path: Path, 
     assert result.returncode == 2, result.stderr
     assert expected in " ".join(result.stderr.split()), result.stderr
     assert not out.exists()
+
+
+# --- distillation in fine-tuning -----------------------------------------------------------
+
+def test_distill_settings_are_fingerprinted_only_when_on():
+    plain = MergeSettings(loss="mse").fingerprint()
+    assert not {"distill", "distill_weight", "temperature", "distill_loss"} & set(plain)
+    on = MergeSettings(loss="cross_entropy", distill="big", distill_weight=0.25, temperature=4.0).fingerprint()
+    assert {k: on[k] for k in ("distill", "distill_weight", "temperature", "distill_loss")} == {
+        "distill": "big", "distill_weight": 0.25, "temperature": 4.0, "distill_loss": None}
+    assert on.keys() - plain.keys() == {"distill", "distill_weight", "temperature", "distill_loss"}
+
+
+def test_resume_with_another_distill_setting_is_refused(tmp_path: Path):
+    train_data, _ = small_sine(n_train=64)
+    options = {"loss": "mse", "teacher_epochs": 1, "gate_epochs": 1, "finetune_epochs": 1, "checkpoint_dir": tmp_path}
+    merge(build_mlp, train_data, distill="teachers", **options)
+    with pytest.raises(GraphMergeError, match="distill_weight=0.5.*distill_weight=0.9"):
+        merge(build_mlp, train_data, distill="teachers", distill_weight=0.9, resume=True, **options)
+    with pytest.raises(GraphMergeError, match="distill='teachers'.*distill=None"):
+        merge(build_mlp, train_data, resume=True, **options)
+
+
+def test_without_distill_fine_tuning_is_plain_sgd_on_the_task_loss_bitwise():
+    """distill=None: the fine-tuned student is, bit for bit, the compressed student trained by a
+    hand-written SGD loop on the MSE alone (the recipe's behaviour before distillation existed)."""
+    train_data, _ = small_sine(n_train=96)
+    torch.manual_seed(3)
+    teachers = [build_mlp(16) for _ in range(2)]
+    options = {"loss": "mse", "gate_epochs": 1, "batch_size": 32, "finetune_lr": 0.05, "seed": 4}
+    start = merge(teachers, train_data, finetune_epochs=0, **options).student
+    student = merge(teachers, train_data, finetune_epochs=2, **options).student
+
+    optimizer = torch.optim.SGD(start.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[1], gamma=0.1)  # half of 2 epochs
+    for epoch in range(2):
+        start.train()
+        for x, y in epoch_batches(train_data, 32, seed=4 + 1, epoch=epoch, ctx=DistContext()):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(start(x), y).backward()
+            optimizer.step()
+        scheduler.step()
+    expected, actual = start.state_dict(), student.state_dict()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def _one_step(student: torch.nn.Module, loss_of_output, x: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+    """The parameters after one plain SGD step on ``loss_of_output(student(x))`` (train mode)."""
+    student.train()
+    student.zero_grad()
+    loss_of_output(student(x)).backward()
+    return {name: (p - lr * p.grad).detach() for name, p in student.named_parameters()}
+
+
+def _l1(output, target):
+    return (output - target).abs().mean()
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_distill_towards_the_teachers_mean_gives_the_gradient_of_the_hand_written_loss(custom: bool):
+    """distill_weight=1, target "teachers": one fine-tuning step (one batch, no momentum) moves the
+    student by -lr · ∇ MSE(student(x), (teacher_0(x) + teacher_1(x)) / 2); with a custom loss, by the
+    gradient of the given distill_loss (here L1) instead."""
+    train_data, _ = small_sine(n_train=64)
+    x = train_data.tensors[0]
+    torch.manual_seed(5)
+    teachers = [build_mlp(16) for _ in range(2)]
+    options = {"loss": _l1 if custom else "mse", "gate_epochs": 1, "batch_size": 64, "finetune_lr": 0.1,
+               "finetune_momentum": 0.0}
+    before = merge(teachers, train_data, finetune_epochs=0, **options).student
+    result = merge(teachers, train_data, finetune_epochs=1, distill="teachers", distill_weight=1.0,
+                   distill_loss=_l1 if custom else None, **options)
+    with torch.no_grad():
+        target = (teachers[0](x) + teachers[1](x)) / 2
+    hand = (lambda out: (out - target).abs().mean()) if custom else (lambda out: ((out - target) ** 2).mean())
+    expected = _one_step(before, hand, x, lr=0.1)
+    actual = dict(result.student.named_parameters())
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name].detach(), value, rtol=1e-5, atol=1e-7)
+    assert result.history[-1]["distill_samples"] == 64
+    assert result.summary["distill"] == {"target": "teachers", "weight": 1.0, "temperature": 1.0, "samples": 64,
+                                         "target_models": 2, "model_forwards": 128}
+
+
+def test_distill_towards_the_gated_big_student_mixes_cross_entropy_and_hintons_kl():
+    """Target "big" (the gated big student at the end of the gate phase, eval mode), cross-entropy,
+    w = 0.3, T = 2: one step follows ∇[(1 − w)·CE + w·T²·mean_b Σ_c p_t (log p_t − log p_s)], p at T."""
+    data = small_mnist1d(64)
+    x, labels = data.tensors
+    torch.manual_seed(6)
+    teachers = [build_cnn().eval() for _ in range(2)]
+    options = {"loss": "cross_entropy", "gate_epochs": 1, "batch_size": 64, "finetune_lr": 0.1,
+               "finetune_momentum": 0.0}
+    before = merge(teachers, data, finetune_epochs=0, **options).student
+    result = merge(teachers, data, finetune_epochs=1, distill="big", distill_weight=0.3, temperature=2.0, **options)
+    gated = _gated_after_gate_phase(teachers, data, 1, "projected", None).eval()
+    with torch.no_grad():
+        p_target = torch.softmax(gated(x) / 2.0, dim=1)
+
+    def loss(out):
+        kl = (p_target * (p_target.log() - torch.log_softmax(out / 2.0, dim=1))).sum(dim=1).mean() * 4.0
+        return 0.7 * torch.nn.functional.cross_entropy(out, labels) + 0.3 * kl
+
+    expected = _one_step(before, loss, x, lr=0.1)
+    actual = dict(result.student.named_parameters())
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name].detach(), value, rtol=1e-4, atol=1e-6)
+    assert result.summary["distill"]["model_forwards"] == 64 and result.summary["distill"]["target_models"] == 1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_distill_big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    return _uninterrupted_run(tmp_path_factory.mktemp("resume_distill"), "big")
+
+
+# After the last gate epoch the gated big student comes from the gate checkpoint; after a
+# fine-tuning epoch it is rebuilt from the state the fine-tuning checkpoint keeps.
+@pytest.mark.parametrize("crash_at", ["gate:3", "finetune:1"])
+def test_resume_with_distill_big_gives_the_uninterrupted_result_bitwise(tmp_path: Path, crash_at: str,
+                                                                        uninterrupted_distill_big):
+    script, expected = uninterrupted_distill_big
+    actual = _crash_and_resume(tmp_path, script, crash_at, "big")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_cli_distill_flags_reach_the_settings(run_cli, tmp_path: Path):
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        ckpt.save_weights(tmp_path / f"{name}.safetensors", build_mlp())
+    teachers = ["--teacher", "a.safetensors", "--teacher", "b.safetensors", "--data", "sine", "--batch-size", "500",
+                "--gate-epochs", "1", "--finetune-epochs", "1"]
+    done = run_cli("merge", "examples:mlp", *teachers, "--distill", "teachers", "--distill-weight", "0.25",
+                   "--checkpoint-dir", "ck", "--log-json", "log.jsonl", "--out", "s.safetensors")
+    assert done.returncode == 0, done.stderr
+    settings = ckpt.load_state(tmp_path / "ck" / "merge.safetensors")["settings"]
+    assert (settings["distill"], settings["distill_weight"], settings["temperature"]) == ("teachers", 0.25, 1.0)
+    record = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
+    assert record["phase"] == "finetune" and record["distill_samples"] == 10_000
+    assert "20000 extra forwards of a teacher" in " ".join(done.stdout.split())
+    for args, message in [(["--distill", "bigger"], "unknown distill 'bigger'"),
+                          (["--distill", "big", "--temperature", "3"], "temperature=3.0 softens logits"),
+                          (["--distill-weight", "0.3"], "distill_weight is set but distill is None")]:
+        failed = run_cli("merge", "examples:mlp", *teachers, *args, "--out", "t.safetensors")
+        assert failed.returncode == 2 and message in " ".join(failed.stderr.split()), (args, failed.stderr)
+        assert "Traceback" not in failed.stderr and not (tmp_path / "t.safetensors").exists()
