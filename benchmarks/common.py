@@ -858,13 +858,18 @@ def plot_common(result: dict[str, Any], out: Path, name: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for tag, hist in result["gate_history"].items():
-        key = "budget" if "budget" in hist else "lambda"
-        axes[0].plot(hist[key], label=f"{'budget' if key == 'budget' else 'λ'} ({tag})")
+        if "lambda" in hist:  # penalty: λ per epoch
+            axes[0].plot(hist["lambda"], marker=".", label=f"λ ({tag})")
+        else:  # projected: the budget, in the units of the open fraction
+            axes[1].plot(hist["budget"], color="black", ls="--", lw=0.8, label=f"budget ({tag})")
         for gid, values in hist["open"].items():
-            axes[1].plot(values, label=f"{tag} group {gid}")
+            axes[1].plot(values, marker=".", ms=3, label=f"{tag} group {gid}")
     axes[0].set_xlabel("gate-phase epoch")
-    axes[0].set_ylabel("budget on mean P[g > 0] (projected) or λ (penalty)")
-    axes[0].legend()
+    axes[0].set_ylabel("λ (penalty budget)")
+    if axes[0].lines:
+        axes[0].legend()
+    else:
+        axes[0].set_title("no λ: the projected budget needs none", fontsize=9)
     axes[1].axhline(0.5, color="grey", lw=0.5)
     axes[1].axhline(1 / 3, color="grey", lw=0.5)
     axes[1].set_xlabel("gate-phase epoch")
