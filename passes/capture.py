@@ -103,7 +103,8 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, example_kwar
     kwargs.update(injected)
     _register_dataclasses((args, kwargs))
     flags = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
-    with _eval_mode(model), torch.no_grad(), _full_stack_traces(), _registering_outputs(model):
+    with _eval_mode(model), torch.no_grad(), _full_stack_traces(), _registering_outputs(model), \
+            _graph_capture_paths():
         ep, dynamic = _export(model, args, kwargs, dynamic_batch, model_name)
         unlifted = ep.module()
     gm = torch.fx.GraphModule(unlifted, unlifted.graph, re.sub(r"\W", "_", model_name))
@@ -239,6 +240,27 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+# --- code paths written for graph capture ----------------------------------------------------
+
+@contextlib.contextmanager
+def _graph_capture_paths() -> Iterator[None]:
+    """Make ``torch.jit.is_tracing()`` true while exporting.
+
+    Model code takes a different path when it is being captured: eval-mode caches of tensors
+    computed from parameters (timm's LeViT and EfficientFormer cache ``attention_biases[:, idx]``
+    in a dict unless ``torch.jit.is_tracing() or self.training``) would otherwise be baked into
+    the graph as constants, so every teacher would read teacher 0's biases. The capture path
+    computes them from the parameters, which is what the analysis must see.
+    """
+    jit = torch.jit
+    original = jit.is_tracing
+    jit.is_tracing = lambda: True
+    try:
+        yield
+    finally:
+        jit.is_tracing = original
 
 
 # --- stack traces ----------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.gate import GatedStudent, Keep, select_channels
 from graphmerge.passes.layout import pieces, student_map
-from graphmerge.passes.widen import WidenInfo, copy_structure, rewrite_aten_sizes, set_tensor, widen_info
+from graphmerge.passes.util import getattr_path
+from graphmerge.passes.widen import WidenInfo, copy_structure, rewrite_aten_sizes, set_tensor, tied_names, widen_info
 from torch import nn
 
 
@@ -60,8 +61,20 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
         student.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise GraphMergeError(f"the compressed weights do not load into {type(student).__name__}: {error}") from None
+    _retie(student, info.teacher)
     student.train(graph_module.training)
     return student
+
+
+def _retie(student: nn.Module, teacher: nn.Module) -> None:
+    """Parameters the teachers' class shares between modules (tied embeddings) are one object
+    again: ``load_state_dict(assign=True)`` assigned each name on its own."""
+    first: dict[int, str] = {}
+    for name, param in teacher.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            set_tensor(student, name, getattr_path(student, first[id(param)]))
+        else:
+            first[id(param)] = name
 
 
 def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep: Keep,
@@ -137,23 +150,28 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
     layout = info.groups.layout
     widths, widened, n = info.widths, info.widened, info.n_teachers
     out: dict[str, torch.Tensor] = {}
-    for name in info.groups.graph_module.state_dict():
-        tensor = big_state[name]
-        if name in info.per_teacher:
-            tensor = _one_of_stacked(tensor, info, info.per_teacher[name], kept)
-        dims = layout.params.get(name)
-        if dims is None or tensor.ndim == 0:
-            out[name] = tensor.clone()
+    done: dict[str, torch.Tensor] = {}
+    for name, canonical in tied_names(info.groups).items():
+        if canonical in done:  # tied to a tensor already gathered: the student keeps the tie
+            out[name] = done[canonical]
             continue
+        tensor = big_state[canonical]
+        dims = layout.params.get(canonical)
+        if dims is None or tensor.ndim == 0:
+            out[name] = done[canonical] = tensor.clone()
+            continue
+        if canonical in info.per_teacher:
+            tensor = _one_of_stacked(tensor, info, info.per_teacher[canonical], kept)
         for d, dim in enumerate(dims):
             if dim is None:
                 continue
             index = student_map(dim, n, widths, widened, kept)
             if len(index) != tensor.shape[d] or not np.array_equal(index, np.arange(len(index))):
                 tensor = tensor.index_select(d, torch.as_tensor(index))
-            if scales is not None and d in layout.in_dims.get(name, ()):
+            if scales is not None and d in layout.in_dims.get(canonical, ()):
                 tensor = tensor * _scale_vector(dim, info, kept, scales, tensor.ndim, d).to(tensor.dtype)
-        out[name] = tensor.contiguous()
+        # a copy where nothing was sliced: training the student must never change the big student
+        out[name] = done[canonical] = tensor.clone() if tensor is big_state[canonical] else tensor.contiguous()
     return out
 
 

@@ -868,8 +868,10 @@ def rewrite_narrow(node: torch.fx.Node, sizes: SizeContext) -> None:
 
 
 def index_tensor(prop: Propagation, node: torch.fx.Node) -> Any:
-    """``x[idx]`` with tensor indices: fine on non-channel dims (a relative-position table's rows);
-    on a channel dim it gathers channels in a computed order, which is pinned."""
+    """``x[..., idx, ...]`` with tensor indices on adjacent dims. Reading a parameter's table this
+    way (a relative-position bias ``table[:, idx]``) makes the indexed axis a non-channel axis and
+    keeps the others (the heads); on an activation's channel dim it gathers channels in a computed
+    order, which is pinned."""
     x = labels_of(prop, node.args[0])
     shape = node_shape(node)
     args = op_args(node)
@@ -877,17 +879,24 @@ def index_tensor(prop: Propagation, node: torch.fx.Node) -> Any:
         return unlabelled(node)
     indices = args["indices"]
     indexed = [d for d, i in enumerate(indices) if i is not None]
+    table = param_name(node.args[0]) is not None
     for d in indexed:
         dims, ids = x.block_of(d)
-        if (ids >= 0).any():
+        if not (ids >= 0).any():
+            continue
+        if table and len(dims) == 1:
+            prop.mark_not_channel(ids, f"not a channel: {describe(node)} reads a table by a tensor index")
+        else:
             prop.pin(ids, f"{describe(node)}: tensor index into a channel dim")
-    if indexed != list(range(len(indexed))) or len(shape) < x.ndim - len(indexed):
-        return pin_all(prop, node, f"{describe(node)}: tensor indices not on the leading dims")
-    trailing = [x.dim(d) for d in range(len(indexed), x.ndim)]
-    if any(t is None for t in trailing):
-        return pin_all(prop, node, f"{describe(node)}: tensor index before a reshaped channel block")
-    lead = len(shape) - len(trailing)
-    return TensorLabels.from_dims(shape, [np.full(s, NOT_A_CHANNEL, np.int64) for s in shape[:lead]] + trailing)
+    if not indexed or indexed != list(range(indexed[0], indexed[0] + len(indexed))):
+        return pin_all(prop, node, f"{describe(node)}: tensor indices on dims that are not adjacent")
+    first, count = indexed[0], len(indexed)
+    index_rank = len(shape) - (x.ndim - count)
+    kept = [x.dim(d) for d in range(x.ndim) if d not in indexed]
+    if index_rank < 0 or any(k is None for k in kept):
+        return pin_all(prop, node, f"{describe(node)}: tensor index beside a reshaped channel block")
+    middle = [np.full(s, NOT_A_CHANNEL, np.int64) for s in shape[first:first + index_rank]]
+    return TensorLabels.from_dims(shape, kept[:first] + middle + kept[first:])
 
 
 def getitem(prop: Propagation, node: torch.fx.Node) -> Any:

@@ -82,14 +82,20 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     constants = groups.graph_module.state_dict()
     per_teacher = per_teacher_layers(big, groups, widened)
     stacked = {param: dim_layout for _, _, dim_layout, params in per_teacher.values() for param in params}
-    for name in traced_names:
-        dims = layout.params.get(name)
-        tensors = [_teacher_tensor(t, s, name, constants[name]) for t, s in zip(teachers, states, strict=True)]
-        if name in stacked:
-            new = torch.stack(tensors)
-        else:
-            new = _scatter(tensors, dims, layout.out_dims.get(name), n, widths, widened, name)
-        set_tensor(big, name, new)
+    built: dict[str, torch.Tensor] = {}
+    for name, canonical in tied_names(groups).items():
+        if canonical not in built:
+            dims = layout.params.get(canonical)
+            tensors = [_teacher_tensor(t, s, canonical, constants[canonical]) for t, s in zip(teachers, states,
+                                                                                             strict=True)]
+            if canonical in stacked:
+                new = torch.stack(tensors)
+            else:
+                new = _scatter(tensors, dims, layout.out_dims.get(canonical), n, widths, widened, canonical)
+            current = getattr_path(big, canonical)
+            built[canonical] = nn.Parameter(new, requires_grad=current.requires_grad) \
+                if isinstance(current, nn.Parameter) else new
+        set_tensor(big, name, built[canonical])
     _rewrite_per_teacher(big, per_teacher, n, widths, widened)
     _rewrite_literals(big, groups, n, widths, widened)
     _rewrite_permutations(big, groups, n, widths, widened)
@@ -165,6 +171,23 @@ def per_teacher_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     out = torch.stack([F.linear(grouped.select(dim, t), weight[t], None if bias is None else bias[t])
                        for t in range(n)], dim).flatten(dim, dim + 1)
     return torch.empty_like(out).index_copy_(dim, blocks.reshape(-1), out)
+
+
+def tied_names(groups: GroupSet) -> dict[str, str]:
+    """Every state_dict name of the analysed graph -> the name it is laid out by. Names that hold
+    one tensor (tied input and output embeddings) share the name the graph reads, so the big
+    student and the student keep them tied."""
+    state = groups.graph_module.state_dict(keep_vars=True)
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    read = {str(node.target) for node in groups.graph_module.graph.nodes if node.op == "get_attr" and node.users}
+    canonical = {}
+    for names in by_tensor.values():
+        laid_out = [name for name in names if name in groups.layout.params and name in read]
+        for name in names:
+            canonical[name] = (laid_out or names)[0]
+    return canonical
 
 
 def widen_info(big: nn.Module) -> tuple[torch.fx.GraphModule, WidenInfo]:
@@ -380,7 +403,9 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     owner = root.get_submodule(owner_name) if owner_name else root
     current = getattr(owner, attr)
     if isinstance(current, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=current.requires_grad))
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=current.requires_grad)
+        setattr(owner, attr, value)
     elif attr in owner._buffers:
         owner._buffers[attr] = value
     else:
