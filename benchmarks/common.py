@@ -249,6 +249,7 @@ class Budget:
     lambda_growth: float = 0.05
     gate_budget: str = "projected"  # "projected" (graphmerge's default) or "penalty" (the paper's λ·L_half)
     budget_ramp: float = 0.5  # projected: the budget falls from 1 to 1/N over this fraction of the gate phase
+    budget_direction: str = "gradient"  # projected: how the log-alphas move onto the budget (gate.budget_projection)
     drop: float = 5 / 6  # where in a phase the learning rate is divided by 10 (sine: 250 of 300)
     milestones: dict[int, int] = field(default_factory=dict)  # per phase length, overriding ``drop``
 
@@ -583,6 +584,7 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
                    "gate_epochs": b.unit, "finetune_epochs": b.unit, "total": b.total, "lr": b.lr,
                    "batch_size": b.batch_size, "weight_decay": b.weight_decay, "gate_lr": b.gate_lr,
                    "gate_budget": b.gate_budget, "budget_ramp": b.budget_ramp,
+                   "budget_direction": b.budget_direction,
                    "lambda0": b.lambda0, "lambda_growth_per_epoch": b.lambda_growth,
                    "equal_flops_one_model_epochs": eq.one, "equal_flops_bo3_epochs_each": eq.bo3},
         "epochs": {name: strategies[name][0](b, eq) for name in strategies},
@@ -678,7 +680,8 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
 
     def project(progress: float, st: Stack) -> None:
         flat = torch.cat([st.params[k] for k in names], dim=-1)
-        shifted = budget_projection(flat, segments, budget_target(progress, n, b.budget_ramp), gates.open_shift)
+        shifted = budget_projection(flat, segments, budget_target(progress, n, b.budget_ramp), gates.open_shift,
+                                    direction=b.budget_direction)
         if shifted is not flat:
             for k, piece in zip(names, shifted.split(sizes, dim=-1), strict=True):
                 st.params[k].copy_(piece)
@@ -923,6 +926,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
                         help="how the gate phase meets mean P[g>0] = 1/N: 'projected' (graphmerge's default: "
                              "log-alphas shifted onto a budget falling from 1 to 1/N over the first half of the "
                              "phase, after every step) or 'penalty' (the paper's λ·L_half, λ grown per epoch)")
+    parser.add_argument("--budget-direction", choices=("gradient", "uniform"), default=None,
+                        help="projected budget: move each group's log-alphas along the mean's gradient "
+                             "(default; undecided gates close first) or all by one constant")
     parser.add_argument("--compare-budgets", action="store_true",
                         help="also merge the same teachers with the other --gate-budget (one more gate phase) and "
                              "report that student beside the others, paired")
@@ -966,7 +972,7 @@ def run_classification(args: argparse.Namespace, name: str, build: Callable[[], 
 def gate_overrides(args: argparse.Namespace) -> dict[str, float | str]:
     """The gate-phase settings given on the command line, as ``Budget`` keyword arguments."""
     given = {"lambda0": args.lambda0, "lambda_growth": args.lambda_growth, "gate_lr": args.gate_lr,
-             "gate_budget": args.gate_budget}
+             "gate_budget": args.gate_budget, "budget_direction": args.budget_direction}
     return {k: v for k, v in given.items() if v is not None}
 
 

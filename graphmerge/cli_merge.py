@@ -105,6 +105,9 @@ def merge_command(
                                          "number of gate epochs); penalty: the paper's lambda * L_half."),
     budget_ramp: float = typer.Option(0.5, "--budget-ramp", min=0.0, max=1.0,
                                       help="Fraction of the gate phase over which the budget falls to 1/N."),
+    budget_direction: str = typer.Option("gradient", "--budget-direction",
+                                         help="projected budget: move the gates along the budget's gradient "
+                                              "(undecided ones close first) or 'uniform' (all by one constant)."),
     lambda0: float = typer.Option(0.01, "--lambda0", help="Initial weight of the L_half loss (--gate-budget "
                                                          "penalty)."),
     lambda_schedule: str = typer.Option("quadratic", "--lambda-schedule",
@@ -149,6 +152,7 @@ def merge_command(
         teachers, train_data, val_data=val_data, loss=_loss_for(task), gate_epochs=gate_epochs,
         finetune_epochs=finetune_epochs, batch_size=batch_size, weight_lr=lr, gate_lr=gate_lr,
         finetune_lr=finetune_lr, weight_decay=weight_decay, gate_budget=gate_budget, budget_ramp=budget_ramp,
+        budget_direction=budget_direction,
         lambda0=lambda0, lambda_schedule=lambda_schedule, **distillation,
         checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, log=_epoch_logger(log_json, resume),
         progress=True, device=device)

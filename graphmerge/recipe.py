@@ -7,8 +7,10 @@ MultiStepLR), except for how the gate phase meets its budget. The paper adds ``�
 with λ grown by ``λ ← λ + 0.05·√λ`` from ``λ₀ = 0.01`` once per epoch; that schedule assumes about
 150 gate epochs and leaves groups far above 1/N open on short phases (``gate_budget="penalty"``
 keeps it). The default, ``gate_budget="projected"``, treats "mean P[g > 0] ≤ budget" as a
-constraint: after every step each group's log-alphas are shifted by one constant onto the budget,
-which falls linearly from 1 to 1/N over the first ``budget_ramp`` of the phase. The budget is met
+constraint: after every step each group's log-alphas are moved onto the budget along the mean's
+gradient (``budget_direction="gradient"``: undecided gates close first; "uniform" shifts them all
+by one constant), the budget falling linearly from 1 to 1/N over the first ``budget_ramp`` of the
+phase. The budget is met
 on any number of gate epochs, with nothing to tune per task.
 
 Distillation (``distill="big"`` or ``"teachers"``): fine-tuning minimises
@@ -131,6 +133,7 @@ class MergeSettings:
     gate_momentum: float = 0.9
     gate_budget: str = "projected"
     budget_ramp: float = 0.5
+    budget_direction: str = "gradient"
     lambda_schedule: str | Callable[[int], float] = "quadratic"
     lambda0: float = 0.01
     lambda_growth: float = 0.05
@@ -176,6 +179,9 @@ class MergeSettings:
         if self.gate_budget not in GATE_BUDGETS:
             raise GraphMergeError(f"unknown gate_budget {self.gate_budget!r}: use 'projected' (the budget 1/N "
                                   f"is met by the end of any gate phase) or 'penalty' (the paper's λ·L_half).")
+        if self.budget_direction not in ("gradient", "uniform"):
+            raise GraphMergeError(f"unknown budget_direction {self.budget_direction!r}: use 'gradient' (gates move "
+                                  f"along the budget's gradient; undecided ones close first) or 'uniform'.")
         _check_number("budget_ramp", self.budget_ramp, positive=True)
         if self.budget_ramp > 1:
             raise GraphMergeError(f"budget_ramp is the fraction of the gate phase spent reaching the budget; it "
@@ -507,7 +513,7 @@ class _MergeRun:
             return {"lambda": self.lambda_at(epoch)}
 
         def after_step(progress: float) -> None:
-            gated.project_to_budget(budget_target(progress, n, self.s.budget_ramp))
+            gated.project_to_budget(budget_target(progress, n, self.s.budget_ramp), self.s.budget_direction)
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             record.update(_gate_fields(gated))

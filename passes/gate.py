@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from graphmerge.passes.widen import WidenInfo, widen_info
 from torch import nn
 
 GATES = "graphmerge_gates"
+GATHER_INDEX = "graphmerge_gate_gather_index"
 
 
 class HardConcreteGates(nn.Module):
@@ -57,11 +59,16 @@ class HardConcreteGates(nn.Module):
         if self.training:
             rows = reference.shape[0] if reference.ndim else 1
             u = torch.rand(rows, self.total, device=log_alpha.device, dtype=log_alpha.dtype)
-            u = u.clamp(1e-6, 1 - 1e-6)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
+            # log u - log1p(-u), op for op as before but in place where no gradient flows: each
+            # (rows x channels) temporary is an allocation per step. Not noise.add_(log_alpha):
+            # under vmap log_alpha may be batched where the noise is not.
+            u.clamp_(1e-6, 1 - 1e-6)
+            noise = torch.log(u)
+            noise.sub_(u.neg_().log1p_())
+            s = torch.sigmoid(torch.add(noise, log_alpha).div_(self.beta))
         else:
             s = torch.sigmoid(log_alpha).unsqueeze(0)
-        gates = (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+        gates = s.mul(self.zeta - self.gamma).add_(self.gamma).clamp(0, 1)
         return torch.cat([gates, torch.ones(gates.shape[0], 1, dtype=gates.dtype, device=gates.device)], 1)
 
     def prob_open(self, gid: int) -> torch.Tensor:
@@ -82,17 +89,15 @@ class HardConcreteGates(nn.Module):
         return torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes, dtype=torch.long))
 
     @torch.no_grad()
-    def project_to_budget(self, target: float) -> None:
-        """Shift each group's log-alphas by one constant so its mean P[g > 0] is at most ``target``.
-
-        The Euclidean projection of the log-alphas onto the budget along the all-ones direction of
-        each group: the channels' order (what compression keeps) and their differences (what the
-        task gradient taught) are unchanged; only groups above the budget move.
-        """
+    def project_to_budget(self, target: float, direction: str = "gradient") -> None:
+        """Move each group's log-alphas so its mean P[g > 0] is at most ``target``: along the
+        mean's gradient (``direction="gradient"``: undecided gates close first, gates held open
+        stay open) or all by one constant (``"uniform"``: the order is kept). Only groups above
+        the budget move (see ``budget_projection``)."""
         if not self.group_ids:
             return
         flat = self.all_log_alpha().detach()
-        shifted = budget_projection(flat, self.segments(), target, self.open_shift)
+        shifted = budget_projection(flat, self.segments(), target, self.open_shift, direction=direction)
         for gid in self.group_ids:
             param = self.log_alpha[f"g{gid}"]
             start = self.offsets[gid]
@@ -111,19 +116,32 @@ def budget_target(progress: float, n_teachers: int, ramp: float = 0.5) -> float:
 
 @torch.no_grad()
 def budget_projection(log_alpha: torch.Tensor, segments: torch.Tensor, target: float, open_shift: float,
-                      iterations: int = 60) -> torch.Tensor:
-    """``log_alpha + c[segment]`` with the largest ``c <= 0`` per segment (and per leading batch
-    row) for which the segment's mean ``sigmoid(log_alpha + c - open_shift)`` is at most ``target``.
+                      iterations: int = 60, direction: str = "uniform", floor: float = 0.05) -> torch.Tensor:
+    """``log_alpha + c[segment] * w`` with the smallest ``c <= 0`` in size per segment (and per
+    leading batch row) for which the segment's mean ``sigmoid(log_alpha - open_shift)`` is at most
+    ``target``.
 
-    Bisection on every segment at once (the mean is monotone in ``c``), in float64. ``log_alpha``
-    is ``(..., channels)``; ``segments`` names each channel's segment, 0..G-1.
+    ``direction="uniform"``: ``w = 1`` (every gate of a group moves by the same amount; the order
+    is kept). ``direction="gradient"``: ``w = max(4 P (1 - P), floor)`` with ``P`` the gates'
+    current P[g > 0], the direction in which the mean falls fastest, as the paper's penalty pushes:
+    undecided gates close first and gates the task holds open stay open, so the gates separate
+    into open and closed instead of all sitting half open. Bisection on every segment at once (the
+    mean is monotone in ``c``), in float64. ``log_alpha`` is ``(..., channels)``; ``segments``
+    names each channel's segment, 0..G-1.
     """
+    if direction not in ("uniform", "gradient"):
+        raise GraphMergeError(f"budget direction must be 'uniform' or 'gradient', got {direction!r}.")
     x = log_alpha.double() - open_shift
     count = torch.bincount(segments).double()
     groups = count.numel()
+    if direction == "gradient":
+        p = torch.sigmoid(x)
+        weight = (4 * p * (1 - p)).clamp_min(floor)
+    else:
+        weight = torch.ones_like(x)
 
     def mean_open(c: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(x + c.index_select(-1, segments))
+        p = torch.sigmoid(x + c.index_select(-1, segments) * weight)
         return torch.zeros(*x.shape[:-1], groups, dtype=x.dtype).index_add_(-1, segments, p) / count
 
     lead = x.shape[:-1]
@@ -132,24 +150,39 @@ def budget_projection(log_alpha: torch.Tensor, segments: torch.Tensor, target: f
     if not bool(over.any()):
         return log_alpha
     top = torch.full((*lead, groups), -torch.inf, dtype=x.dtype).scatter_reduce(-1, segments.expand_as(x), x, "amax")
-    low = -(top + 40.0)  # every sigmoid below e^-40: the mean is below any positive target
+    low = -(top.clamp_min(0) + 40.0) / weight.min()  # every sigmoid below e^-40: below any positive target
     for _ in range(iterations):
         mid = (low + high) / 2
         above = mean_open(mid) > target
         low = torch.where(above, low, mid)
         high = torch.where(above, mid, high)
     shift = torch.where(over, low, torch.zeros_like(low))
-    return (log_alpha.double() + shift.index_select(-1, segments)).to(log_alpha.dtype)
+    return (log_alpha.double() + shift.index_select(-1, segments) * weight).to(log_alpha.dtype)
 
 
 @torch.fx.wrap
-def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Multiply ``x`` along ``dim`` by the gate values ``gates[:, index]`` (batch rows broadcast)."""
-    values = gates.index_select(1, index)
+def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: int,
+               values: torch.Tensor | None = None) -> torch.Tensor:
+    """Multiply ``x`` along ``dim`` by the gate values ``gates[:, index]`` (batch rows broadcast).
+
+    ``values``, when given, is that gather done already (``add_gates`` gathers every site's values
+    in one :func:`gather_gate_values` per forward); ``gates`` and ``index`` then only name the site.
+    """
+    if values is None:
+        values = gates.index_select(1, index)
     shape = [1] * x.ndim
     shape[0] = values.shape[0]
     shape[dim % x.ndim] = values.shape[1]
     return x * values.reshape(shape)
+
+
+def gather_gate_values(gates: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """``gates[:, index]`` split into runs of ``sizes``: every gate site's values in one gather.
+
+    One ``index_select`` instead of one per site: its backward scatters into one zero-filled
+    (rows x all gates) gradient instead of one per site, which autograd would then add up.
+    """
+    return gates.index_select(1, index).split(sizes, 1)
 
 
 class GatedStudent(nn.Module):
@@ -180,9 +213,9 @@ class GatedStudent(nn.Module):
         losses = [(target - self.gates.prob_open(gid).mean()) ** 2 for gid in self.gates.group_ids]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
-    def project_to_budget(self, target: float) -> None:
-        """Bring every group's mean P[g > 0] down to ``target`` at most (see HardConcreteGates)."""
-        self.gates.project_to_budget(target)
+    def project_to_budget(self, target: float, direction: str = "gradient") -> None:
+        """Bring every group's mean P[g > 0] down to ``target`` at most (see ``budget_projection``)."""
+        self.gates.project_to_budget(target, direction)
 
     def open_fraction(self) -> dict[int, float]:
         return {gid: float(self.gates.prob_open(gid).detach().mean()) for gid in self.gates.group_ids}
@@ -242,6 +275,7 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
     with graph.inserting_after(placeholders[-1]):
         gate_node = graph.call_module(GATES, (placeholders[0],))
     nodes = {node.name: node for node in graph.nodes}
+    sites = []  # (consumer node, argument position, activation dim, buffer, index)
     for site, (node_name, arg_index, act_dim, param) in enumerate(groups.layout.gate_sites):
         node = nodes.get(node_name)
         dims = groups.layout.params.get(param, [])
@@ -252,9 +286,31 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         index = _site_index(in_dim, n, widths, widened, gates)
         buffer = f"graphmerge_gate_index_{site}"
         gated.register_buffer(buffer, torch.as_tensor(index, dtype=torch.long), persistent=False)
+        sites.append((node, arg_index, act_dim, buffer, index))
+    # One gather per forward for all sites; sites reading the same gate entries in the same order
+    # (the consumers of one residual stream) share one run of it.
+    runs: dict[bytes, int] = {}
+    distinct: list[np.ndarray] = []
+    for *_, index in sites:
+        if index.tobytes() not in runs:
+            runs[index.tobytes()] = len(distinct)
+            distinct.append(index)
+    if sites:
+        gated.register_buffer(GATHER_INDEX, torch.as_tensor(np.concatenate(distinct), dtype=torch.long),
+                              persistent=False)
+        with graph.inserting_after(gate_node):
+            gather_index = graph.get_attr(GATHER_INDEX)
+        with graph.inserting_after(gather_index):
+            gathered = graph.call_function(gather_gate_values, (gate_node, gather_index, [len(i) for i in distinct]))
+        values = []
+        with graph.inserting_after(gathered):
+            for run in range(len(distinct)):
+                values.append(graph.call_function(operator.getitem, (gathered, run)))
+    for node, arg_index, act_dim, buffer, index in sites:
         with graph.inserting_before(node):
             index_node = graph.get_attr(buffer)
-            gated_input = graph.call_function(apply_gate, (node.args[arg_index], gate_node, index_node, act_dim))
+            gated_input = graph.call_function(apply_gate, (node.args[arg_index], gate_node, index_node, act_dim,
+                                                           values[runs[index.tobytes()]]))
         args = list(node.args)
         args[arg_index] = gated_input
         node.args = tuple(args)

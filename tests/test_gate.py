@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 from graphmerge.passes.couple import display_name
-from graphmerge.passes.gate import GATES, HardConcreteGates, budget_projection, budget_target
+from graphmerge.passes.gate import (
+    GATES,
+    HardConcreteGates,
+    apply_gate,
+    budget_projection,
+    budget_target,
+    gather_gate_values,
+)
 
 import graphmerge
 from graphmerge.examples.resnet20 import build_model as resnet20
@@ -237,3 +244,69 @@ def test_gated_student_projection_meets_the_budget_per_group(big):
     gated = graphmerge.add_gates(big[0], seed=0)
     gated.project_to_budget(0.5)
     assert all(abs(v - 0.5) < 1e-5 for v in gated.open_fraction().values())
+
+
+def test_hard_concrete_sample_and_its_gradient_follow_the_formula():
+    """One training-mode draw against the formula written out in float64 on the same uniforms."""
+    gates = HardConcreteGates({0: 5, 3: 7}, init_std=1.0, generator=torch.Generator().manual_seed(2)).train()
+    torch.manual_seed(3)
+    out = gates(torch.zeros(4))
+    torch.manual_seed(3)
+    u = torch.rand(4, 12).clamp(1e-6, 1 - 1e-6).double()
+    log_alpha = torch.cat([gates.log_alpha["g0"], gates.log_alpha["g3"]]).detach().double().requires_grad_()
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    expected = (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    assert out.shape == (4, 13) and bool((out[:, 12] == 1).all())
+    assert torch.allclose(out[:, :12].double(), expected, atol=1e-6)
+    weight = torch.randn(4, 13, generator=torch.Generator().manual_seed(4))
+    (out * weight).sum().backward()
+    (expected * weight[:, :12].double()).sum().backward()
+    grad = torch.cat([gates.log_alpha["g0"].grad, gates.log_alpha["g3"].grad]).double()
+    assert torch.allclose(grad, log_alpha.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gated_student_matches_a_per_site_reference_in_value_and_gradient(big):
+    """add_gates gathers every site's gate values in one index_select per forward; a reference
+    that gathers each site's own values by indexing must give the same output and gradients."""
+    model, x = big
+    gated, reference = (graphmerge.add_gates(model, init_std=0.5, seed=1).train() for _ in range(2))
+
+    def per_site(x, gates, index, dim, values=None):
+        shape = [1] * x.ndim
+        shape[0], shape[dim % x.ndim] = gates.shape[0], index.numel()
+        return x * gates[:, index].reshape(shape)
+
+    graph = reference.graph_module.graph
+    for node in graph.nodes:
+        if node.target is apply_gate:
+            node.target, node.args = per_site, node.args[:4]
+    graph.eliminate_dead_code()
+    reference.graph_module.recompile()
+    assert not any(n.target is gather_gate_values for n in graph.nodes)
+    outputs = []
+    for student in (gated, reference):
+        torch.manual_seed(7)
+        out = student(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        outputs.append(out.detach())
+    assert torch.equal(outputs[0], outputs[1])
+    params = dict(reference.named_parameters())
+    for name, param in gated.named_parameters():
+        assert torch.allclose(param.grad, params[name].grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_gradient_projection_closes_undecided_gates_first_and_meets_the_budget():
+    """Along the mean's gradient 4 P (1 - P): a gate held open (P near 1) barely moves, an
+    undecided one (P near 1/2) moves most; the group still ends exactly on the budget."""
+    shift = 0.0
+    log_alpha = torch.tensor([[6.0, 0.0, 0.2, -0.1]], dtype=torch.float64)
+    segments = torch.zeros(4, dtype=torch.long)
+    projected = budget_projection(log_alpha, segments, 0.5, shift, direction="gradient")
+    assert float(torch.sigmoid(projected).mean()) == pytest.approx(0.5, abs=1e-9)
+    moved = (log_alpha - projected)[0]
+    p = torch.sigmoid(log_alpha[0])
+    expected = (4 * p * (1 - p)).clamp_min(0.05)
+    assert torch.allclose(moved / moved[1], expected / expected[1], atol=1e-9)  # proportional to the weights
+    assert float(projected[0, 0]) > 5.9 and float(projected[0, 1]) < -0.5
+    with pytest.raises(Exception, match="direction"):
+        budget_projection(log_alpha, segments, 0.5, shift, direction="sideways")
