@@ -113,7 +113,9 @@ def _teacher_counters(state: dict[str, torch.Tensor], info: WidenInfo, teacher: 
     """
     if not info.counters:
         return {}
-    return {name: value + (state[name] - info.counters_start[name]) for name, value in info.counters[teacher].items()}
+    own = info.untraced[teacher] if info.untraced else {}
+    return {name: value + (state[name] - info.counters_start[name]) for name, value in info.counters[teacher].items()
+            if name not in own}
 
 
 def _keep_plain_attributes(state: dict[str, torch.Tensor], student: nn.Module) -> dict[str, torch.Tensor]:

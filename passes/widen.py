@@ -100,7 +100,9 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     _rewrite_literals(big, groups, n, widths, widened)
     _rewrite_permutations(big, groups, n, widths, widened)
     big.recompile()
-    untraced = [{k: v.clone() for k, v in s.items() if k not in traced_names} for s in states]
+    # tensors the graph never reads (an aux classifier skipped in eval mode) come back per teacher
+    unread = {name for name, canonical in tied_names(groups).items() if canonical not in _read_names(groups)}
+    untraced = [{k: v.clone() for k, v in s.items() if k not in traced_names or k in unread} for s in states]
     start = {k: v.clone() for k, v in big.state_dict().items() if _is_counter(v)}
     counters = [{k: s[k].clone() for k in start if k in s} for s in states]
     tied = big.meta.pop("graphmerge_tied_heads", [])
@@ -181,13 +183,17 @@ def tied_names(groups: GroupSet) -> dict[str, str]:
     by_tensor: dict[int, list[str]] = {}
     for name, tensor in state.items():
         by_tensor.setdefault(id(tensor), []).append(name)
-    read = {str(node.target) for node in groups.graph_module.graph.nodes if node.op == "get_attr" and node.users}
+    read = _read_names(groups)
     canonical = {}
     for names in by_tensor.values():
         laid_out = [name for name in names if name in groups.layout.params and name in read]
         for name in names:
             canonical[name] = (laid_out or names)[0]
     return canonical
+
+
+def _read_names(groups: GroupSet) -> set[str]:
+    return {str(node.target) for node in groups.graph_module.graph.nodes if node.op == "get_attr" and node.users}
 
 
 def widen_info(big: nn.Module) -> tuple[torch.fx.GraphModule, WidenInfo]:
