@@ -36,20 +36,6 @@ settings.register_profile("fuzz", max_examples=int(os.environ.get("GRAPHMERGE_FU
 settings.load_profile("default")
 
 
-# Tests whose peak memory reaches several GiB (float64 copies of zoo models, forked benchmark
-# workers). `--dist loadgroup` runs one group on one worker, so two of them never run at once and
-# the suite's peak stays near one such test plus the light ones (the CI machine has 24 GiB).
-MEMORY_HEAVY = ("tests/test_zoo.py::test_zoo_model_invariants", "tests/test_zoo_transformers.py::",
-                "tests/test_benchmarks_quick.py::test_coverage", "tests/test_benchmarks_quick.py::test_zoo",
-                "tests/test_export.py::test_torchvision_models_export")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.nodeid.startswith(MEMORY_HEAVY):
-            item.add_marker(pytest.mark.xdist_group("memory_heavy"))
-
-
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 

@@ -40,7 +40,10 @@ I3_ONE_TEACHER = {name for name in ALL_MODELS if name.startswith(("vit_", "convn
 ANALYSED_MODELS = ALL_MODELS if full_zoo() else sorted(set(REPRESENTATIVE) | {
     "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "efficientnet_v2_s", "inception_v3",
     "mobilenet_v3_large", "shufflenet_v2_x1_0", "alexnet", "swin_t", "swin_v2_t", "maxvit_t", "vit_b_16"})
-INVARIANT_MODELS = sorted(set(INVARIANT_MODELS) | {"swin_t", "swin_v2_t"}) if not full_zoo() \
+# vgg11 (132 M parameters; its widened first classifier layer alone is 8192 x 50176) peaks near
+# 23 GiB with the test's float64 copies beside the certificate's, more than a CI machine has beside
+# a second test process: it is analysed by default and checked for I1-I4 in full mode only.
+INVARIANT_MODELS = sorted((set(INVARIANT_MODELS) | {"swin_t", "swin_v2_t"}) - {"vgg11"}) if not full_zoo() \
     else INVARIANT_MODELS
 
 
