@@ -176,13 +176,15 @@ def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: i
     return x * values.reshape(shape)
 
 
+@torch.fx.wrap
 def gather_gate_values(gates: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
     """``gates[:, index]`` split into runs of ``sizes``: every gate site's values in one gather.
 
     One ``index_select`` instead of one per site: its backward scatters into one zero-filled
     (rows x all gates) gradient instead of one per site, which autograd would then add up.
     """
-    return gates.index_select(1, index).split(sizes, 1)
+    values = gates.index_select(1, index)
+    return (values,) if len(sizes) == 1 else values.split(sizes, 1)
 
 
 class GatedStudent(nn.Module):
