@@ -45,7 +45,7 @@ import compare  # noqa: E402
 from graphmerge.passes.gate import budget_projection, budget_target  # noqa: E402
 
 import graphmerge  # noqa: E402
-from graphmerge.training import lambda_schedule  # noqa: E402
+from graphmerge.training import cross_entropy, lambda_schedule  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -129,6 +129,10 @@ def predict(stack: Stack, x: torch.Tensor, batch_size: int = 4096) -> torch.Tens
 # --- batched training -----------------------------------------------------------------------------
 
 def task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """MSE for "regression", cross-entropy for "classification", and for "lm" cross-entropy over
+    every position of (B, T, V) logits against (B, T) targets."""
+    if task == "lm":
+        return cross_entropy
     return F.mse_loss if task == "regression" else F.cross_entropy
 
 

@@ -4,6 +4,7 @@ subprocess, writing into a temporary folder (never over the committed results)."
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -145,3 +146,77 @@ def test_coverage_quick_reports_every_suite_with_summaries(tmp_path: Path) -> No
     assert again.returncode == 0, again.stderr[-3000:]
     merged = json.loads(out.read_text())
     assert len(merged["models"]) == len(report["models"]) and len(merged["runs"]) == 2
+
+
+def gpt_forward_flops_per_token(d: int, layers: int, vocab: int, mlp_ratio: int = 4) -> int:
+    """TinyGPT's linear layers per token, forward: qkv (d -> 3d), proj (d -> d), fc1 (d -> 4d), fc2
+    (4d -> d) per block, and the head (d -> vocab); 2·in·out each. The attention's own products are
+    not counted (FlopCounterMode has no count for the CPU kernel of scaled_dot_product_attention)."""
+    block = 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * mlp_ratio * d
+    return layers * block + 2 * d * vocab
+
+
+@pytest.mark.slow
+def test_chars_quick_reports_bits_per_char_costs_and_paired_statistics(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "chars.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "chars.json").read_text())
+    names = {"student", "student (distill big)", "student (distill teachers)", "bo3 model", "one model",
+             "one model (equal FLOPs)", "bo3 (equal FLOPs)", "ensemble (2x cost)", "weight avg", "re-basin avg"}
+    assert set(result["values"]) == names and result["runs"] == 1
+    for name, values in result["values"].items():
+        assert len(values) == 1 and 0 < values[0] < 7, name  # below 7 bits: better than uniform over 128 bytes
+        assert result["stats"][name]["mean"] == pytest.approx(statistics.fmean(values))
+        assert len(result["wall_s"][name]) == 1 and result["wall_s"][name][0] > 0, name
+    # the mixture's log-loss is at most the mean of its members' (Jensen), position by position
+    assert result["values"]["ensemble (2x cost)"][0] <= statistics.fmean(result["teachers"][0]) + 1e-9
+    # quick model: d_model 16, 1 layer, context 32, vocab 128, 8 000 training characters
+    per, flops, epochs, b = result["flops_per_sample"], result["flops"], result["epochs"], result["budget"]
+    context, windows = 32, (8000 - 1) // 32
+    small_fwd = context * gpt_forward_flops_per_token(16, 1, 128)
+    big_fwd = context * gpt_forward_flops_per_token(32, 1, 128)  # the big student: every width doubled
+    assert small_fwd == 32 * 10240 and big_fwd == 32 * 32768
+    # training: forward, weight gradient and input gradient of every linear (the embedding's output
+    # needs a gradient, so even the first layer's input does)
+    assert per["small_train"] == 3 * small_fwd and per["small_eval_forward"] == small_fwd
+    assert per["gated_N2_train"] == 3 * big_fwd and per["gated_N2_eval_forward"] == big_fwd
+    assert per["samples"]["train"] == windows and b["unit"] == 1
+    student = windows * (2 * 2 * 3 * small_fwd + 3 * big_fwd + 3 * small_fwd)  # teachers 2 x 2u, gate u, ft u
+    assert flops["student"] == student
+    assert flops["one model"] == windows * 6 * 3 * small_fwd
+    assert epochs["one model (equal FLOPs)"] == 8  # student / one epoch = 4 + 3.2 + 1 = 8.2 epochs
+    assert epochs["bo3 (equal FLOPs)"] == 3 * 3  # 8.2 / 3 rounded, each
+    # distillation's targets run once per training window per fine-tuning epoch: the big student, or both teachers
+    assert flops["student (distill big)"] - student == windows * big_fwd
+    assert flops["student (distill teachers)"] - student == 2 * windows * small_fwd
+    _check_paired(result)
+    for c in result["distill_paired"]:
+        assert c["baseline"] == "student"
+        assert c["mean"] == pytest.approx(result["values"][c["variant"]][0] - result["values"]["student"][0])
+    for png in ("paired", "cost", "distill_paired"):
+        assert (tmp_path / f"chars_{png}.png").stat().st_size > 0
+    assert "| student |" in (tmp_path / "chars.md").read_text()
+
+
+def test_chars_ensemble_averages_probabilities_not_logits() -> None:
+    sys.path.append(str(ROOT / "benchmarks"))  # appended: benchmarks/mnist1d.py must not shadow the package
+    import chars
+    import torch
+
+    class Fixed(torch.nn.Module):
+        """P('a') = p at every position, the rest spread evenly over the other 127 bytes."""
+
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.logits = torch.zeros(128)
+            self.logits[97] = math.log(127 * p / (1 - p))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits.expand(*x.shape, 128)
+
+    x = torch.zeros(5, 8, dtype=torch.long)
+    data = torch.utils.data.TensorDataset(x, torch.full((5, 8), 97))
+    assert chars.ensemble_bits_per_char([Fixed(0.5)], data) == pytest.approx(1.0)
+    # the mixture gives 'a' probability (1/2 + 1/4) / 2 = 3/8
+    assert chars.ensemble_bits_per_char([Fixed(0.5), Fixed(0.25)], data) == pytest.approx(-math.log2(3 / 8))
