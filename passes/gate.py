@@ -61,7 +61,9 @@ class HardConcreteGates(nn.Module):
             u = torch.rand(rows, self.total, device=log_alpha.device, dtype=log_alpha.dtype)
             # log u - log1p(-u), op for op as before but in place where no gradient flows: each
             # (rows x channels) temporary is an allocation per step. Not noise.add_(log_alpha):
-            # under vmap log_alpha may be batched where the noise is not.
+            # under vmap log_alpha may be batched where the noise is not. (One hand-written autograd
+            # Function for the whole draw measured slower, not faster: 1.21 vs 1.16 x the widened
+            # step on mnist1d_cnn, 150 interleaved rounds.)
             u.clamp_(1e-6, 1 - 1e-6)
             noise = torch.log(u)
             noise.sub_(u.neg_().log1p_())
@@ -167,24 +169,47 @@ def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: i
 
     ``values``, when given, is that gather done already (``add_gates`` gathers every site's values
     in one :func:`gather_gate_values` per forward); ``gates`` and ``index`` then only name the site.
+    ``values`` may also hold one value per run of ``x.shape[dim] / values.shape[1]`` consecutive
+    positions (a flattened ``C x L`` input whose ``L`` positions share their channel's gate): ``x``
+    is then viewed as ``C x L`` along ``dim`` and each value broadcast over its run.
     """
     if values is None:
         values = gates.index_select(1, index)
+    d = dim % x.ndim
+    channels, size = values.shape[1], x.shape[d]
+    if channels != size:
+        x = x.unflatten(d, (channels, size // channels))
     shape = [1] * x.ndim
     shape[0] = values.shape[0]
-    shape[dim % x.ndim] = values.shape[1]
-    return x * values.reshape(shape)
+    shape[d] = channels
+    out = x * values.reshape(shape)
+    return out.flatten(d, d + 1) if channels != size else out
 
 
 @torch.fx.wrap
-def gather_gate_values(gates: torch.Tensor, index: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+def gather_gate_values(gates: torch.Tensor, index: torch.Tensor | None, sizes: list[int]) -> tuple[torch.Tensor, ...]:
     """``gates[:, index]`` split into runs of ``sizes``: every gate site's values in one gather.
 
     One ``index_select`` instead of one per site: its backward scatters into one zero-filled
     (rows x all gates) gradient instead of one per site, which autograd would then add up.
+    ``index=None``: the runs are the gates in order (``index`` would be ``0, 1, ..., sum(sizes) - 1``),
+    taken as views (``narrow`` and ``split``), whose backward is one concatenation.
     """
-    values = gates.index_select(1, index)
+    if index is None:
+        values = gates.narrow(1, 0, sum(sizes))
+    else:
+        values = gates.index_select(1, index)
     return (values,) if len(sizes) == 1 else values.split(sizes, 1)
+
+
+def _run_length(index: np.ndarray) -> int:
+    """The largest ``L`` for which ``index`` is ``L`` copies of each entry of ``index[::L]`` in a row
+    (a flattened input's positions sharing their channel's gate), 1 if none."""
+    size = len(index)
+    for length in range(size, 1, -1):
+        if size % length == 0 and bool((index.reshape(-1, length) == index[::length, None]).all()):
+            return length
+    return 1
 
 
 class GatedStudent(nn.Module):
@@ -277,7 +302,7 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
     with graph.inserting_after(placeholders[-1]):
         gate_node = graph.call_module(GATES, (placeholders[0],))
     nodes = {node.name: node for node in graph.nodes}
-    sites = []  # (consumer node, argument position, activation dim, buffer, index)
+    sites = []  # (consumer node, argument position, activation dim, buffer, gathered index)
     for site, (node_name, arg_index, act_dim, param) in enumerate(groups.layout.gate_sites):
         node = nodes.get(node_name)
         dims = groups.layout.params.get(param, [])
@@ -288,7 +313,8 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         index = _site_index(in_dim, n, widths, widened, gates)
         buffer = f"graphmerge_gate_index_{site}"
         gated.register_buffer(buffer, torch.as_tensor(index, dtype=torch.long), persistent=False)
-        sites.append((node, arg_index, act_dim, buffer, index))
+        # a flattened C x L input gathers its C channels' values only; apply_gate broadcasts them
+        sites.append((node, arg_index, act_dim, buffer, index[::_run_length(index)]))
     # One gather per forward for all sites; sites reading the same gate entries in the same order
     # (the consumers of one residual stream) share one run of it.
     runs: dict[bytes, int] = {}
@@ -298,23 +324,39 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
             runs[index.tobytes()] = len(distinct)
             distinct.append(index)
     if sites:
-        gated.register_buffer(GATHER_INDEX, torch.as_tensor(np.concatenate(distinct), dtype=torch.long),
-                              persistent=False)
-        with graph.inserting_after(gate_node):
-            gather_index = graph.get_attr(GATHER_INDEX)
-        with graph.inserting_after(gather_index):
+        # runs that are consecutive gates and, in order of their first gate, tile 0..K-1: views of
+        # the gates (narrow and split), no gather
+        order = sorted(range(len(distinct)), key=lambda r: int(distinct[r][0]))
+        tiled = np.concatenate([distinct[r] for r in order])
+        if bool((tiled == np.arange(len(tiled))).all()):
+            runs = {key: order.index(r) for key, r in runs.items()}
+            distinct = [distinct[r] for r in order]
+            gather_index = None
+        else:
+            gated.register_buffer(GATHER_INDEX, torch.as_tensor(np.concatenate(distinct), dtype=torch.long),
+                                  persistent=False)
+            with graph.inserting_after(gate_node):
+                gather_index = graph.get_attr(GATHER_INDEX)
+        with graph.inserting_after(gate_node if gather_index is None else gather_index):
             gathered = graph.call_function(gather_gate_values, (gate_node, gather_index, [len(i) for i in distinct]))
         values = []
         with graph.inserting_after(gathered):
             for run in range(len(distinct)):
                 values.append(graph.call_function(operator.getitem, (gathered, run)))
-    for node, arg_index, act_dim, buffer, index in sites:
-        with graph.inserting_before(node):
-            index_node = graph.get_attr(buffer)
-            gated_input = graph.call_function(apply_gate, (node.args[arg_index], gate_node, index_node, act_dim,
-                                                           values[runs[index.tobytes()]]))
+    # one product per gated activation: consumers of one activation gated by one run (a residual
+    # stream read by a block's first conv and by its projection shortcut) share it
+    products: dict[tuple, torch.fx.Node] = {}
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for node, arg_index, act_dim, buffer, index in sorted(sites, key=lambda site: position[site[0]]):
+        source, run = node.args[arg_index], runs[index.tobytes()]
+        key = (source, run, act_dim)
+        if key not in products:
+            with graph.inserting_before(node):
+                index_node = graph.get_attr(buffer)
+                products[key] = graph.call_function(apply_gate, (source, gate_node, index_node, act_dim,
+                                                                 values[run]))
         args = list(node.args)
-        args[arg_index] = gated_input
+        args[arg_index] = products[key]
         node.args = tuple(args)
     gated.recompile()
     return GatedStudent(gated, n)

@@ -67,11 +67,15 @@ def test_eval_gate_is_deterministic_and_follows_the_formula():
 def test_gates_sit_at_every_consumer_of_widened_groups(big):
     model, _ = big
     gated = graphmerge.add_gates(model)
-    sites = [n for n in gated.graph_module.graph.nodes if getattr(n.target, "__name__", "") == "apply_gate"]
+    products = [n for n in gated.graph_module.graph.nodes if getattr(n.target, "__name__", "") == "apply_gate"]
     # ResNet20 has 21 convs and one linear; all but the first conv (reading the pinned image) read
-    # widened channels. Hand count: 18 block convs + 2 projection shortcuts + fc = 21 sites.
-    assert len(sites) == 21
-    consumers = {display_name(next(iter(n.users))) for n in sites}
+    # widened channels. Hand count: 18 block convs + 2 projection shortcuts + fc = 21 sites. Each
+    # projection shortcut reads the same activation as its block's first conv, with the same
+    # gates: the two share one gated product, so 19 products feed 21 consumers.
+    consumers = [display_name(user) for n in products for user in n.users]
+    assert len(consumers) == 21 and len(set(consumers)) == 21 and len(products) == 19
+    shared = sorted(sorted(display_name(u) for u in n.users) for n in products if len(n.users) > 1)
+    assert shared == [["layers.3.conv1", "layers.3.shortcut.0"], ["layers.6.conv1", "layers.6.shortcut.0"]]
     assert "conv1" not in consumers and "fc" in consumers
 
 
@@ -95,7 +99,7 @@ def test_one_realisation_per_forward_shared_by_every_site_of_a_group(big):
         index = getattr(gated.graph_module, node.args[2].target).numpy()
         entries = index[np.isin(index, list(wanted))]
         if entries.size:
-            seen.append(entries)
+            seen.extend([entries] * len(node.users))  # one gated product may feed several sites
     # every site of the group reads the same gate entries in the same big-channel order
     assert len(seen) == len(stream.gate_sites)
     assert all(np.array_equal(s, seen[0]) for s in seen) and set(seen[0].tolist()) == wanted
