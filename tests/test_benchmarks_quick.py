@@ -220,3 +220,55 @@ def test_chars_ensemble_averages_probabilities_not_logits() -> None:
     assert chars.ensemble_bits_per_char([Fixed(0.5)], data) == pytest.approx(1.0)
     # the mixture gives 'a' probability (1/2 + 1/4) / 2 = 3/8
     assert chars.ensemble_bits_per_char([Fixed(0.5), Fixed(0.25)], data) == pytest.approx(-math.log2(3 / 8))
+
+
+# The hard-concrete gates' constants (add_gates' defaults) and P[g > 0], written out here so the test
+# does not trust the benchmark's own summary: P[g > 0] = sigmoid(log_alpha - beta·log(-gamma/zeta)).
+BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
+
+
+def _open_probability(log_alpha: list[float]) -> list[float]:
+    shift = BETA * math.log(-GAMMA / ZETA)
+    return [1 / (1 + math.exp(-(a - shift))) for a in log_alpha]
+
+
+def run_quick(script: str, folder: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """``benchmarks/<script>.py --quick --out folder`` in a subprocess -> (the process, its JSON)."""
+    done = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / f"{script}.py"), "--quick",
+                           "--out", str(folder)], capture_output=True, text=True, timeout=600, cwd=folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, json.loads((folder / f"{script}.json").read_text())
+
+
+@pytest.mark.slow
+def test_gate_epochs_quick_projected_runs_end_at_one_over_n(tmp_path: Path) -> None:
+    done, result = run_quick("gate_epochs", tmp_path)
+    task = result["tasks"]["sine"]
+    runs = task["runs"]
+    assert sorted((r["budget"], r["gate_epochs"]) for r in runs) == [
+        ("penalty", 3), ("penalty", 10), ("projected", 3), ("projected", 10)]
+    n = 2
+    for run in runs:
+        assert run["hard_concrete"] == pytest.approx({"beta": BETA, "gamma": GAMMA, "zeta": ZETA})
+        assert run["gate_records"] == run["gate_epochs"] == len(run["schedule_by_epoch"])
+        means = {gid: statistics.fmean(_open_probability(la)) for gid, la in run["log_alpha"].items()}
+        assert means and set(means) == set(run["open_fraction_reported"])
+        deviation = max(abs(p - 1 / n) for p in means.values())
+        assert run["max_abs_dev"] == pytest.approx(deviation, abs=1e-7)
+        for gid, p in means.items():  # the checkpoint's gates are those merge reported on
+            assert run["open_fraction_reported"][gid] == pytest.approx(p, abs=1e-5)
+        epochs = run["gate_epochs"]
+        if run["budget"] == "projected":
+            assert deviation <= 0.005, (epochs, means)
+            # the budget falls linearly from 1 to 1/N over the first half of the phase, then holds
+            expected = [1 / n + (1 - 1 / n) * max(0.0, 1 - 2 * (e + 1) / epochs) for e in range(epochs)]
+        else:  # the paper's λ, updated before each epoch: λ <- λ + 0.05·√λ from λ0 = 0.01
+            expected, lam = [], 0.01
+            for _ in range(epochs):
+                lam += 0.05 * math.sqrt(lam)
+                expected.append(lam)
+        assert run["schedule_by_epoch"] == pytest.approx(expected)
+        assert run["teachers"] == runs[0]["teachers"]  # every merge starts from the same two teachers
+    markdown = (tmp_path / "gate_epochs.md").read_text()
+    assert markdown.count("| sine |") == len(runs)
+    assert "projected budget met (max |P - 1/N| <= 0.005) in 2 of 2 runs" in done.stdout
