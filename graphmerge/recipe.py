@@ -28,6 +28,14 @@ gate phase: ``seed + 2``, gate initialisation ``seed``; fine-tuning: ``seed + 1`
 rank r adds ``r * RANK_SEED_STRIDE``, so ranks draw independent gate noise for their samples).
 Data order depends only on (seed, epoch), and a checkpoint holds every rank's RNG states, so
 ``resume=True`` after an interruption gives bitwise the result of an uninterrupted run on CPU.
+
+Speed (``compile=True``, ``precision="bf16"``): every training step of every phase runs through
+``torch.compile`` of the module (compiled once per phase; checkpoints hold the plain module's
+state) and/or under ``torch.autocast(bfloat16)`` (weights, gradients and optimiser state stay
+float32; the certificates (float64) and the evaluations (float32) run outside autocast). Under
+compile the gates' uniforms come from inductor's generator, which draws its seeds from torch's, so
+a run and its resumption still agree; with ``torch._inductor.config.fallback_random = True`` they
+are torch's own, the eager run's draws (tests/test_compile_precision.py checks both).
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from graphmerge.training import (
     Distillation,
     LossFn,
     PhaseConfig,
+    check_precision,
     cross_entropy,
     default_milestones,
     distill_term,
@@ -157,10 +166,13 @@ class MergeSettings:
     distill_weight: float = 0.5
     temperature: float = 1.0
     distill_loss: LossFn | None = None
+    compile: bool = False
+    precision: str = "fp32"
 
-    #: Settings that may change between a run and its resumption (where and how it reports).
+    #: Settings that may change between a run and its resumption (where and how it reports, and
+    #: whether the steps run compiled: the same computation).
     NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("resume", "log", "progress", "checkpoint_dir", "device",
-                                                    "example_inputs")
+                                                    "example_inputs", "compile")
 
     def __post_init__(self) -> None:
         minimums = {"gate_epochs": 0, "finetune_epochs": 0, "batch_size": 1, "n_teachers": 2, "seed": None,
@@ -191,6 +203,9 @@ class MergeSettings:
         lambda_schedule(self.lambda_schedule, self.lambda0, self.lambda_growth)  # names a bad schedule
         resolve_loss(self.loss)  # names a bad loss
         self._check_distill()
+        if not isinstance(self.compile, bool):
+            raise GraphMergeError(f"compile must be True or False, got {self.compile!r}.")
+        check_precision(self.precision)
         for name in ("finetune_milestones", "teacher_milestones", "teacher_seeds"):
             value = getattr(self, name)
             if value is not None:
@@ -240,6 +255,7 @@ class MergeSettings:
         distillation settings are left out while ``distill`` is None, so checkpoints written
         before they existed resume, and a changed ``distill`` is still refused."""
         skipped = self.NOT_FINGERPRINTED + (DISTILL_SETTINGS if self.distill is None else ())
+        skipped += ("precision",) if self.precision == "fp32" else ()  # checkpoints from before it existed
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in skipped}
 
@@ -311,8 +327,10 @@ def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | N
           loss: str | LossFn = "cross_entropy", batch_size: int = 32, lr: float = 0.01,
           momentum: float = 0.9, weight_decay: float = 0.0, milestones: Sequence[int] | None = None,
           gamma: float = 0.1, seed: int = 0, checkpoint_dir: str | Path | None = None, resume: bool = False,
-          log: LogSink = None, progress: bool = False, device: str = "cpu") -> TrainResult:
-    """Train one model (a teacher) in place with the paper's SGD recipe; resumable like ``merge``."""
+          log: LogSink = None, progress: bool = False, device: str = "cpu", compile: bool = False,
+          precision: str = "fp32") -> TrainResult:
+    """Train one model (a teacher) in place with the paper's SGD recipe; resumable like ``merge``.
+    ``compile`` / ``precision`` as in :class:`MergeSettings`."""
     _check_int("epochs", epochs, minimum=1)
     _check_int("batch_size", batch_size, minimum=1)
     _check_sgd("", lr, momentum, weight_decay)
@@ -322,8 +340,11 @@ def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | N
     ctx = setup_distributed(device)
     logger = _Logger(log, ctx)
     store = _Store(checkpoint_dir, TRAIN_CHECKPOINT_NAME, ctx)
+    check_precision(precision)
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
                 "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma, "seed": seed}
+    if precision != "fp32":  # fp32 runs keep the fingerprint of checkpoints from before the setting
+        settings["precision"] = precision
     state = store.load(settings) if resume else None
     model.to(ctx.device)
     optimizer = sgd(model.parameters(), lr, momentum, weight_decay)
@@ -345,7 +366,8 @@ def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | N
         logger(record)
 
     phase = PhaseConfig(name="train", epochs=epochs, batch_size=batch_size, seed=seed,
-                        optimizers={"weights": optimizer}, schedulers=[scheduler], progress=progress)
+                        optimizers={"weights": optimizer}, schedulers=[scheduler], progress=progress,
+                        compile=compile, precision=precision)
     fit(model, train_data, loss, phase, val_data=val_data, start_epoch=len(history), ctx=ctx,
         on_epoch_end=save)
     metrics = evaluate(model, val_data if val_data is not None else train_data, loss, ctx=ctx)
@@ -458,7 +480,8 @@ class _MergeRun:
                                     fresh_seed=self._teacher_seeds()[index])
         phase = PhaseConfig(name=f"teacher{index}", epochs=epochs, batch_size=self.s.batch_size,
                             seed=self._teacher_seeds()[index], optimizers={"weights": optimizer},
-                            schedulers=[scheduler], progress=self.s.progress)
+                            schedulers=[scheduler], progress=self.s.progress, compile=self.s.compile,
+                            precision=self.s.precision)
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             if epoch + 1 == epochs:
@@ -524,7 +547,8 @@ class _MergeRun:
         phase = PhaseConfig(name="gate", epochs=epochs, batch_size=self.s.batch_size, seed=self.s.seed,
                             optimizers=optimizers, progress=self.s.progress, epoch_fields=fields,
                             after_step=after_step if projected else None,
-                            aux_loss=None if projected else lambda epoch: self.lambda_at(epoch) * gated.gate_loss())
+                            aux_loss=None if projected else lambda epoch: self.lambda_at(epoch) * gated.gate_loss(),
+                            compile=self.s.compile, precision=self.s.precision)
         fit(gated, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
         if epochs == 0 or start >= epochs:
@@ -573,7 +597,8 @@ class _MergeRun:
 
         phase = PhaseConfig(name="finetune", epochs=epochs, batch_size=self.s.batch_size,
                             seed=self.s.seed + 1, optimizers={"weights": optimizer},
-                            schedulers=[scheduler], distill=distill, progress=self.s.progress)
+                            schedulers=[scheduler], distill=distill, progress=self.s.progress,
+                            compile=self.s.compile, precision=self.s.precision)
         fit(student, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
         final = evaluate(student, self.eval_data, self.s.loss, ctx=self.ctx)

@@ -18,6 +18,7 @@ BatchNorm (batch statistics per rank).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -33,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from graphmerge.errors import GraphMergeError
 from graphmerge.passes.util import eval_mode
 
-__all__ = ["DistContext", "Distillation", "TrainingDiverged", "default_milestones", "distill_term", "evaluate",
+__all__ = ["PRECISIONS", "DistContext", "Distillation", "TrainingDiverged", "autocast", "check_precision",
+           "default_milestones", "distill_term", "evaluate",
            "fit", "kd_kl", "lambda_schedule", "resolve_loss", "setup_distributed", "sgd"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -327,6 +329,8 @@ class PhaseConfig:
     after_step: Callable[[float], None] | None = None  # fraction of the phase done -> (after each step)
     distill: Distillation | None = None  # a target to pull the outputs towards (fine-tuning)
     progress: bool = True
+    compile: bool = False  # train through torch.compile(model) (the module itself is unchanged)
+    precision: str = "fp32"  # "bf16": forward and loss under torch.autocast(bfloat16)
 
 
 def fit(model: nn.Module, train_data: Dataset | DataLoader, loss: str | LossFn, phase: PhaseConfig, *,
@@ -341,7 +345,12 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, loss: str | LossFn, 
     """
     ctx = ctx or DistContext()
     loss_fn, _ = resolve_loss(loss)
+    check_precision(phase.precision)
     trained = wrap_for_training(model, ctx)
+    if phase.compile and phase.epochs > start_epoch:
+        # compiled once per phase (and per resumption), on the first step; ``model`` itself stays the
+        # plain module, so checkpoints (model.state_dict()) carry no '_orig_mod.' prefix
+        trained = torch.compile(trained)
     history = []
     for epoch in range(start_epoch, phase.epochs):
         record: dict[str, Any] = {"phase": phase.name, "epoch": epoch + 1}
@@ -374,14 +383,15 @@ def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase
     distilled = 0.0
     for index, batch in enumerate(_progress(batches, phase, epoch, ctx)):
         inputs, target = _to_device(batch, ctx.device)
-        output = model(*inputs)
-        task_loss = loss_fn(output, target)
-        loss = task_loss
-        if phase.distill is not None:
-            distill_loss = phase.distill(inputs, output, target)
-            loss = (1 - phase.distill.weight) * task_loss + phase.distill.weight * distill_loss
-            distilled += float(distill_loss.detach()) * len(target)
-        loss = loss if phase.aux_loss is None else loss + phase.aux_loss(epoch)
+        with autocast(phase.precision, ctx.device):
+            output = model(*inputs)
+            task_loss = loss_fn(output, target)
+            loss = task_loss
+            if phase.distill is not None:
+                distill_loss = phase.distill(inputs, output, target)
+                loss = (1 - phase.distill.weight) * task_loss + phase.distill.weight * distill_loss
+                distilled += float(distill_loss.detach()) * len(target)
+            loss = loss if phase.aux_loss is None else loss + phase.aux_loss(epoch)
         _check_finite_loss(loss, phase.name, epoch, index, ctx)
         for optimizer in phase.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -400,6 +410,25 @@ def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase
     if phase.distill is not None:  # one target forward per training sample, on every rank
         record.update(distill_loss=distilled / max(count, 1.0), distill_samples=int(count))
     return record
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise GraphMergeError(f"unknown precision {precision!r}: use 'fp32' (float32 throughout) or 'bf16' "
+                              f"(forward and loss under torch.autocast with bfloat16; weights, gradients and "
+                              f"the optimiser stay float32).")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, torch.bfloat16)`` for ``precision="bf16"``; nothing for fp32.
+    Autocast runs matrix products and convolutions in bfloat16 and keeps reductions, norms and
+    losses in float32; the parameters, their gradients and the optimiser state stay float32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _progress(batches: Iterable, phase: PhaseConfig, epoch: int, ctx: DistContext) -> Iterable:
