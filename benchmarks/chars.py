@@ -14,7 +14,7 @@ students are ``graphmerge.merge`` (widen -> add_gates -> gate phase, projected b
 -> fine-tune), three times per seed from the same teachers and merge seed, differing only in
 ``distill`` (None, "big", "teachers"), so their gate phases are identical and only fine-tuning
 differs. Budget (unit u, default 1 epoch): teachers 2u each (lr 0.1), gate phase u, fine-tuning u
-(lr 0.05): 6u model-epochs at the paper's equal-epoch accounting. Strategies per seed s:
+(lr 0.05, ``--merge-lr``): 6u model-epochs at the paper's equal-epoch accounting. Strategies per seed s:
 
 - **student**, **student (distill big)**, **student (distill teachers)**: teachers A, B (seeds
   1000s+1, 1000s+2); distillation weight 0.5, temperature 1.
@@ -25,7 +25,11 @@ differs. Budget (unit u, default 1 epoch): teachers 2u each (lr 0.1), gate phase
 - **weight avg**: A and B averaged weight by weight, fine-tuned u.   **re-basin avg**: B aligned
   to A by weight matching on the coupling groups first (``baselines.rebasin_average``).
 
-    python benchmarks/chars.py --out benchmarks/results/paired         # 5 seeds (about 40 min, 1 thread)
+The full run trains on the corpus's first 100 000 characters (half the CLI's default) so that 5
+seeds fit in about 40 minutes on one shared core (measured: 1 322 s at unit 1); ``--merge-lr`` sets
+the merge phases' learning rate (default 0.05, the README's tiny_gpt example), ``--unit`` the budget.
+
+    python benchmarks/chars.py --out benchmarks/results/paired         # 5 seeds, unit 1
     python benchmarks/chars.py --quick --out /tmp/c                     # smoke test: 1 seed, tiny model
 """
 
@@ -177,8 +181,8 @@ class Run:
                       batch_size=BATCH, seed=1000 * self.seed + index).model.eval()
         return model, time.perf_counter() - t0
 
-    def finetune(self, model: nn.Module, epochs: int) -> nn.Module:
-        return train(model, self.data["train"], epochs=epochs, val_data=self.data["val"], lr=MERGE_LR,
+    def finetune(self, model: nn.Module, epochs: int, lr: float) -> nn.Module:
+        return train(model, self.data["train"], epochs=epochs, val_data=self.data["val"], lr=lr,
                      batch_size=BATCH, seed=1000 * self.seed + 9).model.eval()
 
 
@@ -209,20 +213,22 @@ def run_seed(seed: int, b: common.Budget, eq: common.EqualCompute, build: Callab
     for name, combine in (("weight avg", lambda: baselines.average(teachers)),
                           ("re-basin avg", lambda: baselines.rebasin_average(teachers, groups))):
         t0 = time.perf_counter()
-        model = run.finetune(combine(), b.unit)
+        model = run.finetune(combine(), b.unit, args.merge_lr)
         out["test"][name], out["val"][name] = bits_per_char(model, test), bits_per_char(model, val)
         out["wall_s"][name] = pair_s + time.perf_counter() - t0
     for name, distill in DISTILL.items():
         extra = {"distill_weight": args.distill_weight, "temperature": args.temperature} if distill else {}
         t0 = time.perf_counter()
         result = merge([copy.deepcopy(t) for t in teachers], data["train"], val_data=val, loss="cross_entropy",
-                       gate_epochs=b.unit, finetune_epochs=b.unit, batch_size=BATCH, weight_lr=MERGE_LR,
-                       finetune_lr=MERGE_LR, seed=seed, distill=distill, **extra)
+                       gate_epochs=b.unit, finetune_epochs=b.unit, batch_size=BATCH, weight_lr=args.merge_lr,
+                       finetune_lr=args.merge_lr, seed=seed, distill=distill, **extra)
         out["wall_s"][name] = pair_s + time.perf_counter() - t0
         out["test"][name], out["val"][name] = bits_per_char(result.student, test), bits_per_char(result.student, val)
         out["merge"][name] = {"open_fraction": {str(k): float(v) for k, v in result.open_fraction.items()},
                               "teacher_share": {str(k): [int(c) for c in v] for k, v in result.teacher_share.items()},
-                              "distill": result.summary.get("distill")}
+                              "distill": result.summary.get("distill"),
+                              "val_accuracy": {k: result.summary[k] for k in ("teachers", "big", "before_finetune",
+                                                                              "after_finetune")}}
         log(f"  seed {seed}: {name} {out['test'][name]:.3f} bits/char ({out['wall_s'][name]:.0f} s with teachers)")
     return out
 
@@ -263,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=common.RESULTS / "paired", help="folder for chars.* results")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--merge-lr", type=float, default=MERGE_LR,
+                        help="lr of the gate phase's weights and of every fine-tuning (weight averaging's too)")
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=1.0)
     args = parser.parse_args(argv)
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "chars", "task": "language modelling", "runs": runs, "higher_is_better": False,
         "metric": "test bits per character (lower is better)", "settings": {**settings, "batch_size": BATCH},
         "budget": {"unit": b.unit, "teacher_epochs": b.teacher, "gate_epochs": b.unit, "finetune_epochs": b.unit,
-                   "total": b.total, "lr": LR, "merge_lr": MERGE_LR, "batch_size": BATCH,
+                   "total": b.total, "lr": LR, "merge_lr": args.merge_lr, "batch_size": BATCH,
                    "gate_budget": "projected (graphmerge.merge default)", "distill_weight": args.distill_weight,
                    "temperature": args.temperature, "equal_flops_one_model_epochs": eq.one,
                    "equal_flops_bo3_epochs_each": eq.bo3},
