@@ -13,7 +13,13 @@ gated (``graphmerge.add_gates``); each variant below then takes SGD steps (momen
   the first step (its wall time is "compile s": cold, into a fresh inductor cache directory,
   unless ``--no-fresh-compile-cache``);
 - gated-ref (with ``--reference-gate FILE``): the gated big student built by another version of
-  ``passes/gate.py``, e.g. ``git show REV:passes/gate.py > /tmp/gate_before.py``, for before/after.
+  ``passes/gate.py``, e.g. ``git show REV:passes/gate.py > /tmp/gate_before.py``, for before/after;
+- widened+bf16, gated+bf16 (with ``--bf16``): the eager steps with forward and loss under
+  ``torch.autocast(cpu, bfloat16)``, as ``graphmerge merge --precision bf16`` runs them. With
+  ``--bf16`` the table of certificate errors is added: I1 (the widened student in eval mode vs the
+  mean of the float32 teachers) and I3 (the student compressed from the gates vs the gated big
+  student, both in eval mode), each as max |a - b| / max(1, max |b|) on the batch, with the
+  checked side in float32 and under bf16 autocast (the certificates themselves run in float64).
 
 Timing: after warm-up steps, ``--repeat`` rounds; each round times one step of every variant, in
 a rotating order, so load from other processes hits all variants alike. The table gives medians.
@@ -170,15 +176,17 @@ class Variant:
     """One model in training: its step, timed by the caller."""
 
     def __init__(self, name: str, module: nn.Module, inputs: tuple, target: torch.Tensor, loss: Callable,
-                 compile: bool = False):
+                 compile: bool = False, bf16: bool = False):
         self.name, self.module, self.inputs, self.target, self.loss = name, module, inputs, target, loss
+        self.bf16 = bf16
         self.optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
         self.call = torch.compile(module) if compile else module
         self.wall: list[float] = []
         self.cpu: list[float] = []
 
     def step(self) -> None:
-        loss = self.loss(self.call(*self.inputs), self.target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss(self.call(*self.inputs), self.target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -225,6 +233,12 @@ def measure_model(name: str, spec: Spec, args: argparse.Namespace, reference_gat
         teachers.append(spec.build().eval())
     example = tuple(x[:2] for x in inputs)
     big = graphmerge.widen(teachers, example, verify=False)
+    errors: dict[str, Any] = {}
+    if args.bf16:  # before any variant trains: the teachers and the big student as widen made them
+        try:
+            errors = certificate_errors(teachers, big, inputs)
+        except Exception as error:
+            errors = {"certificate_error": f"{type(error).__name__}: {error}"[:500]}
     # a second big student for compilation, built before any variant trains
     big_to_compile = graphmerge.widen(teachers, example, verify=False) if args.compile else None
     modules: dict[str, Callable[[], nn.Module]] = {
@@ -237,6 +251,9 @@ def measure_model(name: str, spec: Spec, args: argparse.Namespace, reference_gat
     if args.compile:
         modules["widened+compile"] = lambda: big_to_compile.train()
         modules["gated+compile"] = lambda: graphmerge.add_gates(big, seed=0).train()
+    if args.bf16:
+        modules["widened+bf16"] = lambda: big.train()
+        modules["gated+bf16"] = lambda: graphmerge.add_gates(big, seed=0).train()
     rows: dict[str, dict[str, Any]] = {}
     variants: list[Variant] = []
     for variant, make in modules.items():
@@ -244,9 +261,10 @@ def measure_model(name: str, spec: Spec, args: argparse.Namespace, reference_gat
         try:
             module = make()
             row["params"] = sum(p.numel() for p in module.parameters())
-            if not variant.endswith("+compile"):
+            if "+" not in variant:
                 row["gflops"] = step_flops(module, inputs, target, spec.loss) / 1e9
-            v = Variant(variant, module, inputs, target, spec.loss, compile=variant.endswith("+compile"))
+            v = Variant(variant, module, inputs, target, spec.loss, compile=variant.endswith("+compile"),
+                        bf16=variant.endswith("+bf16"))
             start = time.perf_counter()
             v.step()  # the first step compiles a compiled variant
             row["first_step_s"] = time.perf_counter() - start
@@ -268,14 +286,44 @@ def measure_model(name: str, spec: Spec, args: argparse.Namespace, reference_gat
     for v in variants:
         rows[v.name].update(cpu_ms=1e3 * statistics.median(v.cpu), wall_ms=1e3 * statistics.median(v.wall),
                             steps=len(v.cpu))
-    compiled_flops = {"widened+compile": "widened", "gated+compile": "gated"}
-    for variant, eager in compiled_flops.items():
-        if variant in rows and "gflops" in rows.get(eager, {}):
+    for variant in rows:
+        eager = variant.split("+")[0]
+        if variant != eager and "gflops" in rows.get(eager, {}):
             rows[variant]["gflops"] = rows[eager]["gflops"]  # the same model: the same FLOPs
     ratios(list(rows.values()), {v.name: v for v in variants})
+    rows["widened"].update(errors)
     del variants
     gc.collect()
     return list(rows.values())
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The certificates' measure: max |actual - expected| / max(1, max |expected|)."""
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1))
+
+
+@torch.no_grad()
+def certificate_errors(teachers: list[nn.Module], big: nn.Module, inputs: tuple) -> dict[str, float]:
+    """I1 and I3 as errors of the float32 and the bf16-autocast forward (eval mode), on ``inputs``."""
+    from graphmerge.passes.widen import widen_info
+
+    from graphmerge.api import _closed_gates_reference
+
+    for module in (*teachers, big):
+        module.eval()
+    mean = torch.stack([t(*inputs).float() for t in teachers]).mean(0)
+    gated = graphmerge.add_gates(big, seed=0).eval()
+    student = graphmerge.compress(gated, "gates", verify=False).eval()
+    closed, _ = _closed_gates_reference(gated, widen_info(gated)[1], "gates", None, None)
+    closed_out = None if closed is None else closed.eval()(*inputs)  # dropped channels' gates closed
+    out = {}
+    for precision, enabled in (("fp32", False), ("bf16", True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out[f"i1_{precision}"] = _relative_error(big(*inputs), mean)
+            if closed_out is not None:
+                out[f"i3_{precision}"] = _relative_error(student(*inputs), closed_out)
+    return out
 
 
 def ratios(rows: list[dict[str, Any]], variants: dict[str, Variant]) -> None:
@@ -296,12 +344,14 @@ def ratios(rows: list[dict[str, Any]], variants: dict[str, Variant]) -> None:
             r["flop_x"] = r["gflops"] / teacher["gflops"]
         if r.get("time_x") and r.get("flop_x"):
             r["eff"] = r["time_x"] / r["flop_x"]
-        base = "widened+compile" if r["variant"].endswith("+compile") else "widened"
+        eager, plus, mode = r["variant"].partition("+")
+        base = "widened" + plus + mode
+        if eager == "gated-ref":
+            base = "widened"
         if r["variant"] != base and "cpu_ms" in r and "cpu_ms" in by.get(base, {}):
             r["vs_widened"] = r["cpu_ms"] / by[base]["cpu_ms"]
             r["vs_widened_paired"] = paired(r["variant"], base)
-        eager = r["variant"].removesuffix("+compile")
-        if r["variant"].endswith("+compile") and "cpu_ms" in r and "cpu_ms" in by.get(eager, {}):
+        if mode and "cpu_ms" in r and "cpu_ms" in by.get(eager, {}):
             r["vs_eager"] = r["cpu_ms"] / by[eager]["cpu_ms"]
 
 
@@ -320,6 +370,12 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                       else 1 / get("widened+compile", "vs_eager"),
                       "compile_speedup_gated": None if not get("gated+compile", "vs_eager")
                       else 1 / get("gated+compile", "vs_eager"),
+                      "gate_overhead_bf16": get("gated+bf16", "vs_widened"),
+                      "bf16_speedup_widened": None if not get("widened+bf16", "vs_eager")
+                      else 1 / get("widened+bf16", "vs_eager"),
+                      "bf16_speedup_gated": None if not get("gated+bf16", "vs_eager")
+                      else 1 / get("gated+bf16", "vs_eager"),
+                      **{k: get("widened", k) for k in ("i1_fp32", "i1_bf16", "i3_fp32", "i3_bf16")},
                       "errors": {v: r["error"] for v, r in by.items() if "error" in r}}
     return out
 
@@ -331,7 +387,7 @@ COLUMNS = [
     ("cpu_ms", "ms/step", "{:.2f}"), ("wall_ms", "wall ms", "{:.2f}"), ("gflops", "GFLOP f+b", "{:.4g}"),
     ("time_x", "time x", "{:.2f}"), ("flop_x", "FLOP x", "{:.2f}"), ("eff", "eff", "{:.2f}"),
     ("vs_widened", "vs widened", "{:.3f}"), ("vs_widened_paired", "(paired)", "{:.3f}"),
-    ("vs_eager", "vs eager", "{:.2f}"), ("compile_s", "compile s", "{:.0f}"), ("proj_ms", "proj ms", "{:.2f}"),
+    ("vs_eager", "vs eager fp32", "{:.2f}"), ("compile_s", "compile s", "{:.0f}"), ("proj_ms", "proj ms", "{:.2f}"),
 ]
 
 
@@ -379,7 +435,8 @@ def markdown(rows: list[dict[str, Any]], report: dict[str, Any], machine: dict[s
              "One SGD step (forward, task loss, backward, momentum step) on one fixed batch. ms/step: median "
              "process CPU time; wall ms: median wall time. time x / FLOP x: vs the teacher; eff = time x / "
              "FLOP x. vs widened: step / widened step in the same mode (for gated, the gate overhead; "
-             "(paired): median of the per-round quotients). vs eager: compiled step / eager step. "
+             "(paired): median of the per-round quotients). vs eager fp32: compiled or bf16 step / eager "
+             "float32 step. "
              "proj ms: the recipe's per-step budget projection (not in ms/step). compile s: wall time of "
              "the first compiled step, which compiles forward and backward ("
              + ("cold: a fresh inductor cache" if args.compile and args.fresh_compile_cache
@@ -398,6 +455,18 @@ def markdown(rows: list[dict[str, Any]], report: dict[str, Any], machine: dict[s
         lines.append(f"| {model} | {fmt(s['gate_overhead_eager'])} | {fmt(s['gate_overhead_eager_paired'])} | "
                      f"{fmt(s['gate_overhead_reference'])} | {fmt(s['gate_overhead_compiled'])} | "
                      f"{fmt(s['compile_speedup_widened'], '{:.2f}x')} | {fmt(s['compile_speedup_gated'], '{:.2f}x')} |")
+    if args.bf16:
+        lines += ["", "## bf16 autocast: speed and certificate errors", "",
+                  "Certificate errors: max |a - b| / max(1, max |b|) in eval mode on the benchmark batch; I1: the "
+                  "widened student vs the mean of the float32 teachers; I3: the student compressed from the "
+                  "gates vs the float32 gated big student; the checked side in float32 and under bf16 autocast.",
+                  "", "| model | bf16 speed-up widened | bf16 speed-up gated | gated / widened (bf16) | I1 fp32 | "
+                  "I1 bf16 | I3 fp32 | I3 bf16 |", "|---|---|---|---|---|---|---|---|"]
+        for model, s in report.items():
+            lines.append(f"| {model} | {fmt(s['bf16_speedup_widened'], '{:.2f}x')} | "
+                         f"{fmt(s['bf16_speedup_gated'], '{:.2f}x')} | {fmt(s['gate_overhead_bf16'])} | "
+                         + " | ".join(fmt(s[k], "{:.1e}") for k in ("i1_fp32", "i1_bf16", "i3_fp32", "i3_bf16"))
+                         + " |")
     errors = [(m, v, e) for m, s in report.items() for v, e in s["errors"].items()]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {m} {v}: {e}" for m, v, e in errors]
@@ -427,6 +496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--malloc-no-trim", action="store_true",
                         help="glibc: keep freed memory (mallopt M_TRIM_THRESHOLD, M_MMAP_THRESHOLD) instead of "
                              "returning it to the OS after every step and faulting it in again")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time the eager widened and gated steps under bf16 autocast, and measure I1/I3 "
+                             "errors of the bf16 forward")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the JSON results")
     parser.add_argument("--markdown", default=None, help="markdown path (default: the JSON path with .md)")
     args = parser.parse_args(argv)
@@ -470,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         report = summary(rows)
         settings = {"repeat": args.repeat, "warmup": args.warmup, "threads": args.threads, "compile": args.compile,
                     "clock": "process CPU time (time.process_time), wall time beside it",
-                    "reference_gate": args.reference_gate, "malloc_no_trim": args.malloc_no_trim,
+                    "reference_gate": args.reference_gate, "malloc_no_trim": args.malloc_no_trim, "bf16": args.bf16,
                     "fresh_compile_cache": bool(args.compile and args.fresh_compile_cache),
                     "models": {n: available[n].what for n in names}}
         write(json_path, json.dumps({"command": command, "machine": machine, "settings": settings, "rows": rows,

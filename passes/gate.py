@@ -182,7 +182,8 @@ def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: i
     shape = [1] * x.ndim
     shape[0] = values.shape[0]
     shape[d] = channels
-    out = x * values.reshape(shape)
+    # in x's dtype: under bf16 autocast a float32 product would be cast back by the consumer
+    out = x * values.reshape(shape).to(x.dtype)
     return out.flatten(d, d + 1) if channels != size else out
 
 
