@@ -75,3 +75,17 @@ def write_file(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def sine_merge_args(tmp_path: Path) -> list[str]:
+    """Two untrained sine MLP teachers saved in ``tmp_path`` and the ``graphmerge merge`` arguments
+    for a one-step gate phase and a one-step fine-tuning on the sine data (run_cli's default folder)."""
+    from graphmerge import checkpoint
+    from graphmerge.examples.mlp import build_model
+
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        checkpoint.save_weights(tmp_path / f"{name}.safetensors", build_model())
+    return ["--teacher", "a.safetensors", "--teacher", "b.safetensors", "--data", "sine", "--batch-size", "500",
+            "--gate-epochs", "1", "--finetune-epochs", "1"]

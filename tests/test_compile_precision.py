@@ -189,3 +189,14 @@ def test_bf16_merge_runs_every_training_step_under_autocast(monkeypatch: pytest.
     assert entered == ["bf16"] * 4
     assert all(p.dtype == torch.float32 for p in result.student.parameters())
     assert all(torch.isfinite(p).all() for p in result.student.parameters())
+
+
+def test_cli_precision_flag_reaches_the_settings(run_cli, sine_merge_args: list[str], tmp_path: Path) -> None:
+    done = run_cli("merge", "examples:mlp", *sine_merge_args, "--precision", "bf16", "--checkpoint-dir", "ck",
+                   "--out", "s.safetensors")
+    assert done.returncode == 0, done.stderr
+    assert ckpt.load_state(tmp_path / "ck" / "merge.safetensors")["settings"]["precision"] == "bf16"
+    failed = run_cli("train", "examples:mlp", "--data", "sine", "--epochs", "1", "--precision", "fp16",
+                     "--out", "t.safetensors")
+    assert failed.returncode == 2 and "unknown precision 'fp16'" in " ".join(failed.stderr.split()), failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "t.safetensors").exists()

@@ -526,12 +526,8 @@ def test_resume_with_distill_big_gives_the_uninterrupted_result_bitwise(tmp_path
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
-def test_cli_distill_flags_reach_the_settings(run_cli, tmp_path: Path):
-    torch.manual_seed(0)
-    for name in ("a", "b"):
-        ckpt.save_weights(tmp_path / f"{name}.safetensors", build_mlp())
-    teachers = ["--teacher", "a.safetensors", "--teacher", "b.safetensors", "--data", "sine", "--batch-size", "500",
-                "--gate-epochs", "1", "--finetune-epochs", "1"]
+def test_cli_distill_flags_reach_the_settings(run_cli, sine_merge_args: list[str], tmp_path: Path):
+    teachers = sine_merge_args
     done = run_cli("merge", "examples:mlp", *teachers, "--distill", "teachers", "--distill-weight", "0.25",
                    "--checkpoint-dir", "ck", "--log-json", "log.jsonl", "--out", "s.safetensors")
     assert done.returncode == 0, done.stderr
