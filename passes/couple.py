@@ -105,6 +105,11 @@ class Propagation:
         self.literal_nodes: set[str] = set()
         self.nonlinear: list[tuple[str, np.ndarray]] = []
         self.labels: dict[torch.fx.Node, Any] = {}
+        # Channels that an attention op found on head_dim alone (one head, or one key/value head
+        # repeated): the analysis runs again with them in ``hinted``, and a reshape that splits
+        # them off keeps the size-1 or repeated heads axis in their block, where widen adds heads.
+        self.head_hints: set[int] = set()
+        self.hinted: frozenset[int] = frozenset()
 
     # -- building blocks for op rules -------------------------------------------------------
 
@@ -251,13 +256,19 @@ def couple(gm: torch.fx.GraphModule, *, leaf_modules: tuple[str, ...] = ()) -> G
     from graphmerge.passes.registry import pin_all, propagate_node
 
     start = time.perf_counter()
-    prop = Propagation(gm)
-    for node in gm.graph.nodes:
-        leaf = _inside_leaf(node, leaf_modules)
-        if leaf is not None and node.op in ("call_function", "call_module"):
-            prop.labels[node] = pin_all(prop, node, f"inside leaf module '{leaf}' (kept opaque on request)")
-        else:
-            prop.labels[node] = propagate_node(prop, node)
+    hinted: frozenset[int] = frozenset()
+    for _ in range(3):
+        prop = Propagation(gm)
+        prop.hinted = hinted
+        for node in gm.graph.nodes:
+            leaf = _inside_leaf(node, leaf_modules)
+            if leaf is not None and node.op in ("call_function", "call_module"):
+                prop.labels[node] = pin_all(prop, node, f"inside leaf module '{leaf}' (kept opaque on request)")
+            else:
+                prop.labels[node] = propagate_node(prop, node)
+        if prop.head_hints <= hinted:
+            break
+        hinted = hinted | frozenset(prop.head_hints)  # ids are allocated alike on every run
     groups, layout = _solve(prop)
     elapsed = time.perf_counter() - start
     return GroupSet(groups, gm, layout, timings={"couple_s": elapsed})
@@ -409,6 +420,8 @@ def _node_layout(value: TensorLabels, component: np.ndarray, group_of: np.ndarra
                    if key.shape[axis] > 1 and not np.all(key == np.take(key, [0], axis=axis))]
         if len(varying) > 1:
             continue  # a true permutation (channel shuffle): widen gathers it as a whole
+        if not varying and (gid >= 0).any():
+            varying = [0]  # one head (or one repeated): its channel lives on the heads axis
         for axis, d in enumerate(dims):
             if axis in varying:
                 index = tuple(slice(None) if a == axis else 0 for a in range(key.ndim))

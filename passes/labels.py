@@ -95,12 +95,16 @@ class TensorLabels:
         return joint
 
 
-def factor_block(dims: tuple[int, ...], joint: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
+def factor_block(dims: tuple[int, ...], joint: np.ndarray, *,
+                 keep: bool = False) -> list[tuple[tuple[int, ...], np.ndarray]]:
     """Split a joint id array into the smallest independent blocks.
 
     An axis along which the ids never change carries no channel: it becomes its own unlabelled
-    block. What is left over stays joint (the split halves of a channel shuffle).
+    block. What is left over stays joint (the split halves of a channel shuffle). ``keep`` leaves
+    the block whole: a heads axis of one head, or of one repeated head, is such an axis.
     """
+    if keep and len(dims) > 1:
+        return [(dims, np.ascontiguousarray(joint))]
     varying = [axis for axis in range(joint.ndim)
                if joint.shape[axis] > 1 and not _constant_along(joint, axis)]
     if len(dims) == 1:

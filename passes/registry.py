@@ -462,11 +462,24 @@ def broadcast(prop: Propagation, node: Any, inputs: list[TensorLabels]) -> Tenso
         if not candidates:
             out_blocks.append(((d,), np.full(size, NOT_A_CHANNEL, np.int64)))
             continue
+        if any((c < 0).all() for c in candidates):
+            _hint_heads_axis(prop, aligned, d)
         for other in candidates[1:]:
             prop.unify(candidates[0], other, describe(node))
         stacked = np.stack(candidates)
         out_blocks.append(((d,), np.where((stacked >= 0).all(0), candidates[0], NOT_A_CHANNEL)))
     return TensorLabels(shape, out_blocks)
+
+
+def _hint_heads_axis(prop: Propagation, aligned: list[TensorLabels], d: int) -> None:
+    """Channels on ``d`` meet a table over ``d`` (rotary cos/sin over head_dim): they cannot widen
+    along ``d``, but a size-1 dim in front of it (one head) can hold the teachers' copies, and the
+    table then broadcasts over it. Ask for another analysis run with that heads axis."""
+    for x in aligned:
+        ids = x.dim(d)
+        if ids is not None and (ids >= 0).any() and any(
+                x.shape[h] == 1 and x.dim(h) is not None and not (x.dim(h) >= 0).any() for h in range(d)):
+            prop.head_hints.update(int(i) for i in ids[ids >= 0])
 
 
 def _align(x: TensorLabels, shape: tuple[int, ...]) -> TensorLabels:
@@ -493,7 +506,7 @@ def reshape(prop: Propagation, node: torch.fx.Node) -> Any:
     if not isinstance(x, TensorLabels) or shape is None:
         return unlabelled(node)
     blocks = []
-    for in_dims, out_dims in _merged_reshape_groups(x, shape):
+    for in_dims, out_dims in _merged_reshape_groups(x, shape, prop):
         joint = x.joint(in_dims) if in_dims else np.full((), NOT_A_CHANNEL, np.int64)
         if joint is None:
             return _reshape_whole(prop, node, x, shape)
@@ -505,19 +518,58 @@ def reshape(prop: Propagation, node: torch.fx.Node) -> Any:
             joint = np.where(clash, NOT_A_CHANNEL, joint)
         joint = joint.reshape([shape[d] for d in out_dims]) if out_dims else joint
         if out_dims:
-            blocks.extend(factor_block(tuple(out_dims), joint))
+            blocks.extend(factor_block(tuple(out_dims), joint, keep=_hinted(prop, joint)))
         elif (joint >= 0).any():
             prop.pin(joint, f"{describe(node)}: reshape drops a channel dim")
     return TensorLabels(shape, blocks)
 
 
-def _merged_reshape_groups(x: TensorLabels, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def _hinted(prop: Propagation, ids: np.ndarray) -> bool:
+    return bool(prop.hinted) and any(int(i) in prop.hinted for i in ids.ravel() if i >= 0)
+
+
+def _heads_axes_joined(prop: Propagation, x: TensorLabels, groups: list[tuple[tuple[int, ...], tuple[int, ...]]]
+                       ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Size-1 dims that stand alone join the next group when they are the heads axis of hinted
+    head channels: a new one right before their split (``view(B, T, 1, head_dim)``: widen puts
+    the teachers' heads there), or one of their block that a reshape merges with the next dims
+    (one key/value head repeated: ``(B, 1, rep, T, D) -> (B, rep, T, D)``)."""
+    if not prop.hinted:
+        return groups
+    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    pending_out: tuple[int, ...] = ()
+    pending_in: tuple[int, ...] = ()
+    for in_dims, out_dims in groups:
+        if not in_dims and len(out_dims) == 1:
+            pending_out += out_dims
+            continue
+        if len(in_dims) == 1 and not out_dims and _hinted(prop, x.block_of(in_dims[0])[1]):
+            pending_in += in_dims
+            continue
+        joint = x.joint(in_dims) if in_dims else None
+        if pending_out and joint is not None and _hinted(prop, joint):
+            out_dims = tuple(sorted(pending_out + out_dims))
+        else:
+            out.extend(((), (d,)) for d in pending_out)
+        if pending_in and out_dims:
+            in_dims = tuple(sorted(pending_in + in_dims))
+        else:
+            out.extend(((d,), ()) for d in pending_in)
+        out.append((in_dims, out_dims))
+        pending_out = pending_in = ()
+    out.extend(((), (d,)) for d in pending_out)
+    out.extend(((d,), ()) for d in pending_in)
+    return out
+
+
+def _merged_reshape_groups(x: TensorLabels, shape: tuple[int, ...],
+                           prop: Propagation) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Reshape groups, merged where a joint block of ``x`` spans several of them.
 
     (B*H, T, D) -> (B, H, T, D) with a joint (B*H, D) block: the first and last groups merge,
     the T group between them stays apart (each group reshapes on its own, row-major).
     """
-    groups = _reshape_groups(x.shape, shape)
+    groups = _heads_axes_joined(prop, x, _reshape_groups(x.shape, shape))
     parent = list(range(len(groups)))
 
     def find(i: int) -> int:
@@ -1277,6 +1329,9 @@ def head_reps(prop: Propagation, node: torch.fx.Node, x: TensorLabels, head_dim:
     if dims == (inner_dim,) and not (ids >= 0).any():
         reps = x.dim(head_dim)
         return reps if reps is not None else None
+    heads = x.dim(head_dim)
+    if dims == (inner_dim,) and heads is not None and not (heads >= 0).any():
+        prop.head_hints.update(int(i) for i in ids[ids >= 0])  # run again with a heads axis
     if dims == (inner_dim,) and x.shape[head_dim] == 1 and x.dim(head_dim) is not None:
         row = ids[ids >= 0]  # one head (multi-query k/v, a single-head model): all of head_dim is it
         prop.unify(np.full(row.size, row[0]), row, f"{describe(node)}: one attention head")

@@ -16,7 +16,16 @@ from hypothesis import strategies as st
 
 import graphmerge
 from tests.models import make_teachers
-from tests.randformer import BATCH, CLASSES, build, example_inputs, specs, unsupported_patterns
+from tests.randformer import (
+    BATCH,
+    CLASSES,
+    BlockSpec,
+    FormerSpec,
+    build,
+    example_inputs,
+    specs,
+    unsupported_patterns,
+)
 from tests.test_invariants import check_i2, check_i3, check_i4, mean_of_teachers, output_layer_name
 
 torch.set_num_threads(1)
@@ -62,3 +71,40 @@ def check_transformer(spec, n: int, seed: int) -> None:
 def test_random_transformers_satisfy_the_invariants(spec, n: int, seed: int) -> None:
     """No group pinned inside (unless a listed pattern explains every pin), then I1-I4."""
     check_transformer(spec, n, seed)
+
+
+ONE_BLOCK = (BlockSpec(token_mixer=0, mlp_hidden=2, act="gelu", gated=False),)
+
+
+def _one_kv_head(positions: str, heads: int, kv_repeat: str) -> FormerSpec:
+    return FormerSpec(inputs="float", positions=positions, norm="rms", prenorm=True, heads=heads, head_dim=4,
+                      kv_heads=1, kv_repeat=kv_repeat, qkv="separate", infer_heads=True, attention="sdpa",
+                      causal=True, blocks=ONE_BLOCK)
+
+
+@pytest.mark.parametrize(("positions", "heads", "kv_repeat"), [
+    ("rotary", 1, "repeat_interleave"),  # one head: view(B, T, 1, head_dim), rotary tables over head_dim
+    ("learned", 1, "expand"),
+    ("rotary", 2, "expand"),  # multi-query: one key/value head, expand + reshape to the query heads
+    ("learned", 4, "expand"),
+    ("rotary", 4, "sdpa_gqa"),  # multi-query through SDPA's enable_gqa
+])
+def test_one_head_and_multi_query_attention_widen_along_the_heads_axis(positions: str, heads: int,
+                                                                      kv_repeat: str) -> None:
+    """A size-1 heads axis (one head, or one key/value head) holds the teachers' heads in the big
+    student; head_dim keeps its size, so each teacher keeps its softmax scale. These pinned or
+    failed the certificate before: widen grew head_dim instead."""
+    spec, n = _one_kv_head(positions, heads, kv_repeat), 2
+    teacher = build(spec).double()
+    inputs = tuple(x.double() for x in example_inputs(spec))
+    groups = graphmerge.analyze(teacher, inputs)
+    assert not groups.internal_pinned, [g.reason for g in groups.internal_pinned]
+    # every query head shares the one key/value head: q, k and v are one unit of the group
+    attention = [g for g in groups.groups if "blocks.0.attn.k" in g.members]
+    assert len(attention) == 1 and {"blocks.0.attn.q", "blocks.0.attn.v"} <= set(attention[0].members)
+    teachers = [t.double() for t in make_teachers(lambda: build(spec), n, 5)]
+    big = graphmerge.widen(teachers, inputs, groups=groups)
+    weights = dict(big.named_parameters())
+    assert weights["blocks.0.attn.q.weight"].shape[0] == n * heads * spec.head_dim
+    assert weights["blocks.0.attn.k.weight"].shape[0] == n * spec.head_dim
+    check_transformer(spec, n, 5)
