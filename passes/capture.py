@@ -103,9 +103,15 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, example_kwar
     kwargs.update(injected)
     _register_dataclasses((args, kwargs))
     flags = {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
-    with _eval_mode(model), torch.no_grad(), _full_stack_traces(), _registering_outputs(model), \
-            _graph_capture_paths():
-        ep, dynamic = _export(model, args, kwargs, dynamic_batch, model_name)
+    with _eval_mode(model), torch.no_grad(), _full_stack_traces(), _registering_outputs(model):
+        try:
+            with _graph_capture_paths():
+                ep, dynamic = _export(model, args, kwargs, dynamic_batch, model_name)
+        except TraceError:
+            # Some capture paths do not export (Hugging Face Swin builds a tensor from its window
+            # size under is_tracing, and SDPA's is_causal then depends on its value): the model's
+            # own eval path is the graph then. A parameter cache it bakes in fails the certificate.
+            ep, dynamic = _export(model, args, kwargs, dynamic_batch, model_name)
         unlifted = ep.module()
     gm = torch.fx.GraphModule(unlifted, unlifted.graph, re.sub(r"\W", "_", model_name))
     _drop_checks(gm)
@@ -252,7 +258,8 @@ def _graph_capture_paths() -> Iterator[None]:
     computed from parameters (timm's LeViT and EfficientFormer cache ``attention_biases[:, idx]``
     in a dict unless ``torch.jit.is_tracing() or self.training``) would otherwise be baked into
     the graph as constants, so every teacher would read teacher 0's biases. The capture path
-    computes them from the parameters, which is what the analysis must see.
+    computes them from the parameters, which is what the analysis must see. Where the capture
+    path itself cannot be exported, ``capture`` exports the eval path instead.
     """
     jit = torch.jit
     original = jit.is_tracing

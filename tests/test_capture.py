@@ -285,3 +285,52 @@ def test_uncapturable_model_raises_trace_error_naming_the_line() -> None:
     assert "\n" not in message
     assert f"test_capture.py:{line} `if x.sum() > 0:`" in message
     assert "data-dependent" in message and "torch.where" in message
+
+
+class _CachedBias(nn.Module):
+    """Caches a tensor computed from a parameter in eval mode unless being traced (timm LeViT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bias_table = nn.Parameter(torch.randn(4))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or self.training:
+            bias = self.bias_table * 2
+        else:
+            bias = self.cache.setdefault("bias", self.bias_table.detach() * 2)
+        return self.lin(x) + bias
+
+
+class _UnexportableTracingPath(nn.Module):
+    """Its is_tracing path branches on a tensor's value (not exportable); its eval path exports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() and torch.tensor(x.shape[1]) * x.sum() > 0:
+            return self.lin(x).relu()
+        return self.lin(x)
+
+
+def test_capture_takes_the_tracing_path_so_parameter_caches_stay_parameters() -> None:
+    model = _CachedBias().eval()
+    x = torch.randn(3, 4)
+    model(x)  # fills the eval cache with this parameter's value
+    gm = capture(model, (x,))
+    with torch.no_grad():
+        model.bias_table.add_(1.0)  # the graph reads the parameter, not the cached constant
+    expected = model.lin(x) + model.bias_table * 2
+    torch.testing.assert_close(gm(x), expected)
+
+
+def test_capture_falls_back_to_the_eval_path_when_the_tracing_path_does_not_export() -> None:
+    model = _UnexportableTracingPath().eval()
+    x = torch.randn(3, 4)
+    gm = capture(model, (x,))
+    torch.testing.assert_close(gm(x), model.lin(x))  # the eval path: no relu
+    assert not any(n.target is torch.ops.aten.relu.default for n in gm.graph.nodes)
