@@ -5,9 +5,11 @@ For each task two teachers are trained once (``graphmerge.train``, seeds 1 and 2
 number of gate epochs and both ``gate_budget`` settings, ``graphmerge.merge`` runs the real gate
 phase, compresses and fine-tunes for a fixed number of epochs, every run from the same teachers
 with merge seed 0. Both budgets run at the library's defaults, tuned for no task: ``projected``
-(budget ramp 0.5, gradient direction) and ``penalty`` (the paper's λ₀ 0.01, λ ← λ + 0.05·√λ per
-epoch); the gates' SGD is lr 0.1, momentum 0.9 in both. The weights' learning rate, batch size and
-weight decay are the task's (the teachers').
+(budget ramp 0.5, gradient direction, gates decided after the ramp: ``decide_gates``) and
+``penalty`` (the paper's λ₀ 0.01, λ ← λ + 0.05·√λ per epoch); the gates' SGD is lr 0.1, momentum
+0.9 in both. ``--budgets`` adds ``undecided``: the projected budget with ``decide_gates=False`` (the
+default before the decision existed, every gate left half open on short phases). The weights'
+learning rate, batch size and weight decay are the task's (the teachers').
 
 Reported per run: each group's mean P[g > 0] at the end of the gate phase, computed here from the
 gates' log-alphas (read from the checkpoint ``merge`` writes after the last gate epoch) and its
@@ -26,6 +28,7 @@ scikit-learn's 8×8 digits, the grey channel repeated to 3: stages at 8×8, 4×4
     python benchmarks/gate_epochs.py --tasks sine,mnist1d  # some tasks
     python benchmarks/gate_epochs.py --quick --out /tmp/g  # smoke test: sine, gate epochs 3 and 10
     python benchmarks/gate_epochs.py --report              # rewrite gate_epochs.md (and .json) from the JSON
+    python benchmarks/gate_epochs.py --budgets undecided   # only some budgets (runs of others are kept)
 """
 
 from __future__ import annotations
@@ -63,7 +66,12 @@ from graphmerge.examples.tiny_gpt import TinyGPT  # noqa: E402
 from graphmerge.recipe import CHECKPOINT_NAME, MergeSettings, merge, train  # noqa: E402
 from graphmerge.training import cross_entropy  # noqa: E402
 
-BUDGETS = ("projected", "penalty")
+#: merge settings of each budget compared; the first and the last run by default
+VARIANTS: dict[str, dict[str, Any]] = {"projected": {"gate_budget": "projected"},
+                                       "undecided": {"gate_budget": "projected", "decide_gates": False},
+                                       "penalty": {"gate_budget": "penalty"}}
+BUDGETS = tuple(VARIANTS)
+DEFAULT_BUDGETS = ("projected", "penalty")
 GATE_EPOCHS = (3, 10, 30, 150)
 QUICK_GATE_EPOCHS = (3, 10)
 TOLERANCE = 0.005  # max |mean P[g>0] - 1/N| over groups that counts as "budget met"
@@ -175,7 +183,7 @@ def run_merge(teachers: list[nn.Module], gate_train: TensorDataset, test: Tensor
 
         start = time.perf_counter()
         result = merge(teachers, gate_train, val_data=test, loss=task.loss, seed=0, gate_epochs=gate_epochs,
-                       gate_budget=budget, checkpoint_dir=folder, log=log, **options)
+                       checkpoint_dir=folder, log=log, **VARIANTS[budget], **options)
         seconds = time.perf_counter() - start
     hard = {"beta": 2 / 3, "gamma": -0.1, "zeta": 1.1, **(MergeSettings().gate_options or {})}  # add_gates' defaults
     n = len(teachers)
@@ -196,7 +204,8 @@ def run_merge(teachers: list[nn.Module], gate_train: TensorDataset, test: Tensor
             "gate_records": len(gate_records), "hard_concrete": hard, "log_alpha": gates}
 
 
-def run_task(name: str, quick: bool, epochs_list: tuple[int, ...]) -> dict[str, Any]:
+def run_task(name: str, quick: bool, epochs_list: tuple[int, ...],
+             budgets: tuple[str, ...] = DEFAULT_BUDGETS) -> dict[str, Any]:
     task = TASKS[name]
     teacher_train, gate_train, test = task.data(quick)
     teacher_options = {**task.teacher, **task.quick.get("teacher", {})} if quick else task.teacher
@@ -210,7 +219,7 @@ def run_task(name: str, quick: bool, epochs_list: tuple[int, ...]) -> dict[str, 
     steps = math.ceil(len(gate_train) / merge_options["batch_size"])
     runs = []
     for gate_epochs in epochs_list:
-        for budget in BUDGETS:
+        for budget in budgets:
             run = run_merge(teachers, gate_train, test, task, merge_options, gate_epochs, budget)
             runs.append(run)
             print(f"  {name:>8} {budget:>9} {gate_epochs:>4} gate epochs: max |P - 1/N| {run['max_abs_dev']:.4f}, "
@@ -236,23 +245,26 @@ def table(results: dict[str, Any]) -> str:
 
 
 def pivot(results: dict[str, Any]) -> str:
-    """One row per task and gate epochs, the two budgets side by side (max |P − 1/N|, kept gate,
+    """One row per task and gate epochs, the budgets side by side (max |P − 1/N|, kept gate,
     before / after fine-tuning)."""
-    lines = ["| task (metric; teachers) | gate epochs | projected: \\|P−1/N\\|, kept gate, before → after FT | "
-             "penalty: \\|P−1/N\\|, kept gate, before → after FT |", "|---|---:|---|---|"]
+    present = {r["budget"] for result in results["tasks"].values() for r in result["runs"]}
+    budgets = [b for b in BUDGETS if b in present]
+    lines = ["| task (metric; teachers) | gate epochs | "
+             + " | ".join(f"{b}: \\|P−1/N\\|, kept gate, before → after FT" for b in budgets) + " |",
+             "|---|---:|" + "---|" * len(budgets)]
     for name, result in results["tasks"].items():
         runs = {(r["gate_epochs"], r["budget"]): r for r in result["runs"]}
         teachers = " / ".join(f"{v:.3f}" for v in result["runs"][0]["teachers"])
         for epochs in sorted({e for e, _ in runs}):
             cells = [f"{r['max_abs_dev']:.3f}, {r['kept_gate_value']:.2f}, {r['before_finetune']:.3f} → "
-                     f"**{r['after_finetune']:.3f}**" if (r := runs.get((epochs, b))) else "–" for b in BUDGETS]
-            lines.append(f"| {name} ({result['metric']}; {teachers}) | {epochs} | {cells[0]} | {cells[1]} |")
+                     f"**{r['after_finetune']:.3f}**" if (r := runs.get((epochs, b))) else "–" for b in budgets]
+            lines.append(f"| {name} ({result['metric']}; {teachers}) | {epochs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def markdown(results: dict[str, Any]) -> str:
-    parts = ["# Gate epochs: projected vs penalty budget\n", f"{results['epoch_note']}\n", pivot(results), "",
-             table(results), ""]
+    parts = ["# Gate epochs: projected (decided) vs undecided vs penalty budget\n", f"{results['epoch_note']}\n",
+             pivot(results), "", table(results), ""]
     for name, result in results["tasks"].items():
         commands = ", ".join(f"`{c}`" for c in result["commands"])
         parts.append(f"- **{name}** ({commands}; {result['seconds']:.0f} s in all): {result['notes']}; "
@@ -268,13 +280,14 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def combine(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """``new``, plus the runs of ``old`` at other gate epochs when both ran at the same settings
-    (the teachers are seeded, so they are the same teachers: their test metric must agree)."""
+    """``new``, plus the runs of ``old`` at other (gate epochs, budget) pairs when both ran at the
+    same settings (the teachers are seeded, so they are the same teachers: their test metric must
+    agree)."""
     same = old is not None and all(old[k] == new[k] for k in ("teacher", "merge", "teacher_train", "gate_train"))
     if not same or old["runs"][0]["teachers"] != new["runs"][0]["teachers"]:
         return new
-    epochs = {r["gate_epochs"] for r in new["runs"]}
-    new["runs"] = [r for r in old["runs"] if r["gate_epochs"] not in epochs] + new["runs"]
+    done = {(r["gate_epochs"], r["budget"]) for r in new["runs"]}
+    new["runs"] = [r for r in old["runs"] if (r["gate_epochs"], r["budget"]) not in done] + new["runs"]
     new.update(commands=old["commands"] + new["commands"], seconds=old["seconds"] + new["seconds"],
                teacher_seconds=old["teacher_seconds"] + new["teacher_seconds"])
     return new
@@ -292,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="sine only, gate epochs 3 and 10, tiny (smoke test)")
     parser.add_argument("--tasks", default=None, help=f"comma-separated, of {', '.join(TASKS)} (default: all)")
     parser.add_argument("--gate-epochs", default=None, help="comma-separated (default 3,10,30,150; quick 3,10)")
+    parser.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS),
+                        help=f"comma-separated, of {', '.join(BUDGETS)} (default: {','.join(DEFAULT_BUDGETS)})")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder of the results")
     parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON in --out")
     args = parser.parse_args(argv)
@@ -303,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return results
     torch.set_num_threads(1)
     names = args.tasks.split(",") if args.tasks else (["sine"] if args.quick else list(TASKS))
+    budgets = tuple(args.budgets.split(","))
+    if unknown := [b for b in budgets if b not in VARIANTS]:
+        parser.error(f"unknown budget(s) {', '.join(unknown)}: use {', '.join(BUDGETS)}")
     epochs_list = (tuple(int(e) for e in args.gate_epochs.split(",")) if args.gate_epochs
                    else QUICK_GATE_EPOCHS if args.quick else GATE_EPOCHS)
     command = "python benchmarks/gate_epochs.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -314,10 +332,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick, "tolerance": TOLERANCE,
         "epoch_note": "An epoch is one pass over the task's gate-phase training set (its size and the steps per "
                       "epoch are listed below the table); fine-tuning uses the same set. kept gate: the mean "
-                      "eval gate value of the channels compression keeps (1: passed unscaled)."})
+                      "eval gate value of the channels compression keeps (1: passed unscaled). undecided: the "
+                      "projected budget with decide_gates=False (`--budgets undecided`); its runs from before "
+                      "that option existed ran as `projected`, the default then."})
     for name in names:
         start = time.perf_counter()
-        new = run_task(name, args.quick, epochs_list)
+        new = run_task(name, args.quick, epochs_list, budgets)
         new.update(commands=[command], seconds=time.perf_counter() - start)
         results["tasks"][name] = combine(results["tasks"].get(name), new)
     results["tasks"] = {name: results["tasks"][name] for name in TASKS if name in results["tasks"]}

@@ -117,6 +117,10 @@ def merge_command(
     budget_direction: str = typer.Option("gradient", "--budget-direction",
                                          help="projected budget: move the gates along the budget's gradient "
                                               "(undecided ones close first) or 'uniform' (all by one constant)."),
+    decide_gates: bool = typer.Option(True, "--decide-gates/--no-decide-gates",
+                                      help="projected budget: after the budget reaches 1/N, drive the gates to "
+                                           "the channels compress keeps (kept gates 1, the rest 0) while every "
+                                           "group stays exactly 1/N open."),
     lambda0: float = typer.Option(0.01, "--lambda0", help="Initial weight of the L_half loss (--gate-budget "
                                                          "penalty)."),
     lambda_schedule: str = typer.Option("quadratic", "--lambda-schedule",
@@ -163,7 +167,7 @@ def merge_command(
         teachers, train_data, val_data=val_data, loss=_loss_for(task), gate_epochs=gate_epochs,
         finetune_epochs=finetune_epochs, batch_size=batch_size, weight_lr=lr, gate_lr=gate_lr,
         finetune_lr=finetune_lr, weight_decay=weight_decay, gate_budget=gate_budget, budget_ramp=budget_ramp,
-        budget_direction=budget_direction,
+        budget_direction=budget_direction, decide_gates=decide_gates,
         lambda0=lambda0, lambda_schedule=lambda_schedule, **distillation,
         checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, log=_epoch_logger(log_json, resume),
         progress=True, device=device, compile=compile, precision=precision)

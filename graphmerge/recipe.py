@@ -10,8 +10,10 @@ keeps it). The default, ``gate_budget="projected"``, treats "mean P[g > 0] ≤ b
 constraint: after every step each group's log-alphas are moved onto the budget along the mean's
 gradient (``budget_direction="gradient"``: undecided gates close first; "uniform" shifts them all
 by one constant), the budget falling linearly from 1 to 1/N over the first ``budget_ramp`` of the
-phase. The budget is met
-on any number of gate epochs, with nothing to tune per task.
+phase. Then (``decide_gates=True``) the gates are decided: the rest of the phase drives the
+channels compress would keep to eval gate 1 and the others to 0 (``decided_projection``), every
+group held at exactly 1/N open, so the weights train with the network compress will cut out. The
+budget is met, from both sides, on any number of gate epochs, with nothing to tune per task.
 
 Distillation (``distill="big"`` or ``"teachers"``): fine-tuning minimises
 ``(1 − distill_weight)·task + distill_weight·distill``, where the distill term pulls the student's
@@ -61,7 +63,7 @@ import graphmerge
 from graphmerge import checkpoint as ckpt
 from graphmerge.data import first_inputs
 from graphmerge.errors import GraphMergeError
-from graphmerge.passes.gate import budget_target
+from graphmerge.passes.gate import budget_target, decision_strength
 from graphmerge.passes.util import check_teacher_count, eval_mode
 from graphmerge.training import (
     DistContext,
@@ -143,6 +145,7 @@ class MergeSettings:
     gate_budget: str = "projected"
     budget_ramp: float = 0.5
     budget_direction: str = "gradient"
+    decide_gates: bool = True
     lambda_schedule: str | Callable[[int], float] = "quadratic"
     lambda0: float = 0.01
     lambda_growth: float = 0.05
@@ -195,6 +198,8 @@ class MergeSettings:
             raise GraphMergeError(f"unknown budget_direction {self.budget_direction!r}: use 'gradient' (gates move "
                                   f"along the budget's gradient; undecided ones close first) or 'uniform'.")
         _check_number("budget_ramp", self.budget_ramp, positive=True)
+        if not isinstance(self.decide_gates, bool):
+            raise GraphMergeError(f"decide_gates must be True or False, got {self.decide_gates!r}.")
         if self.budget_ramp > 1:
             raise GraphMergeError(f"budget_ramp is the fraction of the gate phase spent reaching the budget; it "
                                   f"must lie in (0, 1], got {self.budget_ramp}.")
@@ -256,6 +261,8 @@ class MergeSettings:
         before they existed resume, and a changed ``distill`` is still refused."""
         skipped = self.NOT_FINGERPRINTED + (DISTILL_SETTINGS if self.distill is None else ())
         skipped += ("precision",) if self.precision == "fp32" else ()  # checkpoints from before it existed
+        # off (the behaviour before it existed) or without effect (penalty): older checkpoints resume
+        skipped += ("decide_gates",) if not self.decide_gates or self.gate_budget != "projected" else ()
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in skipped}
 
@@ -532,11 +539,17 @@ class _MergeRun:
 
         def fields(epoch: int) -> dict[str, Any]:
             if projected:
-                return {"budget": budget_target((epoch + 1) / epochs, n, self.s.budget_ramp)}
+                progress = (epoch + 1) / epochs
+                decision = {"decision": decision_strength(progress, self.s.budget_ramp)} if self.s.decide_gates else {}
+                return {"budget": budget_target(progress, n, self.s.budget_ramp), **decision}
             return {"lambda": self.lambda_at(epoch)}
 
         def after_step(progress: float) -> None:
-            gated.project_to_budget(budget_target(progress, n, self.s.budget_ramp), self.s.budget_direction)
+            target = budget_target(progress, n, self.s.budget_ramp)
+            if self.s.decide_gates and progress >= self.s.budget_ramp:
+                gated.decide(target, decision_strength(progress, self.s.budget_ramp), self.s.budget_direction)
+            else:
+                gated.project_to_budget(target, self.s.budget_direction)
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             record.update(_gate_fields(gated))

@@ -106,6 +106,19 @@ class HardConcreteGates(nn.Module):
             param.copy_(shifted[start:start + param.numel()])
 
 
+    @torch.no_grad()
+    def project_decided(self, target: float, kept: torch.Tensor, level: float, direction: str = "gradient") -> None:
+        """``decided_projection`` of all gates: ``kept`` is one bool per entry of :meth:`all_log_alpha`."""
+        if not self.group_ids:
+            return
+        flat = self.all_log_alpha().detach()
+        moved = decided_projection(flat, self.segments(), kept, level, target, self.open_shift, direction)
+        for gid in self.group_ids:
+            param = self.log_alpha[f"g{gid}"]
+            start = self.offsets[gid]
+            param.copy_(moved[start:start + param.numel()])
+
+
 def budget_target(progress: float, n_teachers: int, ramp: float = 0.5) -> float:
     """The open-fraction budget ``progress`` (0..1) of the way through the gate phase: from 1 down
     to 1/N linearly over the first ``ramp`` of the phase, then 1/N (the weights train the rest of
@@ -160,6 +173,69 @@ def budget_projection(log_alpha: torch.Tensor, segments: torch.Tensor, target: f
         high = torch.where(above, mid, high)
     shift = torch.where(over, low, torch.zeros_like(low))
     return (log_alpha.double() + shift.index_select(-1, segments) * weight).to(log_alpha.dtype)
+
+
+#: |log_alpha| the decided gates end at or beyond: eval gate exactly 1 (0) from log(11) ~ 2.4 (below
+#: -2.4) with the default hard-concrete constants; at 6 a kept gate is open in all but ~0.05 % of
+#: training draws (P[g > 0] = sigmoid(6 + 1.6)).
+DECISION_LEVEL = 6.0
+
+
+def decision_strength(progress: float, ramp: float = 0.5) -> float:
+    """How far (0..1) the gates are driven to the decision ``progress`` of the way through the gate
+    phase: 0 while the budget still falls (``progress <= ramp``), then rising linearly to 1 over the
+    first half of the rest of the phase, 1 for its second half (the weights train with the hard
+    decision compress will make) and always 1 at the end of the phase."""
+    if progress >= 1:
+        return 1.0
+    rest = (1.0 - ramp) / 2
+    return 0.0 if rest <= 0 else min(1.0, max(0.0, (progress - ramp) / rest))
+
+
+@torch.no_grad()
+def decided_projection(log_alpha: torch.Tensor, segments: torch.Tensor, kept: torch.Tensor, level: float,
+                       target: float, open_shift: float, direction: str = "gradient", iterations: int = 60,
+                       floor: float = 0.05) -> torch.Tensor:
+    """The gates moved towards the decision ``kept`` (True per channel compress keeps) with every
+    segment's mean ``sigmoid(log_alpha - open_shift)`` exactly ``target``, from either side.
+
+    Why: ``budget_projection`` only bounds the mean, and on short gate phases it meets it by
+    leaving every gate half open (kept eval gates ~0.1): compress then folds those small values
+    into the weights, and the weights never trained with the network compress makes. Here the
+    kept gates are raised to at least ``level`` and the others lowered to at most ``-level``
+    (``level`` ramps from ``-DECISION_LEVEL``, a no-op, to ``+DECISION_LEVEL``: see
+    ``decision_strength``); then only the dropped gates move, by ``c[segment] * w`` with ``c`` of
+    either sign (``w`` as in ``budget_projection``'s ``direction``), so the mean is exactly
+    ``target``. The kept gates stay where they are, so the decision is never undone by the budget;
+    the dropped ones take whatever open probability the budget leaves (with the kept ones
+    at P ~1 and ``target`` = their share 1/N, almost none). The mean is reachable whenever the kept
+    gates' own share is below ``target`` and the dropped ones could fill the rest (always for
+    ``target`` = 1/N of the channels kept); otherwise the bisection ends at the nearer end.
+    Bisection on every segment at once, in float64; ``log_alpha`` and ``kept`` are ``(channels,)``.
+    """
+    if direction not in ("uniform", "gradient"):
+        raise GraphMergeError(f"budget direction must be 'uniform' or 'gradient', got {direction!r}.")
+    value = log_alpha.double()
+    value = torch.where(kept, value.clamp_min(level), value.clamp_max(-level))
+    x = value - open_shift
+    count = torch.bincount(segments).double()
+    groups = count.numel()
+    p = torch.sigmoid(x)
+    weight = (4 * p * (1 - p)).clamp_min(floor) if direction == "gradient" else torch.ones_like(x)
+    weight = torch.where(kept, torch.zeros_like(weight), weight)
+
+    def mean_open(c: torch.Tensor) -> torch.Tensor:
+        q = torch.sigmoid(x + c[segments] * weight)
+        return torch.zeros(groups, dtype=x.dtype).index_add_(0, segments, q) / count
+
+    reach = (x.abs().max() + 40.0) / weight[~kept].min() if bool((~kept).any()) else torch.zeros((), dtype=x.dtype)
+    low, high = torch.full((groups,), -float(reach), dtype=x.dtype), torch.full((groups,), float(reach), dtype=x.dtype)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        above = mean_open(mid) > target
+        high = torch.where(above, mid, high)
+        low = torch.where(above, low, mid)
+    return (value + ((low + high) / 2)[segments] * weight).to(log_alpha.dtype)
 
 
 @torch.fx.wrap
@@ -244,6 +320,19 @@ class GatedStudent(nn.Module):
     def project_to_budget(self, target: float, direction: str = "gradient") -> None:
         """Bring every group's mean P[g > 0] down to ``target`` at most (see ``budget_projection``)."""
         self.gates.project_to_budget(target, direction)
+
+    def decide(self, target: float, strength: float, direction: str = "gradient") -> None:
+        """Drive the gates ``strength`` (0..1) of the way to the channels compress keeps now (the
+        top 1/N of each group by gate score, in whole units where a group is kept in units), every
+        group's mean P[g > 0] held at exactly ``target`` (see ``decided_projection``)."""
+        _, info = widen_info(self)
+        kept = select_channels(info, self.gate_scores())
+        gates = self.gates
+        mask = torch.zeros(gates.total, dtype=torch.bool)
+        for gid in gates.group_ids:
+            mask[gates.offsets[gid] + torch.as_tensor(kept[gid], dtype=torch.long)] = True
+        level = (2 * strength - 1) * DECISION_LEVEL
+        gates.project_decided(target, mask.to(gates.all_log_alpha().device), level, direction)
 
     def open_fraction(self) -> dict[int, float]:
         return {gid: float(self.gates.prob_open(gid).detach().mean()) for gid in self.gates.group_ids}

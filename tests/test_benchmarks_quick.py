@@ -260,6 +260,7 @@ def test_gate_epochs_quick_projected_runs_end_at_one_over_n(tmp_path: Path) -> N
         epochs = run["gate_epochs"]
         if run["budget"] == "projected":
             assert deviation <= 0.005, (epochs, means)
+            assert run["kept_gate_value"] >= 0.99, epochs  # decided: compress keeps gates that are 1
             # the budget falls linearly from 1 to 1/N over the first half of the phase, then holds
             expected = [1 / n + (1 - 1 / n) * max(0.0, 1 - 2 * (e + 1) / epochs) for e in range(epochs)]
         else:  # the paper's λ, updated before each epoch: λ <- λ + 0.05·√λ from λ0 = 0.01

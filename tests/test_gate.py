@@ -9,11 +9,14 @@ import pytest
 import torch
 from graphmerge.passes.couple import display_name
 from graphmerge.passes.gate import (
+    DECISION_LEVEL,
     GATES,
     HardConcreteGates,
     apply_gate,
     budget_projection,
     budget_target,
+    decided_projection,
+    decision_strength,
     gather_gate_values,
 )
 
@@ -314,3 +317,54 @@ def test_gradient_projection_closes_undecided_gates_first_and_meets_the_budget()
     assert float(projected[0, 0]) > 5.9 and float(projected[0, 1]) < -0.5
     with pytest.raises(Exception, match="direction"):
         budget_projection(log_alpha, segments, 0.5, shift, direction="sideways")
+
+
+@pytest.mark.parametrize("direction", ["gradient", "uniform"])
+def test_decided_projection_holds_the_decision_and_meets_the_budget_from_both_sides(direction: str):
+    """Kept gates end at or above the level and do not move further; dropped ones at or below
+    minus the level; every group's mean P[g > 0] (written out here) is exactly the target, also for
+    a group that starts below it (raised) and one that starts above it (lowered)."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [6, 9, 4]
+    segments = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    log_alpha = torch.randn(sum(sizes), generator=generator, dtype=torch.float64) * 3
+    log_alpha[6:15] -= 12.0  # group 1 far below 1/3 open
+    log_alpha[15:] += 8.0  # group 2 far above
+    kept = torch.zeros(sum(sizes), dtype=torch.bool)
+    kept[[0, 2, 6, 9, 10, 15]] = True  # 1/3 of groups 0 and 1, 1/4 of group 2
+    shift, target = BETA * math.log(-GAMMA / ZETA), 1 / 3
+    for level in (-2.0, 0.0, DECISION_LEVEL):
+        moved = decided_projection(log_alpha, segments, kept, level, target, shift, direction=direction)
+        assert torch.equal(moved[kept], log_alpha[kept].clamp_min(level))  # the kept gates stay put
+        if level > 0:  # where the kept share is the target; group 2's dropped gates must fill 1/3 - 1/4
+            assert bool((moved[:15][~kept[:15]] <= -level).all())
+        for lo, hi in [(0, 6), (6, 15), (15, 19)]:
+            mean_open = 1 / (1 + torch.exp(-(moved[lo:hi] - shift)))
+            assert float(mean_open.mean()) == pytest.approx(target, abs=1e-9), (level, lo)
+    with pytest.raises(Exception, match="direction"):
+        decided_projection(log_alpha, segments, kept, 0.0, target, shift, direction="sideways")
+
+
+def test_decision_strength_waits_for_the_budget_then_ramps_and_holds():
+    assert decision_strength(0.0) == 0.0 and decision_strength(0.5) == 0.0
+    assert decision_strength(0.625) == pytest.approx(0.5) and decision_strength(0.75) == 1.0
+    assert decision_strength(0.9) == 1.0 and decision_strength(1.0) == 1.0
+    assert decision_strength(0.99, ramp=1.0) == 0.0 and decision_strength(1.0, ramp=1.0) == 1.0
+
+
+def test_gated_student_decide_keeps_what_compress_keeps_and_compresses_exactly(big):
+    """After ``decide`` at full strength the kept channels' eval gates are exactly 1 and the rest
+    exactly 0, the channels kept are compress's top 1/N by score (unchanged by the decision), every
+    group is 1/2 open, and the compressed student computes what the gated big student computes."""
+    model, x = big
+    gated = graphmerge.add_gates(model, init_std=1.0, seed=3).eval()
+    before = {gid: torch.argsort(-s, stable=True)[: s.numel() // 2] for gid, s in gated.gate_scores().items()}
+    gated.decide(0.5, 1.0)
+    for gid, value in gated.eval_gate_values().items():
+        kept = torch.zeros_like(value, dtype=torch.bool)
+        kept[before[gid]] = True
+        assert bool((value[kept] == 1).all()) and bool((value[~kept] == 0).all()), gid
+    assert all(abs(v - 0.5) < 1e-5 for v in gated.open_fraction().values())
+    student = graphmerge.compress(gated, "gates").eval()
+    with torch.no_grad():
+        assert torch.allclose(student(x), gated(x), atol=1e-5)

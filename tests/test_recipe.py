@@ -165,7 +165,9 @@ def test_train_settings_are_checked():
 
 def test_merge_settings_fingerprint_is_the_checkpoint_format():
     """The keys and values a checkpoint records (unchanged since settings were a dict of merge's keyword
-    arguments, so older checkpoints still resume); callables by name; run-only settings left out."""
+    arguments, so older checkpoints still resume; decide_gates, which changed the default gate phase,
+    is recorded while it acts, so a checkpoint of the old default is refused rather than continued
+    differently); callables by name; run-only settings left out."""
     def my_loss(output, target):
         return (output - target).abs().mean()
 
@@ -176,7 +178,7 @@ def test_merge_settings_fingerprint_is_the_checkpoint_format():
         "loss": "test_merge_settings_fingerprint_is_the_checkpoint_format.<locals>.my_loss",
         "gate_epochs": 10, "finetune_epochs": 10, "batch_size": 32, "weight_lr": 0.01, "weight_momentum": 0.9,
         "weight_decay": 0.0, "gate_lr": 0.1, "gate_momentum": 0.9, "gate_budget": "projected", "budget_ramp": 0.5,
-        "budget_direction": "gradient",
+        "budget_direction": "gradient", "decide_gates": True,
         "lambda_schedule": "quadratic", "lambda0": 0.01,
         "lambda_growth": 0.05, "gate_options": None, "finetune_lr": 0.01, "finetune_momentum": 0.9,
         "finetune_milestones": (3, 4), "finetune_gamma": 0.1, "teacher_epochs": None, "teacher_seeds": None,
@@ -250,6 +252,47 @@ def test_projected_budget_meets_one_over_n_on_any_number_of_gate_epochs(gate_epo
     assert budgets[-1] == 0.5 and len(budgets) == gate_epochs
     penalty = _gated_after_gate_phase(teachers, data, gate_epochs, "penalty", None)
     assert max(penalty.open_fraction().values()) > 0.6
+
+
+@pytest.mark.parametrize("decide", [True, False])
+def test_short_gate_phase_ends_decided_on_the_budget_and_compresses_exactly(decide: bool):
+    """3 gate epochs on the sine MLP through the real recipe. With the default decision every
+    group's mean P[g > 0] (the hard-concrete formula written out here) is 1/2 within 0.005, every
+    kept channel's eval gate (the top half by log-alpha, as compress keeps) is >= 0.99 and every
+    dropped one's <= 0.01, and the compressed student equals the gated big student (I3).
+    decide_gates=False gives the old end state: on the budget, but every gate half open."""
+    import graphmerge
+    from graphmerge.recipe import _MergeRun
+
+    train_data, _ = small_sine(n_train=256)
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teachers.append(train(build_mlp(), train_data, loss="mse", epochs=3, seed=seed).model.eval())
+    records = []
+    settings = MergeSettings(loss="mse", gate_epochs=3, finetune_epochs=0, decide_gates=decide, log=records.append)
+    gated = _MergeRun(teachers, train_data, None, settings)._gate_phase(teachers)
+    beta, gamma, zeta = 2 / 3, -0.1, 1.1
+    for name, param in gated.gates.log_alpha.items():
+        log_alpha = param.detach().double()
+        mean_open = float((1 / (1 + torch.exp(-(log_alpha - beta * math.log(-gamma / zeta))))).mean())
+        assert abs(mean_open - 0.5) <= 0.005, name
+        eval_gate = ((1 / (1 + torch.exp(-log_alpha))) * (zeta - gamma) + gamma).clamp(0, 1)
+        kept = torch.zeros_like(log_alpha, dtype=torch.bool)
+        kept[torch.argsort(-log_alpha, stable=True)[: log_alpha.numel() // 2]] = True
+        if decide:
+            assert float(eval_gate[kept].min()) >= 0.99 and float(eval_gate[~kept].max()) <= 0.01, name
+        else:
+            assert float(eval_gate[kept].mean()) < 0.5, name
+    gate_records = [r for r in records if r["phase"] == "gate"]
+    assert [r.get("decision") for r in gate_records] == ([0.0, pytest.approx(2 / 3), 1.0] if decide else [None] * 3)
+    x = torch.linspace(-4, 4, 101).view(-1, 1)
+    student = graphmerge.compress(gated.eval(), "gates").eval()
+    with torch.no_grad():
+        difference = float((student(x) - gated(x)).abs().max())
+    assert difference < 1e-5 if decide else difference > 1e-3
+    assert ("decide_gates" in settings.fingerprint()) == decide
+    assert "decide_gates" not in dataclasses.replace(settings, gate_budget="penalty").fingerprint()
 
 
 def _gated_after_gate_phase(teachers, data, gate_epochs, budget, log):
