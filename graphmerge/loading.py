@@ -178,13 +178,18 @@ def _split_spec(spec: str) -> tuple[str, str, str | None]:
 
 # --- torchvision ---------------------------------------------------------------------------
 
-def _load_torchvision(name: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+def _import_vision_package(package: str, spec: str) -> Any:
+    """torchvision or timm, or an error that says which extra installs it."""
     try:
-        import torchvision
+        return importlib.import_module(package)
     except ImportError as exc:
         raise GraphMergeError(
-            f"torchvision:{name} needs torchvision, which is not installed ({exc}). Install the "
-            f"vision extra: pip install -e '.[vision]'.") from exc
+            f"{spec} needs {package}, which is not installed ({exc}). Install the vision extra: "
+            f"pip install -e '.[vision]'.") from exc
+
+
+def _load_torchvision(name: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    torchvision = _import_vision_package("torchvision", f"torchvision:{name}")
     known = torchvision.models.list_models()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
@@ -208,12 +213,7 @@ def _load_torchvision(name: str, input_shape: tuple[int, ...] | None) -> LoadedM
 # --- timm ----------------------------------------------------------------------------------
 
 def _load_timm(name: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
-    try:
-        import timm
-    except ImportError as exc:
-        raise GraphMergeError(
-            f"timm:{name} needs timm, which is not installed ({exc}). Install the vision extra: "
-            f"pip install -e '.[vision]'.") from exc
+    timm = _import_vision_package("timm", f"timm:{name}")
     if not name or not timm.is_model(name):
         known = timm.list_models()
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)

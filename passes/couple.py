@@ -37,6 +37,7 @@ class ParamUse:
     dims: list[np.ndarray | None]
     out_dim: int | None
     in_dims: tuple[int, ...] = ()
+    op_dims: list[np.ndarray | None] | None = None  # the ids its op gave it, position by position
 
 
 class GateSite(NamedTuple):
@@ -58,6 +59,7 @@ class DimLayout:
 
     group: np.ndarray
     channel: np.ndarray
+    start: np.ndarray | None = None  # where a run the graph cuts at begins (a split piece)
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Propagation:
         # repeated): the analysis runs again with them in ``hinted``, and a reshape that splits
         # them off keeps the size-1 or repeated heads axis in their block, where widen adds heads.
         self.head_hints: set[int] = set()
+        self.cut_nodes: set[str] = set()  # nodes a split cuts into pieces (their layouts mark runs)
         self.hinted: frozenset[int] = frozenset()
 
     # -- building blocks for op rules -------------------------------------------------------
@@ -166,6 +169,8 @@ class Propagation:
         if seen is None:
             self.params[name] = ParamUse(dims, out_dim, in_dims)
             return
+        if seen.op_dims is None:
+            seen.op_dims = dims
         for old, new in zip(seen.dims, dims, strict=True):
             if old is not None and new is not None:
                 self.unify(old, new, f"parameter {name} used twice")
@@ -299,14 +304,28 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
         group_of[chain] = gid
         channel_of[chain] = np.arange(len(chain))
 
-    def to_layout(ids: np.ndarray) -> DimLayout:
+    # A width-1 group repeated over the pieces a split cuts (q, k and v of a fused projection with
+    # one key/value head) is one piece per split piece: mark where each run the graph made begins.
+    run_start = np.zeros(prop.next_id + 1, bool)
+    for run in prop.runs:
+        if len(run):
+            run_start[run[0]] = True
+
+    def starts(ids: np.ndarray) -> np.ndarray:
+        return (ids >= 0) & run_start[np.maximum(ids, 0)]
+
+    def to_layout(ids: np.ndarray, linked: np.ndarray | None = None) -> DimLayout:
         comp = np.where(ids >= 0, component[np.maximum(ids, 0)], -1)
         gid = np.where(comp >= 0, group_of[comp], -1)
-        return DimLayout(gid, np.where(gid >= 0, channel_of[comp], -1))
+        same = linked is not None and linked.shape == ids.shape
+        start = starts(linked) if same else None
+        return DimLayout(gid, np.where(gid >= 0, channel_of[comp], -1), start)
 
     layout = Layout()
     for name, use in prop.params.items():
-        dims = [None if ids is None else to_layout(ids) for ids in use.dims]
+        # only the dim that writes the op's output: its ids are fresh, so their runs are the split's
+        linked = [other if d == use.out_dim else None for d, other in enumerate(use.op_dims or [None] * len(use.dims))]
+        dims = [None if ids is None else to_layout(ids, other) for ids, other in zip(use.dims, linked, strict=True)]
         layout.params[name] = dims
         layout.out_dims[name] = use.out_dim
         layout.in_dims[name] = use.in_dims
@@ -316,7 +335,8 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
 
     for node, value in prop.labels.items():
         if isinstance(value, TensorLabels):
-            layout.nodes[node.name] = _node_layout(value, component, group_of, channel_of)
+            layout.nodes[node.name] = _node_layout(value, component, group_of, channel_of,
+                                                   run_start if node.name in prop.cut_nodes else None)
 
     for node_name, role, ids in prop.roles:
         for gid in _groups_of(ids, component, group_of):
@@ -401,7 +421,7 @@ def _inside_leaf(node: torch.fx.Node, leaf_modules: tuple[str, ...]) -> str | No
 
 
 def _node_layout(value: TensorLabels, component: np.ndarray, group_of: np.ndarray,
-                 channel_of: np.ndarray) -> list[DimLayout | None]:
+                 channel_of: np.ndarray, run_start: np.ndarray | None) -> list[DimLayout | None]:
     """Per dim, the group and channel of every position; a joint block (heads x head_dim) whose
     positions are one channel along an axis (a head's run) splits into per-dim layouts."""
     def to_layout(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -413,7 +433,9 @@ def _node_layout(value: TensorLabels, component: np.ndarray, group_of: np.ndarra
     for dims, ids in value.blocks:
         gid, channel = to_layout(ids)
         if len(dims) == 1:
-            out[dims[0]] = DimLayout(gid.ravel(), channel.ravel())
+            flat = ids.ravel()
+            start = None if run_start is None else (flat >= 0) & run_start[np.maximum(flat, 0)]
+            out[dims[0]] = DimLayout(gid.ravel(), channel.ravel(), start)
             continue
         key = np.where(gid >= 0, gid * (1 << 32) + channel, -1)
         varying = [axis for axis in range(key.ndim)

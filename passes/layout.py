@@ -37,6 +37,7 @@ def pieces(dim: DimLayout, widths: dict[int, int], widened: set[int]) -> list[Pi
     """Cut a dimension into pieces, or None when it is a permutation of whole groups."""
     group, channel = dim.group, dim.channel
     n = len(group)
+    starts = dim.start if dim.start is not None else np.zeros(n, bool)
     out: list[Piece] = []
     p = 0
     while p < n:
@@ -51,7 +52,7 @@ def pieces(dim: DimLayout, widths: dict[int, int], widened: set[int]) -> list[Pi
         if channel[p] != 0:
             return None
         run = 1
-        while p + run < n and group[p + run] == g and channel[p + run] == 0:
+        while p + run < n and group[p + run] == g and channel[p + run] == 0 and not starts[p + run]:
             run += 1
         length = widths[g] * run
         expected = np.repeat(np.arange(widths[g]), run)

@@ -211,7 +211,10 @@ class SizeContext:
     widened: Callable[[DimLayout], bool]
 
     def prefix(self, dim: DimLayout, stop: int) -> int:
-        return self.size(DimLayout(dim.group[:stop], dim.channel[:stop])) if stop else 0
+        if not stop:
+            return 0
+        start = None if dim.start is None else dim.start[:stop]
+        return self.size(DimLayout(dim.group[:stop], dim.channel[:stop], start))
 
 
 class OpRule:
@@ -492,6 +495,14 @@ def _align(x: TensorLabels, shape: tuple[int, ...]) -> TensorLabels:
     return TensorLabels((1,) * lead + x.shape, blocks)
 
 
+def _shaped_input(prop: Propagation, node: torch.fx.Node
+                  ) -> tuple[TensorLabels | None, tuple[int, ...] | None, dict[str, Any]]:
+    """The labels of a shape op's tensor argument (None unless labelled), the result's shape, and
+    the op's arguments by name."""
+    x = labels_of(prop, node.args[0])
+    return (x if isinstance(x, TensorLabels) else None), node_shape(node), op_args(node)
+
+
 # -- shape ops -------------------------------------------------------------------------------------
 
 def reshape(prop: Propagation, node: torch.fx.Node) -> Any:
@@ -501,9 +512,8 @@ def reshape(prop: Propagation, node: torch.fx.Node) -> Any:
     dim (heads x head_dim, a channel shuffle) gives a joint block over the new dims; both are exact
     per position.
     """
-    x = labels_of(prop, node.args[0])
-    shape = node_shape(node)
-    if not isinstance(x, TensorLabels) or shape is None:
+    x, shape, _ = _shaped_input(prop, node)
+    if x is None or shape is None:
         return unlabelled(node)
     blocks = []
     for in_dims, out_dims in _merged_reshape_groups(x, shape, prop):
@@ -705,9 +715,8 @@ def permute(prop: Propagation, node: torch.fx.Node) -> Any:
 
 
 def expand(prop: Propagation, node: torch.fx.Node) -> Any:
-    x = labels_of(prop, node.args[0])
-    shape = node_shape(node)
-    if not isinstance(x, TensorLabels) or shape is None:
+    x, shape, _ = _shaped_input(prop, node)
+    if x is None or shape is None:
         return unlabelled(node)
     x = _align(x, shape)
     blocks = []
@@ -782,6 +791,8 @@ def split(prop: Propagation, node: torch.fx.Node) -> Any:
     dim = op_args(node).get("dim", 0) % x.ndim
     squeeze = packet is aten.unbind
     dims, block = x.block_of(dim)
+    if len(dims) == 1 and isinstance(node.args[0], torch.fx.Node):
+        prop.cut_nodes.add(node.args[0].name)
     pieces = []
     offset = 0
     for s in shapes:
@@ -838,10 +849,8 @@ def rewrite_split(node: torch.fx.Node, sizes: SizeContext) -> None:
 
 def slice_(prop: Propagation, node: torch.fx.Node) -> Any:
     """aten.slice: a contiguous range of one dim (inside a joint block too: rotate-half)."""
-    x = labels_of(prop, node.args[0])
-    shape = node_shape(node)
-    args = op_args(node)
-    if not isinstance(x, TensorLabels) or shape is None:
+    x, shape, args = _shaped_input(prop, node)
+    if x is None or shape is None:
         return unlabelled(node)
     dim = args["dim"] % x.ndim
     start, end, step = args.get("start"), args.get("end"), args.get("step") or 1
@@ -878,11 +887,9 @@ def rewrite_slice(node: torch.fx.Node, sizes: SizeContext) -> None:
 
 
 def select(prop: Propagation, node: torch.fx.Node) -> Any:
-    x = labels_of(prop, node.args[0])
-    shape = node_shape(node)
-    if not isinstance(x, TensorLabels) or shape is None:
+    x, shape, args = _shaped_input(prop, node)
+    if x is None or shape is None:
         return unlabelled(node)
-    args = op_args(node)
     dim = args["dim"] % x.ndim
     index = args["index"]
     if not isinstance(index, int):
@@ -894,10 +901,8 @@ def select(prop: Propagation, node: torch.fx.Node) -> Any:
 
 
 def narrow(prop: Propagation, node: torch.fx.Node) -> Any:
-    x = labels_of(prop, node.args[0])
-    shape = node_shape(node)
-    args = op_args(node)
-    if not isinstance(x, TensorLabels) or shape is None:
+    x, shape, args = _shaped_input(prop, node)
+    if x is None or shape is None:
         return unlabelled(node)
     dim, start, length = args["dim"] % x.ndim, args["start"], args["length"]
     ids = x.dim(dim)
@@ -924,10 +929,8 @@ def index_tensor(prop: Propagation, node: torch.fx.Node) -> Any:
     way (a relative-position bias ``table[:, idx]``) makes the indexed axis a non-channel axis and
     keeps the others (the heads); on an activation's channel dim it gathers channels in a computed
     order, which is pinned."""
-    x = labels_of(prop, node.args[0])
-    shape = node_shape(node)
-    args = op_args(node)
-    if not isinstance(x, TensorLabels) or shape is None:
+    x, shape, args = _shaped_input(prop, node)
+    if x is None or shape is None:
         return unlabelled(node)
     indices = args["indices"]
     indexed = [d for d, i in enumerate(indices) if i is not None]
@@ -963,11 +966,9 @@ def getitem(prop: Propagation, node: torch.fx.Node) -> Any:
 
 def reduction(prop: Propagation, node: torch.fx.Node) -> Any:
     """mean/sum/amax/var/...: over space it is free; over a channel dim it mixes channels (pins)."""
-    x = labels_of(prop, node.args[0])
-    shape = node_shape(node)
-    if not isinstance(x, TensorLabels) or shape is None:
+    x, shape, args = _shaped_input(prop, node)
+    if x is None or shape is None:
         return unlabelled(node)
-    args = op_args(node)
     dims = args.get("dim")
     keepdim = bool(args.get("keepdim") or False)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
@@ -1148,12 +1149,15 @@ def layer_norm(prop: Propagation, node: torch.fx.Node) -> Any:
 
 # -- parameterised ops ---------------------------------------------------------------------------
 
-def conv(prop: Propagation, node: torch.fx.Node) -> Any:
+def _layer_inputs(prop: Propagation, node: torch.fx.Node) -> tuple[dict[str, Any], Any, Any, Any, Any]:
+    """A layer call's arguments by name, its input's labels, its shape, its weight node and labels."""
     args = op_args(node)
-    x = labels_of(prop, args["input"])
-    shape = node_shape(node)
     weight_node = args["weight"]
-    weight = labels_of(prop, weight_node)
+    return args, labels_of(prop, args["input"]), node_shape(node), weight_node, labels_of(prop, weight_node)
+
+
+def conv(prop: Propagation, node: torch.fx.Node) -> Any:
+    args, x, shape, weight_node, weight = _layer_inputs(prop, node)
     if not isinstance(x, TensorLabels) or shape is None or not isinstance(weight, TensorLabels) \
             or param_name(weight_node) is None:
         return pin_all(prop, node, f"{describe(node)}: conv whose weight is computed, not a parameter")
@@ -1205,11 +1209,7 @@ def rewrite_conv(node: torch.fx.Node, sizes: SizeContext) -> None:
 
 
 def linear(prop: Propagation, node: torch.fx.Node) -> Any:
-    args = op_args(node)
-    x = labels_of(prop, args["input"])
-    shape = node_shape(node)
-    weight_node = args["weight"]
-    weight = labels_of(prop, weight_node)
+    args, x, shape, weight_node, weight = _layer_inputs(prop, node)
     if not isinstance(x, TensorLabels) or shape is None or not isinstance(weight, TensorLabels):
         return pin_all(prop, node, f"{describe(node)}: linear on unlabelled values")
     return _matrix_product(prop, node, x, weight_node, args.get("bias"), weight_out=0)

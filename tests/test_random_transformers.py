@@ -76,35 +76,50 @@ def test_random_transformers_satisfy_the_invariants(spec, n: int, seed: int) -> 
 ONE_BLOCK = (BlockSpec(token_mixer=0, mlp_hidden=2, act="gelu", gated=False),)
 
 
-def _one_kv_head(positions: str, heads: int, kv_repeat: str) -> FormerSpec:
+def _one_kv_head(positions: str, heads: int, kv_repeat: str, qkv: str) -> FormerSpec:
     return FormerSpec(inputs="float", positions=positions, norm="rms", prenorm=True, heads=heads, head_dim=4,
-                      kv_heads=1, kv_repeat=kv_repeat, qkv="separate", infer_heads=True, attention="sdpa",
+                      kv_heads=1, kv_repeat=kv_repeat, qkv=qkv, infer_heads=True, attention="sdpa",
                       causal=True, blocks=ONE_BLOCK)
 
 
-@pytest.mark.parametrize(("positions", "heads", "kv_repeat"), [
-    ("rotary", 1, "repeat_interleave"),  # one head: view(B, T, 1, head_dim), rotary tables over head_dim
-    ("learned", 1, "expand"),
-    ("rotary", 2, "expand"),  # multi-query: one key/value head, expand + reshape to the query heads
-    ("learned", 4, "expand"),
-    ("rotary", 4, "sdpa_gqa"),  # multi-query through SDPA's enable_gqa
+@pytest.mark.parametrize(("positions", "heads", "kv_repeat", "qkv"), [
+    ("rotary", 1, "repeat_interleave", "separate"),  # one head: view(B, T, 1, head_dim), rotary over head_dim
+    ("learned", 1, "expand", "separate"),
+    ("rotary", 2, "expand", "separate"),  # multi-query: one key/value head, expand + reshape to the query heads
+    ("learned", 4, "expand", "separate"),
+    ("rotary", 4, "sdpa_gqa", "separate"),  # multi-query through SDPA's enable_gqa
+    ("learned", 2, "expand", "fused_split"),  # one qkv Linear split into q, k, v: three pieces of one unit
+    ("rotary", 4, "sdpa_gqa", "fused_split"),
 ])
 def test_one_head_and_multi_query_attention_widen_along_the_heads_axis(positions: str, heads: int,
-                                                                      kv_repeat: str) -> None:
+                                                                      kv_repeat: str, qkv: str) -> None:
     """A size-1 heads axis (one head, or one key/value head) holds the teachers' heads in the big
     student; head_dim keeps its size, so each teacher keeps its softmax scale. These pinned or
     failed the certificate before: widen grew head_dim instead."""
-    spec, n = _one_kv_head(positions, heads, kv_repeat), 2
+    spec, n = _one_kv_head(positions, heads, kv_repeat, qkv), 2
     teacher = build(spec).double()
     inputs = tuple(x.double() for x in example_inputs(spec))
     groups = graphmerge.analyze(teacher, inputs)
     assert not groups.internal_pinned, [g.reason for g in groups.internal_pinned]
     # every query head shares the one key/value head: q, k and v are one unit of the group
-    attention = [g for g in groups.groups if "blocks.0.attn.k" in g.members]
-    assert len(attention) == 1 and {"blocks.0.attn.q", "blocks.0.attn.v"} <= set(attention[0].members)
+    separate = {"blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v"}
+    projections = separate if qkv == "separate" else {"blocks.0.attn.qkv"}
+    attention = [g for g in groups.groups if projections <= set(g.members)]
+    assert len(attention) == 1 and attention[0].width == 1
     teachers = [t.double() for t in make_teachers(lambda: build(spec), n, 5)]
     big = graphmerge.widen(teachers, inputs, groups=groups)
     weights = dict(big.named_parameters())
-    assert weights["blocks.0.attn.q.weight"].shape[0] == n * heads * spec.head_dim
-    assert weights["blocks.0.attn.k.weight"].shape[0] == n * spec.head_dim
+    if qkv == "separate":
+        assert weights["blocks.0.attn.q.weight"].shape[0] == n * heads * spec.head_dim
+        assert weights["blocks.0.attn.k.weight"].shape[0] == n * spec.head_dim
+    else:  # q, k and v pieces, each teacher-major: [q_0 q_1 | k_0 k_1 | v_0 v_1]
+        d, qkv_weight = spec.head_dim, weights["blocks.0.attn.qkv.weight"]
+        rows = [(t, offset, size) for offset, size in ((0, heads * d), (heads * d, d), (heads * d + d, d))
+                for t in range(n)]
+        start = 0
+        for t, offset, size in rows:
+            teacher_rows = teachers[t].blocks[0].attn.qkv.weight[offset:offset + size]
+            block = qkv_weight[start:start + size, t * spec.d_model:(t + 1) * spec.d_model]
+            assert torch.equal(block, teacher_rows), (t, offset)
+            start += size
     check_transformer(spec, n, 5)
