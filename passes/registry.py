@@ -1404,6 +1404,9 @@ def matmul(prop: Propagation, node: torch.fx.Node) -> Any:
     if not isinstance(a, TensorLabels) or not isinstance(b, TensorLabels) or shape is None \
             or a.ndim < 2 or b.ndim < 2:
         return pin_all(prop, node, f"{describe(node)}: matmul of vectors or unlabelled values")
+    weight = _matrix_weight(node.args[1]) if b.ndim == 2 else None
+    if weight is not None:  # x @ W (W stored in x out) or x @ W.T (stored out x in, Falcon's Linear)
+        return _matrix_product(prop, node, a, weight[0], None, weight_out=weight[1])
     n = len(shape)
     a, b = _align(a, shape[:-2] + a.shape[-2:]), _align(b, shape[:-2] + b.shape[-2:])
     a, b = _collapse_heads(prop, node, a), _collapse_heads(prop, node, b)
@@ -1424,6 +1427,24 @@ def matmul(prop: Propagation, node: torch.fx.Node) -> Any:
                 prop.pin(x.dim(d), f"{describe(node)}: a single channel broadcast across a dim")
         dims.append(candidates[0] if candidates else np.full(shape[d], NOT_A_CHANNEL, np.int64))
     return TensorLabels.from_dims(shape, [*dims, a.dim(n - 2), b.dim(n - 1)])
+
+
+def _matrix_weight(value: Any) -> tuple[torch.fx.Node, int] | None:
+    """A 2-D parameter read as the right operand of a matmul, and which of its dims is the output:
+    (W, 1) for ``x @ W``, (W, 0) for ``x @ W.T`` (``t``, ``transpose(0, 1)``, ``permute(1, 0)``)."""
+    if not isinstance(value, torch.fx.Node):
+        return None
+    if param_name(value) is not None:
+        return value, 1
+    packet = getattr(value.target, "overloadpacket", None)
+    swapped = packet in (aten.t, aten.numpy_T) \
+        or (packet is aten.transpose and sorted(a % 2 for a in value.args[1:3]) == [0, 1]) \
+        or (packet is aten.permute and [d % 2 for d in value.args[1]] == [1, 0])
+    source = value.args[0] if value.args else None
+    if swapped and param_name(source) is not None and node_shape(source) is not None \
+            and len(node_shape(source)) == 2:
+        return source, 0
+    return None
 
 
 def _collapse_block(prop: Propagation, node: torch.fx.Node, x: TensorLabels, head_dim: int,
@@ -1503,6 +1524,17 @@ def einsum(prop: Propagation, node: torch.fx.Node) -> Any:
 
 
 # -- the table -------------------------------------------------------------------------------------
+
+class MatmulRule(OpRule):
+    """matmul/mm/bmm: a product of two activations (attention: non-linear in the network's values),
+    or, with a parameter as its right operand, a layer (linear, like ``aten.linear``)."""
+
+    def couple(self, prop: Propagation, node: torch.fx.Node) -> Any:
+        return matmul(prop, node)
+
+    def is_linear(self, prop: Propagation, node: torch.fx.Node) -> bool:
+        return len(node.args) > 1 and _matrix_weight(node.args[1]) is not None
+
 
 def _rule(couple: Callable, rewrite: Callable | None = None, linear: bool = False) -> FunctionRule:
     return FunctionRule(couple, rewrite, linear=linear)
@@ -1593,7 +1625,7 @@ def _register_all() -> None:
     register_rule(aten.scaled_dot_product_attention, _rule(attention))
     register_rule(aten.einsum, _rule(einsum))
     for name in ("matmul", "bmm", "mm"):
-        register_rule(getattr(aten, name), _rule(matmul))
+        register_rule(getattr(aten, name), MatmulRule())
     for name in ("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
                  "empty_like", "rand_like", "randn_like", "randint_like", "scalar_tensor", "arange"):
         if hasattr(aten, name):

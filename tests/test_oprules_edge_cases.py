@@ -52,6 +52,34 @@ def test_functional_linear_with_module_parameters_widens_exactly():
     assert sum(1 for n in gated.graph_module.graph.nodes if getattr(n.target, "__name__", "") == "apply_gate") == 1
 
 
+class MatmulWithParameters(nn.Module):
+    """``x @ W.T`` with W stored (out, in), as Falcon's Linear writes it, then ``x @ W`` stored (in, out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 4))
+        self.w2 = nn.Parameter(torch.randn(6, 5))
+        self.w3 = nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w1.T)
+        return torch.relu(h @ self.w2) @ self.w3
+
+
+def test_a_matmul_with_a_parameter_is_a_layer():
+    """Before: "matmul contracts a channel dim" pinned the hidden widths inside the network."""
+    x = torch.randn(2, 7, 4)
+    groups = graphmerge.analyze(MatmulWithParameters(), (x,))
+    assert not groups.internal_pinned, [g.reason for g in groups.internal_pinned]
+    assert sorted(g.width for g in groups.widened) == [5, 6]  # w1's 6 outputs, w2's 5 outputs
+    _assert_i1(MatmulWithParameters, x)
+    teachers = _teachers(MatmulWithParameters)
+    student = graphmerge.compress(graphmerge.widen(teachers, (x,)), "teacher:1")
+    state = student.state_dict()
+    assert torch.equal(state["w1"], teachers[1].w1) and torch.equal(state["w2"], teachers[1].w2)
+    assert torch.equal(state["w3"], teachers[1].w3 / 2)  # the output layer averages the teachers (I2)
+
+
 class PaddedChannels(nn.Module):
     def __init__(self):
         super().__init__()
