@@ -61,10 +61,11 @@ def check_transformer(spec, n: int, seed: int) -> None:
     check_i4(graphmerge.compress(big, f"teacher:{n - 1}"), teachers[0], inputs)
 
 
-# Known gaps (found by this test, hypothesis seed 1; reported in the transformers issue): some random
-# specs still pin at SDPA ("q, k or v is not laid out as heads x head_dim"), one gives a big student
-# whose attention is not the teachers' mean (refused by the certificate, not returned), and one
-# recovers q/k/v weights in another head order (I2 not bitwise). Run with `make test-gaps`.
+# Known gaps (reported in the transformers issue): explicit attention (q @ k^T, softmax, @ v) with one
+# key/value head repeated by expand or repeat_interleave still pins ("matmul contracts a channel
+# dim", "reshape merges two channel dims") or is refused by the certificate; repeat_interleave has no
+# rule. One head and multi-query attention through SDPA merge exactly (the test below this one).
+# Run with `make test-gaps`.
 @pytest.mark.known_gaps
 @settings(deadline=None, max_examples=25)
 @given(spec=specs(), n=st.sampled_from([2, 2, 3]), seed=st.integers(0, 2**16))
