@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gaps test-full lint bench-zoo clean-venv fuzz
+.PHONY: demo test test-full lint bench-zoo clean-venv fuzz
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not known_gaps"
-
-# Strict tests of capabilities that still fail on some inputs (README, "Known gaps").
-test-gaps: $(STAMP)
-	$(BIN)/python -m pytest -q -m known_gaps
 
 test-full: $(STAMP)
 	GRAPHMERGE_FULL_ZOO=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not known_gaps" --hypothesis-profile=thorough
@@ -38,6 +34,7 @@ clean-venv:
 # Random architectures with fresh seeds and many examples: run before finishing a change to a pass.
 FUZZ_EXAMPLES ?= 10000
 fuzz: $(STAMP)
-	GRAPHMERGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_invariants.py -k random_architectures \
+	GRAPHMERGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_invariants.py tests/test_random_transformers.py \
+		-k "random_architectures or random_transformers" \
 		--hypothesis-profile=fuzz --hypothesis-seed=$${SEED:-$$(date +%s)} --hypothesis-show-statistics \
 		-o addopts="" -s

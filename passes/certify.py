@@ -265,7 +265,36 @@ def in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     floats = [t for t in module.state_dict().values() if t.is_floating_point()]
     if all(t.dtype == dtype for t in floats):
         return module
-    return detached_copy(module).to(dtype)
+    duplicate = detached_copy(module).to(dtype)
+    for graph_module in (duplicate, getattr(duplicate, "graph_module", None)):
+        if isinstance(graph_module, torch.fx.GraphModule) and floats:
+            retarget_dtype_literals(graph_module, floats[0].dtype, dtype)
+    return duplicate
+
+
+def retarget_dtype_literals(gm: torch.fx.GraphModule, old: torch.dtype, new: torch.dtype) -> None:
+    """Replace the dtype ``old`` with ``new`` in the literal arguments of ``gm``'s nodes.
+
+    torch.export records a dtype the model computed at trace time as a constant: EdgeNeXt's
+    ``pos.to(self.token_projection.weight.dtype)`` becomes ``aten.to(pos, torch.float32)``, so a
+    float64 copy of the captured graph would mix dtypes and fail. The model meant "the weights'
+    dtype", so a copy in another dtype follows it.
+    """
+    changed = False
+
+    def swap(value: Any) -> Any:
+        nonlocal changed
+        if value is old:
+            changed = True
+            return new
+        return value
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = pytree.tree_map(swap, node.args)
+            node.kwargs = pytree.tree_map(swap, node.kwargs)
+    if changed:
+        gm.recompile()
 
 
 def detached_copy(module: nn.Module) -> nn.Module:

@@ -262,7 +262,7 @@ def couple(gm: torch.fx.GraphModule, *, leaf_modules: tuple[str, ...] = ()) -> G
 
     start = time.perf_counter()
     hinted: frozenset[int] = frozenset()
-    for _ in range(3):
+    for _ in range(4):  # hints found in one run can expose more (attn @ v after q @ k^T)
         prop = Propagation(gm)
         prop.hinted = hinted
         for node in gm.graph.nodes:
@@ -443,7 +443,9 @@ def _node_layout(value: TensorLabels, component: np.ndarray, group_of: np.ndarra
         if len(varying) > 1:
             continue  # a true permutation (channel shuffle): widen gathers it as a whole
         if not varying and (gid >= 0).any():
-            varying = [0]  # one head (or one repeated): its channel lives on the heads axis
+            # one head (or one repeated): its channel lives on the heads axis, the first of size 1
+            # ((1, head_dim); (3, 1, head_dim) of a fused qkv), else the first ((rep, head_dim))
+            varying = [next((axis for axis, size in enumerate(key.shape) if size == 1), 0)]
         for axis, d in enumerate(dims):
             if axis in varying:
                 index = tuple(slice(None) if a == axis else 0 for a in range(key.ndim))

@@ -462,6 +462,10 @@ def broadcast(prop: Propagation, node: Any, inputs: list[TensorLabels]) -> Tenso
                 candidates.append(ids)
             elif x.shape[d] == 1 and size > 1:
                 prop.pin(ids, f"{describe(node)}: a single channel broadcast across a dim of size {size}")
+        if size == 1 and any((c >= 0).any() for c in candidates):
+            # a size-1 dim without a channel (a (T, T) mask against one head's scores) broadcasts
+            # over the teachers' copies of the other operand's channel
+            candidates = [c for c in candidates if (c >= 0).any()]
         if not candidates:
             out_blocks.append(((d,), np.full(size, NOT_A_CHANNEL, np.int64)))
             continue
@@ -477,7 +481,11 @@ def broadcast(prop: Propagation, node: Any, inputs: list[TensorLabels]) -> Tenso
 def _hint_heads_axis(prop: Propagation, aligned: list[TensorLabels], d: int) -> None:
     """Channels on ``d`` meet a table over ``d`` (rotary cos/sin over head_dim): they cannot widen
     along ``d``, but a size-1 dim in front of it (one head) can hold the teachers' copies, and the
-    table then broadcasts over it. Ask for another analysis run with that heads axis."""
+    table then broadcasts over it. Ask for another analysis run with that heads axis. Only for the
+    last dim (head_dim): a sequence axis that carries channels (after token mixing) meets the same
+    table without being a head's."""
+    if d != len(aligned[0].shape) - 1:
+        return
     for x in aligned:
         ids = x.dim(d)
         if ids is not None and (ids >= 0).any() and any(
@@ -527,11 +535,24 @@ def reshape(prop: Propagation, node: torch.fx.Node) -> Any:
                     prop.pin(ids, f"{describe(node)}: reshape merges two channel dims")
             joint = np.where(clash, NOT_A_CHANNEL, joint)
         joint = joint.reshape([shape[d] for d in out_dims]) if out_dims else joint
+        hinted = _hinted(prop, joint)
+        if hinted and len(in_dims) == 1 and len(out_dims) > 2 and joint.shape[0] > 1:
+            _cut_leading_axis(prop, node, joint)
         if out_dims:
-            blocks.extend(factor_block(tuple(out_dims), joint, keep=_hinted(prop, joint)))
+            blocks.extend(factor_block(tuple(out_dims), joint, keep=hinted))
         elif (joint >= 0).any():
             prop.pin(joint, f"{describe(node)}: reshape drops a channel dim")
     return TensorLabels(shape, blocks)
+
+
+def _cut_leading_axis(prop: Propagation, node: torch.fx.Node, joint: np.ndarray) -> None:
+    """A channel dim reshaped to (pieces, heads, head_dim), a fused qkv as (3, H, D): each piece is
+    a run of its own, as if split, so a one-head unit repeated over q, k and v is three pieces of
+    the projection's output (teacher-major each), not one."""
+    for piece in joint:
+        prop.run(piece.ravel())
+    if isinstance(node.args[0], torch.fx.Node):
+        prop.cut_nodes.add(node.args[0].name)
 
 
 def _hinted(prop: Propagation, ids: np.ndarray) -> bool:
@@ -731,6 +752,37 @@ def expand(prop: Propagation, node: torch.fx.Node) -> Any:
     return TensorLabels(shape, blocks)
 
 
+def repeat_interleave(prop: Propagation, node: torch.fx.Node) -> Any:
+    """``x.repeat_interleave(r, dim)``: position ``i`` of ``dim`` reads position ``i // r``.
+
+    Repeating every position in place commutes with laying teachers side by side (teacher-major
+    blocks stay blocks), so the big student runs the same call: k/v heads repeated for their query
+    heads (grouped-query attention) need no rewrite. Without ``dim`` (the flattened input) or with
+    a tensor of counts per position it pins.
+    """
+    x, shape, args = _shaped_input(prop, node)
+    if x is None or shape is None:
+        return unlabelled(node)
+    repeats, dim = args.get("repeats"), args.get("dim")
+    if not isinstance(repeats, int):
+        return pin_all(prop, node, f"{describe(node)}: repeats given per position (a tensor of counts)")
+    if dim is None:
+        return pin_all(prop, node, f"{describe(node)}: repeat_interleave without dim (of the flattened input)")
+    dim %= x.ndim
+    blocks = []
+    for dims, ids in x.blocks:
+        if dim in dims:
+            ids = np.repeat(ids, repeats, axis=dims.index(dim))
+        blocks.append((dims, ids))
+    return TensorLabels(tuple(shape), blocks)
+
+
+def rewrite_repeat_interleave(node: torch.fx.Node, sizes: SizeContext) -> None:
+    """``output_size`` is only a hint of the result's size; the big student's is larger."""
+    if op_args(node).get("output_size") is not None:
+        set_arg(node, "output_size", None)
+
+
 def cat(prop: Propagation, node: torch.fx.Node) -> Any:
     args = op_args(node)
     tensors = [labels_of(prop, t) for t in args["tensors"]]
@@ -824,7 +876,7 @@ def _drop_dim(prop: Propagation, node: torch.fx.Node, x: TensorLabels, dim: int,
                 pin_mixing(prop, piece, f"{describe(node)}: an integer index into a channel dim")
         else:
             kept = np.take(piece, 0, axis=bdims.index(dim))
-            blocks.extend(factor_block(renumber, kept))
+            blocks.extend(factor_block(renumber, kept, keep=_hinted(prop, kept)))
     return TensorLabels(shape, blocks)
 
 
@@ -1409,6 +1461,8 @@ def matmul(prop: Propagation, node: torch.fx.Node) -> Any:
         return _matrix_product(prop, node, a, weight[0], None, weight_out=weight[1])
     n = len(shape)
     a, b = _align(a, shape[:-2] + a.shape[-2:]), _align(b, shape[:-2] + b.shape[-2:])
+    _hint_one_head(prop, a, b, contracted=n - 1)
+    _hint_one_head(prop, b, a, contracted=n - 2)
     a, b = _collapse_heads(prop, node, a), _collapse_heads(prop, node, b)
     if a is None or b is None:
         return pin_all(prop, node, f"{describe(node)}: matmul over a reshaped channel block")
@@ -1427,6 +1481,39 @@ def matmul(prop: Propagation, node: torch.fx.Node) -> Any:
                 prop.pin(x.dim(d), f"{describe(node)}: a single channel broadcast across a dim")
         dims.append(candidates[0] if candidates else np.full(shape[d], NOT_A_CHANNEL, np.int64))
     return TensorLabels.from_dims(shape, [*dims, a.dim(n - 2), b.dim(n - 1)])
+
+
+def _hint_one_head(prop: Propagation, x: TensorLabels, other: TensorLabels, contracted: int) -> None:
+    """Attention with one head, or one key/value head repeated, written out. ``x`` has no channel
+    on a heads axis ``d`` (a size-1 axis, or one broadcast from it) but a head's head_dim on a
+    matrix dim: run the analysis again with that heads axis kept (as ``head_reps`` does for SDPA),
+    so that the head becomes one channel on it.
+
+    * q @ k^T, one key head repeated: ``other`` (q) carries heads x head_dim jointly over ``d`` and
+      its contracted dim; ``x``'s head_dim is its contracted dim.
+    * attn @ v: ``other`` (attn) carries head channels on ``d`` alone; ``x``'s head_dim is its
+      free matrix dim.
+    * q @ k^T with one head: neither side has channels on a size-1 ``d``; both contract head_dim.
+    """
+    n = x.ndim
+    # a @ b contracts a's last dim with b's second last: x's free matrix dim has the index of the
+    # other operand's contracted one
+    free = 2 * n - 3 - contracted
+
+    def channels(ids: np.ndarray | None) -> np.ndarray:
+        return np.zeros(0, np.int64) if ids is None else ids[ids >= 0]
+
+    for d in range(n - 2):
+        if x.dim(d) is None or channels(x.dim(d)).size or other.shape[d] != x.shape[d]:
+            continue
+        other_dims, other_ids = other.block_of(d)
+        if (other_ids >= 0).any():
+            head_dim = contracted if tuple(sorted(other_dims)) == (d, free) else free
+        elif x.shape[d] == 1 and other.dim(free) is not None and channels(other.dim(free)).size:
+            head_dim = contracted
+        else:
+            continue
+        prop.head_hints.update(channels(x.dim(head_dim)).tolist())
 
 
 def _matrix_weight(value: Any) -> tuple[torch.fx.Node, int] | None:
@@ -1582,6 +1669,7 @@ def _register_all() -> None:
         register_rule(getattr(aten, name), _rule(reshape, linear=True))
     register_rule(aten.expand, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
     register_rule(aten.expand_as, _rule(expand, linear=True))
+    register_rule(aten.repeat_interleave, _rule(repeat_interleave, rewrite_repeat_interleave, linear=True))
     for name in ("permute", "transpose", "t", "movedim", "swapaxes", "swapdims", "numpy_T"):
         register_rule(getattr(aten, name), _rule(permute, linear=True))
     register_rule(aten.cat, _rule(cat, linear=True))

@@ -294,15 +294,10 @@ def specs(draw, max_blocks: int = 3) -> FormerSpec:
 def unsupported_patterns(spec: FormerSpec) -> list[tuple[str, str]]:
     """Patterns the coupling analysis pins on purpose, as (description, text of the pin reason).
 
-    * k/v heads repeated with ``repeat_interleave``: the analysis has no rule for
-      ``aten.repeat_interleave`` and pins an unknown op (users add one with
-      ``graphmerge.register_rule``); ``expand`` + ``reshape`` and SDPA ``enable_gqa`` are the
-      supported spellings of grouped-query attention.
+    None today: ``repeat_interleave``, ``expand`` + ``reshape`` and SDPA ``enable_gqa`` all widen
+    grouped-query attention along the heads axis.
     """
-    found = []
-    if spec.kv_heads < spec.heads and spec.kv_repeat == "repeat_interleave":
-        found.append(("k/v heads repeated with repeat_interleave", "unknown op aten.repeat_interleave"))
-    return found
+    return []
 
 
 def architectures(max_blocks: int = 3) -> st.SearchStrategy[RandomTransformer]:
