@@ -987,6 +987,12 @@ def index_tensor(prop: Propagation, node: torch.fx.Node) -> Any:
     indices = args["indices"]
     indexed = [d for d, i in enumerate(indices) if i is not None]
     table = param_name(node.args[0]) is not None
+    if len(indexed) == 1 and not table:
+        constant = _constant_index(prop, indices[indexed[0]])
+        if constant is not None and constant.ndim == 1:
+            taken = _take_in_block(prop, node, x, indexed[0], constant, shape)
+            if taken is not None:
+                return taken
     for d in indexed:
         dims, ids = x.block_of(d)
         if not (ids >= 0).any():
@@ -1004,6 +1010,39 @@ def index_tensor(prop: Propagation, node: torch.fx.Node) -> Any:
         return pin_all(prop, node, f"{describe(node)}: tensor index beside a reshaped channel block")
     middle = [np.full(s, NOT_A_CHANNEL, np.int64) for s in shape[first:first + index_rank]]
     return TensorLabels.from_dims(shape, kept[:first] + middle + kept[first:])
+
+
+def _constant_index(prop: Propagation, value: Any) -> np.ndarray | None:
+    """The values of an index the model wrote as a literal (``x[..., [-2]]``: a lifted constant read
+    through ``lift_fresh_copy``/``detach``), else None."""
+    while isinstance(value, torch.fx.Node) and value.op == "call_function" and value.args \
+            and getattr(value.target, "overloadpacket", None) in (aten.lift_fresh_copy, aten.detach, aten.detach_,
+                                                                 aten.clone, aten.alias):
+        value = value.args[0]
+    if not isinstance(value, torch.fx.Node) or value.op != "get_attr":
+        return None
+    name = str(value.target)
+    if not name.rpartition(".")[2].startswith("lifted_tensor"):
+        return None
+    tensor = prop.gm.get_buffer(name) if name in dict(prop.gm.named_buffers()) else None
+    if tensor is None or tensor.is_floating_point() or tensor.dtype == torch.bool:
+        return None
+    return tensor.detach().cpu().numpy().astype(np.int64)
+
+
+def _take_in_block(prop: Propagation, node: torch.fx.Node, x: TensorLabels, dim: int, index: np.ndarray,
+                   shape: tuple[int, ...]) -> TensorLabels | None:
+    """``x`` indexed on ``dim`` by literal positions inside a joint block (Falcon's fused qkv viewed
+    as (kv groups, q heads per group + 2, head_dim), read as ``qkv[:, :, :, [-2]]``): the block keeps
+    the positions taken. None (the caller pins) where ``dim`` is a channel dim of its own, whose
+    positions would move in the big student; the certificate checks that the axis stays unwidened."""
+    dims, ids = x.block_of(dim)
+    if len(dims) == 1 or len(shape) != x.ndim or shape[dim] != index.size:
+        return None
+    taken = np.take(ids, index, axis=dims.index(dim))
+    blocks = [(d, a) for d, a in x.blocks if d != dims]
+    blocks.extend(factor_block(dims, taken, keep=_hinted(prop, taken)))
+    return TensorLabels(tuple(shape), blocks)
 
 
 def getitem(prop: Propagation, node: torch.fx.Node) -> Any:
@@ -1669,6 +1708,7 @@ def _register_all() -> None:
         register_rule(getattr(aten, name), _rule(reshape, linear=True))
     register_rule(aten.expand, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
     register_rule(aten.expand_as, _rule(expand, linear=True))
+    register_rule(aten.broadcast_to, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
     register_rule(aten.repeat_interleave, _rule(repeat_interleave, rewrite_repeat_interleave, linear=True))
     for name in ("permute", "transpose", "t", "movedim", "swapaxes", "swapdims", "numpy_T"):
         register_rule(getattr(aten, name), _rule(permute, linear=True))

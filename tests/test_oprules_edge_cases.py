@@ -259,3 +259,52 @@ def test_attention_widens_exactly_and_selects_whole_heads():
         expected = gated(x)
         assert torch.allclose(student(x), expected, atol=1e-5 * max(1.0, expected.abs().max().item()))
     assert student.state_dict()["attention.in_proj_weight"].shape == (24, 8)
+
+
+class GroupedQkvByIndex(nn.Module):
+    """Falcon's spelling of grouped-query attention: a fused qkv viewed as (kv groups, query heads
+    per group + 2, head_dim); the key and value heads read with a literal list index, then
+    broadcast_to the query heads."""
+
+    def __init__(self, groups: int = 2, per_group: int = 2, head_dim: int = 4, width: int = 8):
+        super().__init__()
+        self.groups, self.per_group, self.head_dim = groups, per_group, head_dim
+        self.qkv = nn.Linear(width, groups * (per_group + 2) * head_dim)
+        self.out = nn.Linear(groups * per_group * head_dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.groups, self.per_group + 2, self.head_dim)
+        q, k, v = qkv[:, :, :, :-2], qkv[:, :, :, [-2]], qkv[:, :, :, [-1]]
+        k, v = torch.broadcast_to(k, q.shape), torch.broadcast_to(v, q.shape)
+        q, k, v = (y.flatten(2, 3).transpose(1, 2) for y in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_literal_list_index_inside_a_heads_block_keeps_whole_kv_groups():
+    """Each kv group (its query heads, key and value) is one unit: the group of qkv's outputs has
+    width 2 (hand count: two kv groups), and the big student, which indexes the same role axis,
+    computes the teachers' mean."""
+    x = torch.randn(2, 5, 8)
+    groups = graphmerge.analyze(GroupedQkvByIndex(), (x,))
+    assert not groups.internal_pinned, [g.reason for g in groups.internal_pinned]
+    heads = [g for g in groups.groups if "qkv" in g.members]
+    assert len(heads) == 1 and heads[0].width == 2
+    _assert_i1(GroupedQkvByIndex, x)
+
+
+class IndexedChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x)[:, [4, 1]])
+
+
+def test_a_literal_list_index_into_a_channel_dim_pins():
+    """Channels picked by a list index would move in the big student: pinned, with the reason."""
+    groups = graphmerge.analyze(IndexedChannels(), (torch.randn(3, 4),))
+    reasons = [g.reason for g in groups.internal_pinned]
+    assert reasons and all("tensor index into a channel dim" in r for r in reasons), reasons

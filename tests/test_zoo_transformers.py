@@ -34,12 +34,12 @@ timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
 HF_MODELS = ["BertForSequenceClassification", "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM",
-             "ViTForImageClassification"]
+             "ViTForImageClassification", "FalconForCausalLM"]
 TIMM_MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "convnext_atto", "ghostnet_100",
                "poolformer_s12", "swin_tiny_patch4_window7_224", "coatnet_nano_rw_224", "mobilevit_xxs",
                "mixer_s16_224", "resmlp_12_224", "levit_128s", "efficientformer_l1", "edgenext_xx_small"]
 TIMM_REPRESENTATIVE = ["vit_tiny_patch16_224", "convnext_atto", "ghostnet_100", "edgenext_xx_small"]
-HF_REPRESENTATIVE = ["BertForSequenceClassification", "GPT2LMHeadModel", "LlamaForCausalLM"]
+HF_REPRESENTATIVE = ["BertForSequenceClassification", "GPT2LMHeadModel", "LlamaForCausalLM", "FalconForCausalLM"]
 
 
 def _perturbed(model: nn.Module, seed: int) -> nn.Module:
