@@ -218,8 +218,9 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
                       f"({info.groups.layout.across_norm[normalised[0]]}) and the kept channels mix teachers")
     stacked = mixes_per_teacher_layers(info, kept)
     if stacked:
-        return None, (f"{stacked[0]} belongs to a token-mixing layer that the big student applies per teacher; "
-                      "the kept channels mix teachers and the student has one such weight for all of them")
+        return None, (f"{stacked[0]} is applied per teacher in the big student (a token-mixing layer's weight, or "
+                      "a parameter without channels such as a learned scalar); the kept channels mix teachers "
+                      "and the student has one such tensor for all of them")
     reference = detached_copy(big) if gated else add_gates(big)
     reference.graph_module.meta["graphmerge"] = info
     log_alpha = reference.gates.log_alpha

@@ -81,6 +81,11 @@ class Layout:
     # may carry channels, weight, bias). Where one of those dims is widened and the weight is not,
     # widen gives the layer one weight per teacher and applies each to its teacher's block.
     per_teacher: dict[str, tuple[tuple[int, ...], str, str | None]] = field(default_factory=dict)
+    # parameters with no channel dim broadcast against channels in an elementwise op (StarReLU's
+    # scale, a learnable affine scalar): (node name, argument position) -> (parameter, output dim
+    # of the channels). Where that dim is widened, widen stacks the teachers' values and gives
+    # each position its own teacher's.
+    per_teacher_operands: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
 
 
 class Propagation:
@@ -102,6 +107,7 @@ class Propagation:
         self.input_ranges: list[tuple[int, int]] = []
         self.blockwise: dict[str, int] = {}
         self.per_teacher: dict[str, tuple[tuple[int, ...], str, str | None]] = {}
+        self.per_teacher_operands: dict[tuple[str, int], tuple[str, int]] = {}
         self.not_channel: list[np.ndarray] = []
         self.fresh_param_dims: dict[str, list[np.ndarray | None]] = {}
         self.literal_nodes: set[str] = set()
@@ -354,6 +360,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
     layout.literal_nodes = set(prop.literal_nodes)
     layout.blockwise = dict(prop.blockwise)
     layout.per_teacher = dict(prop.per_teacher)
+    layout.per_teacher_operands = dict(prop.per_teacher_operands)
     _flag_nonlinear_heads(prop, groups, component, group_of)
     for group in groups:
         if group.width % group.unit:

@@ -405,7 +405,26 @@ def elementwise(prop: Propagation, node: torch.fx.Node) -> Any:
     inputs = tensor_args(prop, node)
     if not inputs or node_shape(node) is None:
         return unlabelled(node)
-    return broadcast(prop, node, inputs)
+    result = broadcast(prop, node, inputs)
+    _per_teacher_operands(prop, node, result)
+    return result
+
+
+def _per_teacher_operands(prop: Propagation, node: torch.fx.Node, result: TensorLabels) -> None:
+    """A parameter without channels broadcast against a channel dim (``scale * x`` with a learned
+    scalar ``scale``): it differs between teachers but has one value for all channels. Record it,
+    so that widen can give each teacher's block its own teacher's value."""
+    channel_dims = [d for d in range(result.ndim) if result.dim(d) is not None and (result.dim(d) >= 0).any()]
+    for position, arg in enumerate(node.args):
+        name = param_name(arg)
+        if name is None or name not in prop.params or len(channel_dims) != 1:
+            continue
+        labels = labels_of(prop, arg)
+        dim = channel_dims[0]
+        lead = result.ndim - labels.ndim
+        if (labels.all_ids() >= 0).any() or lead < 0 or (dim >= lead and labels.shape[dim - lead] != 1):
+            continue
+        prop.per_teacher_operands[(node.name, position)] = (name, dim)
 
 
 def broadcast(prop: Propagation, node: Any, inputs: list[TensorLabels]) -> TensorLabels:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
+from graphmerge.passes.capture import node_shape
 from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.groups import GroupSet
@@ -81,7 +82,10 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     traced_names = set(big.state_dict().keys())
     constants = groups.graph_module.state_dict()
     per_teacher = per_teacher_layers(big, groups, widened)
-    stacked = {param: dim_layout for _, _, dim_layout, params in per_teacher.values() for param in params}
+    stacked = {param: [dim_layout] for _, _, dim_layout, params in per_teacher.values() for param in params}
+    operands = per_teacher_operands(big, groups, widened)
+    for param, sites in operands.items():
+        stacked.setdefault(param, []).extend(dim_layout for *_, dim_layout in sites)
     built: dict[str, torch.Tensor] = {}
     for name, canonical in tied_names(groups).items():
         if canonical not in built:
@@ -97,6 +101,7 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
                 if isinstance(current, nn.Parameter) else new
         set_tensor(big, name, built[canonical])
     _rewrite_per_teacher(big, per_teacher, n, widths, widened)
+    _rewrite_per_teacher_operands(big, operands, n, widths, widened)
     _rewrite_literals(big, groups, n, widths, widened)
     _rewrite_permutations(big, groups, n, widths, widened)
     big.recompile()
@@ -108,8 +113,71 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     tied = big.meta.pop("graphmerge_tied_heads", [])
     big.meta["graphmerge"] = WidenInfo(
         groups, n, copy_structure(teachers[0]), untraced, counters, start, tied_heads=tied,
-        per_teacher={param: sorted(set(dim.group[dim.group >= 0].tolist())) for param, dim in stacked.items()})
+        per_teacher={param: sorted({g for dim in dims for g in dim.group[dim.group >= 0].tolist()})
+                     for param, dims in stacked.items()})
     return big
+
+
+Site = tuple[torch.fx.Node, int, int, DimLayout]
+
+
+def per_teacher_operands(gm: torch.fx.GraphModule, groups: GroupSet, widened: set[int]) -> dict[str, list[Site]]:
+    """Parameters without a channel dim broadcast against a widened one (``layout.per_teacher_operands``):
+    parameter -> its sites (node, argument position, the output's channel dim, that dim's layout).
+    Only parameters whose every read is such a site: any other read needs the teachers' one shape."""
+    layout = groups.layout
+    widened_list = list(widened)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    sites: dict[str, list[Site]] = {}
+    for (node_name, position), (param, dim) in layout.per_teacher_operands.items():
+        dims = layout.nodes.get(node_name)
+        if node_name in nodes and dims is not None and dims[dim] is not None \
+                and np.isin(dims[dim].group, widened_list).any():
+            sites.setdefault(param, []).append((nodes[node_name], position, dim, dims[dim]))
+    found = {}
+    for param, param_sites in sites.items():
+        covered = {(node.name, position) for node, position, *_ in param_sites}
+        reads = [(user.name, position) for read in gm.graph.nodes if read.op == "get_attr" and str(read.target) == param
+                 for user in read.users for position, arg in enumerate(user.args) if arg is read]
+        if all(read in covered for read in reads):
+            found[param] = param_sites
+    return found
+
+
+def _rewrite_per_teacher_operands(big: torch.fx.GraphModule, operands: dict[str, list[Site]], n: int,
+                                  widths: dict[int, int], widened: set[int]) -> None:
+    """Each site reads the stacked parameter through ``per_teacher_values``: teacher t's value at
+    teacher t's positions of the channel dim, the teachers' mean at shared positions."""
+    index = 0
+    for param in sorted(operands):
+        for node, position, dim, dim_layout in operands[param]:
+            size, maps = teacher_maps(dim_layout, n, widths, widened)
+            owner = np.full(size, n, np.int64)
+            for t in range(n):
+                owner[maps[t]] = t
+            for t in range(1, n):
+                owner[maps[t][maps[t] == maps[0]]] = n  # shared positions: every teacher writes the same one
+            buffer = f"graphmerge_teacher_of_position_{index}"
+            index += 1
+            big.register_buffer(buffer, torch.as_tensor(owner), persistent=False)
+            with big.graph.inserting_before(node):
+                owners = big.graph.get_attr(buffer)
+                values = big.graph.call_function(per_teacher_values, (node.args[position], owners, dim,
+                                                                      len(node_shape(node) or ())))
+            args = list(node.args)
+            args[position] = values
+            node.args = tuple(args)
+
+
+@torch.fx.wrap
+def per_teacher_values(stacked: torch.Tensor, owner: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """From ``stacked`` (N teachers' copies of a parameter without channels), a tensor that
+    broadcasts like the parameter but holds, along output dim ``dim``, the value of the teacher
+    that owns each position (``owner``; ``N`` is a shared position, which gets the mean)."""
+    rows = torch.cat([stacked, stacked.mean(0, keepdim=True)])
+    shape = (1,) * (ndim - (stacked.ndim - 1)) + tuple(stacked.shape[1:])
+    values = rows.reshape(rows.shape[0], *shape).index_select(0, owner)
+    return values.movedim(0, dim + 1).flatten(dim, dim + 1)
 
 
 def per_teacher_layers(gm: torch.fx.GraphModule, groups: GroupSet,

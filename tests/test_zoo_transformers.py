@@ -37,8 +37,9 @@ HF_MODELS = ["BertForSequenceClassification", "GPT2LMHeadModel", "LlamaForCausal
              "ViTForImageClassification", "FalconForCausalLM"]
 TIMM_MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "convnext_atto", "ghostnet_100",
                "poolformer_s12", "swin_tiny_patch4_window7_224", "coatnet_nano_rw_224", "mobilevit_xxs",
-               "mixer_s16_224", "resmlp_12_224", "levit_128s", "efficientformer_l1", "edgenext_xx_small"]
-TIMM_REPRESENTATIVE = ["vit_tiny_patch16_224", "convnext_atto", "ghostnet_100", "edgenext_xx_small"]
+               "mixer_s16_224", "resmlp_12_224", "levit_128s", "efficientformer_l1", "edgenext_xx_small",
+               "poolformerv2_s12", "convformer_s18", "caformer_s18", "hgnetv2_b0"]
+TIMM_REPRESENTATIVE = ["vit_tiny_patch16_224", "convnext_atto", "ghostnet_100", "edgenext_xx_small", "hgnetv2_b0"]
 HF_REPRESENTATIVE = ["BertForSequenceClassification", "GPT2LMHeadModel", "LlamaForCausalLM", "FalconForCausalLM"]
 
 
