@@ -157,6 +157,8 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
         if canonical in done:  # tied to a tensor already gathered: the student keeps the tie
             out[name] = done[canonical]
             continue
+        if canonical not in big_state:
+            continue  # a non-persistent constant (a blur filter): the student's class makes its own
         tensor = big_state[canonical]
         dims = layout.params.get(canonical)
         if dims is None or tensor.ndim == 0:

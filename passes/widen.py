@@ -80,7 +80,7 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     big = copy_structure(groups.graph_module)
     states = [t.state_dict() for t in teachers]
     traced_names = set(big.state_dict().keys())
-    constants = groups.graph_module.state_dict()
+    constants = groups.graph_module.state_dict() | dict(groups.graph_module.named_buffers())
     per_teacher = per_teacher_layers(big, groups, widened)
     stacked = {param: [dim_layout] for _, _, dim_layout, params in per_teacher.values() for param in params}
     operands = per_teacher_operands(big, groups, widened)
@@ -248,6 +248,9 @@ def tied_names(groups: GroupSet) -> dict[str, str]:
     one tensor (tied input and output embeddings) share the name the graph reads, so the big
     student and the student keep them tied."""
     state = groups.graph_module.state_dict(keep_vars=True)
+    # non-persistent buffers the analysis laid out (BlurPool's constant depthwise filter) widen too
+    state |= {name: buffer for name, buffer in groups.graph_module.named_buffers()
+              if name not in state and name in groups.layout.params}
     by_tensor: dict[int, list[str]] = {}
     for name, tensor in state.items():
         by_tensor.setdefault(id(tensor), []).append(name)
@@ -280,7 +283,7 @@ def teacher_graph(groups: GroupSet, teacher: nn.Module) -> torch.fx.GraphModule:
     """The analysed graph holding ``teacher``'s own tensors (same node names as the big student)."""
     graph = copy_structure(groups.graph_module)
     state = teacher.state_dict()
-    constants = groups.graph_module.state_dict()
+    constants = groups.graph_module.state_dict() | dict(groups.graph_module.named_buffers())
     for name in graph.state_dict():
         set_tensor(graph, name, _teacher_tensor(teacher, state, name, constants[name]))
     return graph

@@ -308,3 +308,32 @@ def test_a_literal_list_index_into_a_channel_dim_pins():
     groups = graphmerge.analyze(IndexedChannels(), (torch.randn(3, 4),))
     reasons = [g.reason for g in groups.internal_pinned]
     assert reasons and all("tensor index into a channel dim" in r for r in reasons), reasons
+
+
+class ConstantDepthwiseFilter(nn.Module):
+    """BlurPool's spelling: a depthwise conv whose weight is a non-persistent buffer (the same in
+    every teacher), one filter per channel."""
+
+    def __init__(self, channels: int = 5):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, channels, 1), nn.Conv2d(channels, 2, 1)
+        filters = torch.arange(channels * 9, dtype=torch.float32).reshape(channels, 1, 3, 3) / 50
+        self.register_buffer("filt", filters, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(torch.relu(self.conv1(x)), self.filt, stride=2, padding=1, groups=self.filt.shape[0])
+        return self.conv2(y).mean((2, 3))
+
+
+def test_a_constant_depthwise_filter_widens_with_its_channels():
+    """The filter buffer is laid out by the channels it filters: the big student holds it once per
+    teacher (each channel keeps its own filter) and computes the teachers' mean; the student is
+    the class again, with its own filter."""
+    x = torch.randn(2, 3, 8, 8)
+    _assert_i1(ConstantDepthwiseFilter, x)
+    teachers = _teachers(ConstantDepthwiseFilter)
+    big = graphmerge.widen(teachers, (x,))
+    assert torch.equal(big.get_buffer("filt"), torch.cat([teachers[0].filt] * 2))
+    student = graphmerge.compress(big, "teacher:1")
+    assert isinstance(student, ConstantDepthwiseFilter) and torch.equal(student.filt, teachers[1].filt)
+    assert torch.equal(student.conv1.weight, teachers[1].conv1.weight)
