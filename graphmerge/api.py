@@ -204,11 +204,15 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
         return None, (f"the output layer {info.tied_heads[0]} shares its weight with another layer (tied "
                       "embeddings): the big student averages with an explicit 1/N there, which the teachers' "
                       "class has no place for, so the student's outputs are N times the gated big student's")
+    averaged = [g for g in info.groups if g.averaged]
+    if averaged:
+        return None, (f"group {averaged[0].id} is a graph output after a non-linear op ({averaged[0].reason}); "
+                      "the student's last layer averages the teachers before that op, the big student after it")
     scores = big.gate_scores() if from_gates else keep
     counts = None
     if ratio is not None:
         counts = {g.id: max(1, round(ratio * info.n_teachers * g.width / g.unit)) * g.unit
-                  for g in info.groups.widened}
+                  for g in info.groups.gated}
     kept = select_channels(info, scores, counts=counts)
     mixed = [gid for gid, k in kept.items()
              if len(set((np.asarray(k) // info.widths[gid]).tolist())) > 1]

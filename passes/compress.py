@@ -19,7 +19,7 @@ import torch.fx
 from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.gate import GatedStudent, Keep, select_channels
-from graphmerge.passes.layout import pieces, student_map
+from graphmerge.passes.layout import LayoutError, pieces, student_map, teacher_maps
 from graphmerge.passes.util import getattr_path
 from graphmerge.passes.widen import WidenInfo, copy_structure, rewrite_aten_sizes, set_tensor, tied_names, widen_info
 from torch import nn
@@ -86,7 +86,7 @@ def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep
                               f"keep='{keep}' keeps exactly one teacher's width.")
     n = info.n_teachers
     counts = {}
-    for group in info.groups.widened:
+    for group in info.groups.gated:
         units = max(1, round(ratio * n * group.width / group.unit))
         counts[group.id] = units * group.unit
     kept = select_channels(info, keep, counts=counts)
@@ -151,6 +151,7 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
                   scales: dict[int, Any] | None) -> dict[str, torch.Tensor]:
     layout = info.groups.layout
     widths, widened, n = info.widths, info.widened, info.n_teachers
+    averaged = [g.id for g in info.groups if g.averaged]
     out: dict[str, torch.Tensor] = {}
     done: dict[str, torch.Tensor] = {}
     for name, canonical in tied_names(info.groups).items():
@@ -169,6 +170,9 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
         for d, dim in enumerate(dims):
             if dim is None:
                 continue
+            if averaged and np.isin(dim.group, averaged).any():
+                tensor = _mean_of_teacher_blocks(tensor, d, dim, info, averaged)
+                continue
             index = student_map(dim, n, widths, widened, kept)
             if len(index) != tensor.shape[d] or not np.array_equal(index, np.arange(len(index))):
                 tensor = tensor.index_select(d, torch.as_tensor(index))
@@ -177,6 +181,20 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
         # a copy where nothing was sliced: training the student must never change the big student
         out[name] = done[canonical] = tensor.clone() if tensor is big_state[canonical] else tensor.contiguous()
     return out
+
+
+def _mean_of_teacher_blocks(tensor: torch.Tensor, d: int, dim: DimLayout, info: WidenInfo,
+                            averaged: list[int]) -> torch.Tensor:
+    """An averaged output's dim (``Group.averaged``): the mean of the teachers' blocks, which is
+    what the big student computes at its output. The last layer's weight reads each teacher's own
+    inputs, so its rows averaged then restricted to one teacher's inputs are that teacher's / N."""
+    gated = [g.id for g in info.groups.gated]
+    if np.isin(dim.group, gated).any():
+        raise LayoutError(f"a dimension holds an averaged graph output beside gated channels (groups "
+                          f"{sorted(set(dim.group[np.isin(dim.group, averaged)].tolist()))}); it cannot be averaged")
+    _, maps = teacher_maps(dim, info.n_teachers, info.widths, info.widened)
+    blocks = [tensor.index_select(d, torch.as_tensor(m)) for m in maps]
+    return (torch.stack(blocks).double().mean(0)).to(tensor.dtype)
 
 
 def _one_of_stacked(stacked: torch.Tensor, info: WidenInfo, group_ids: list[int],

@@ -464,15 +464,24 @@ def _node_layout(value: TensorLabels, component: np.ndarray, group_of: np.ndarra
 
 def _flag_nonlinear_heads(prop: Propagation, groups: list[Group], component: np.ndarray,
                           group_of: np.ndarray) -> None:
-    """An output group that passes a non-linear op is averaged too early to give the teachers' mean.
+    """An output group that passes a non-linear op would be averaged too early by its last layer.
 
     The big student averages the teachers in the layer that writes a pinned output group; a ReLU
-    or max-pool after that layer (SqueezeNet's classifier) sees the average, not each teacher.
+    or max-pool after that layer (SqueezeNet's classifier) would see the average, not each teacher.
+    Where no layer reads the group (only parameter-free ops lie between it and the output), it is
+    laid out N-wide instead and averaged at the output (``Group.averaged``), so I1 holds; else it
+    stays pinned with the reason.
     """
     for node_name, ids in prop.nonlinear:
         for gid in _groups_of(ids, component, group_of):
             group = groups[gid]
-            if group.pinned and group.reason == "graph output":
+            if not (group.pinned and group.reason == "graph output"):
+                continue
+            if not group.consumers:
+                group.pinned, group.averaged = False, True
+                group.reason = (f"graph output after the non-linear op {node_name}: the big student keeps each "
+                                "teacher's block and averages them at the output")
+            else:
                 group.reason = (f"non-linear op {node_name} after the layer that averages the teachers into "
                                 "this graph output: the big student cannot compute the teachers' mean (I1)")
 

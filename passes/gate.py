@@ -376,7 +376,7 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
     groups = info.groups
     n = info.n_teachers
     widths, widened = info.widths, info.widened
-    sizes = {g.id: n * g.width for g in groups.widened}
+    sizes = {g.id: n * g.width for g in groups.gated}
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     gates = HardConcreteGates(sizes, beta=beta, gamma=gamma, zeta=zeta, init_mean=init_mean,
                               init_std=init_std, generator=generator)
@@ -458,7 +458,7 @@ def _site_index(in_dim, n: int, widths: dict[int, int], widened: set[int], gates
     index = np.full(size, gates.total, np.int64)
     for t in range(n):
         for p, (g, c) in enumerate(zip(in_dim.group.tolist(), in_dim.channel.tolist(), strict=True)):
-            if g in widened:
+            if g in gates.offsets:  # widened and gated (an averaged output has no gates)
                 index[maps[t][p]] = gates.offsets[g] + t * widths[g] + c
     return index
 
@@ -483,12 +483,12 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
         if not 0 <= teacher < n:
             raise GraphMergeError(f"keep='{keep}' names teacher {teacher}, but the big student has {n} "
                                   f"teachers (0..{n - 1}).")
-        for group in info.groups.widened:
+        for group in info.groups.gated:
             kept[group.id] = teacher * group.width + np.arange(group.width)
         return kept
     if not isinstance(keep, dict):
         raise GraphMergeError(f"keep must be 'gates', 'teacher:K' or a dict of per-group scores; got {keep!r}.")
-    for group in info.groups.widened:
+    for group in info.groups.gated:
         if group.id not in keep:
             raise GraphMergeError(f"no scores for widened group {group.id} (width {group.width}): give a "
                                   f"score for each of its {n * group.width} big channels.")

@@ -35,6 +35,10 @@ class Group:
     members: list[str] = field(default_factory=list)
     gate_sites: list[str] = field(default_factory=list)
     index_maps: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    # a graph output that passes a non-linear op after its last layer (SqueezeNet's ReLU after the
+    # classifier): laid out N-wide like a widened group, never gated, averaged at the graph output
+    # by the big student and over the teachers' blocks by compress
+    averaged: bool = False
 
     @property
     def widened(self) -> bool:
@@ -51,6 +55,7 @@ class Group:
             "consumers": list(self.consumers),
             "members": list(self.members),
             "gate_sites": list(self.gate_sites),
+            "averaged": self.averaged,
             "params": sorted(f"{name}:{dim}" for name, dim in self.index_maps),
         }
 
@@ -82,6 +87,11 @@ class GroupSet:
     @property
     def widened(self) -> list[Group]:
         return [g for g in self.groups if not g.pinned]
+
+    @property
+    def gated(self) -> list[Group]:
+        """The widened groups that gates choose channels of (all but averaged outputs)."""
+        return [g for g in self.groups if not g.pinned and not g.averaged]
 
     @property
     def pinned(self) -> list[Group]:

@@ -104,6 +104,7 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     _rewrite_per_teacher_operands(big, operands, n, widths, widened)
     _rewrite_literals(big, groups, n, widths, widened)
     _rewrite_permutations(big, groups, n, widths, widened)
+    _average_outputs(big, groups, n, widths, widened)
     big.recompile()
     # tensors the graph never reads (an aux classifier skipped in eval mode) come back per teacher
     unread = {name for name, canonical in tied_names(groups).items() if canonical not in _read_names(groups)}
@@ -116,6 +117,41 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
         per_teacher={param: sorted({g for dim in dims for g in dim.group[dim.group >= 0].tolist()})
                      for param, dims in stacked.items()})
     return big
+
+
+def _average_outputs(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths: dict[int, int],
+                     widened: set[int]) -> None:
+    """Graph outputs holding an averaged group (``Group.averaged``) leave the big student as the
+    mean of the teachers' blocks, taken after the non-linear ops that follow the last layer."""
+    averaged = [g.id for g in groups if g.averaged]
+    if not averaged:
+        return
+    output = next(node for node in big.graph.nodes if node.op == "output")
+    index = 0
+
+    def average(value: Any) -> Any:
+        nonlocal index
+        dims = groups.layout.nodes.get(value.name) if isinstance(value, torch.fx.Node) else None
+        if not dims:
+            return value
+        for d, dim in enumerate(dims):
+            if dim is not None and np.isin(dim.group, averaged).any():
+                _, maps = teacher_maps(dim, n, widths, widened)
+                buffer = f"graphmerge_output_blocks_{index}"
+                index += 1
+                big.register_buffer(buffer, torch.as_tensor(np.stack(maps)), persistent=False)
+                with big.graph.inserting_before(output):
+                    blocks = big.graph.get_attr(buffer)
+                    value = big.graph.call_function(mean_of_teacher_blocks, (value, blocks, d))
+        return value
+
+    output.args = torch.fx.node.map_aggregate(output.args, average)
+
+
+def mean_of_teacher_blocks(x: torch.Tensor, blocks: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean over teachers of ``x``'s positions ``blocks[t]`` along ``dim``."""
+    n, width = blocks.shape
+    return x.index_select(dim, blocks.reshape(-1)).unflatten(dim, (n, width)).mean(dim)
 
 
 Site = tuple[torch.fx.Node, int, int, DimLayout]

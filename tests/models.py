@@ -372,8 +372,9 @@ class NonlinearHeadNet(nn.Module):
     """SqueezeNet-style head: conv 8, then a 1x1 conv writing the class channels, ReLU, global
     average pool. The logits group passes a ReLU and a pool after the layer that writes it.
 
-    Groups: image pinned; conv 8; logits 5 (classifier out + bias) pinned. Widened [8], pinned 2.
-    (I1 needs the mean taken after the ReLU: relu(mean_t z_t) != mean_t relu(z_t).)
+    Groups: image pinned; conv 8; logits 5 (classifier out + bias), averaged at the output: laid
+    out per teacher and averaged after the ReLU and pool, since relu(mean_t z_t) != mean_t
+    relu(z_t). Widened [5 (averaged), 8], pinned 1.
     """
 
     def __init__(self) -> None:
@@ -422,7 +423,7 @@ CASES: dict[str, ModelCase] = {case.name: case for case in [
     ModelCase("uneven_split", UnevenSplitNet, images, (3, 4, 5, 6, 12), 2, "classifier"),
     ModelCase("channel_shuffle", ChannelShuffleNet, images, (8, 10), 2, "classifier"),
     ModelCase("grouped_conv", GroupedConvNet, images, (8, 10), 2, "classifier", units={8: 2}),
-    ModelCase("nonlinear_head", NonlinearHeadNet, images, (8,), 2, "classifier"),
+    ModelCase("nonlinear_head", NonlinearHeadNet, images, (NUM_CLASSES, 8), 1, "classifier"),
 ]}
 
 
