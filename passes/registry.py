@@ -771,6 +771,24 @@ def expand(prop: Propagation, node: torch.fx.Node) -> Any:
     return TensorLabels(shape, blocks)
 
 
+def expand_as(prop: Propagation, node: torch.fx.Node) -> Any:
+    """``a.expand_as(b)``: like ``expand``, but a size-1 dim without channels that grows takes
+    ``b``'s labels there, since the result has ``b``'s shape in the big student too (F.normalize's
+    ``norm.expand_as(x)`` after a per-teacher-block norm over x's channels)."""
+    result = expand(prop, node)
+    a, b = labels_of(prop, node.args[0]), labels_of(prop, node.args[1])
+    if not isinstance(result, TensorLabels) or not isinstance(a, TensorLabels) or not isinstance(b, TensorLabels) \
+            or b.shape != result.shape:
+        return result
+    a = _align(a, result.shape)
+    for d in range(result.ndim):
+        grown = a.shape[d] == 1 and result.shape[d] > 1
+        if grown and a.dim(d) is not None and not (a.dim(d) >= 0).any() and b.dim(d) is not None \
+                and result.dim(d) is not None:
+            result = result.with_dim(d, b.dim(d))
+    return result
+
+
 def repeat_interleave(prop: Propagation, node: torch.fx.Node) -> Any:
     """``x.repeat_interleave(r, dim)``: position ``i`` of ``dim`` reads position ``i // r``.
 
@@ -1110,7 +1128,8 @@ def reduction(prop: Propagation, node: torch.fx.Node) -> Any:
     return result
 
 
-BLOCKWISE = (aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp)
+BLOCKWISE = (aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp, aten.linalg_vector_norm,
+             aten.norm)
 
 
 def _reduced(x: TensorLabels, dims: set[int], keepdim: bool, shape: tuple[int, ...]) -> TensorLabels | None:
@@ -1726,7 +1745,7 @@ def _register_all() -> None:
     for name in ("flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"):
         register_rule(getattr(aten, name), _rule(reshape, linear=True))
     register_rule(aten.expand, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
-    register_rule(aten.expand_as, _rule(expand, linear=True))
+    register_rule(aten.expand_as, _rule(expand_as, linear=True))
     register_rule(aten.broadcast_to, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
     register_rule(aten.repeat_interleave, _rule(repeat_interleave, rewrite_repeat_interleave, linear=True))
     for name in ("permute", "transpose", "t", "movedim", "swapaxes", "swapdims", "numpy_T"):

@@ -337,3 +337,26 @@ def test_a_constant_depthwise_filter_widens_with_its_channels():
     student = graphmerge.compress(big, "teacher:1")
     assert isinstance(student, ConstantDepthwiseFilter) and torch.equal(student.filt, teachers[1].filt)
     assert torch.equal(student.conv1.weight, teachers[1].conv1.weight)
+
+
+class NormalizedFeatures(nn.Module):
+    """Features divided by their L2 norm over the channels (keepdim) inside the network: written
+    out, and as SwiftFormer writes it (``F.normalize``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h / torch.linalg.vector_norm(h, dim=-1, keepdim=True) + h / h.norm(dim=-1, keepdim=True)
+                        + F.normalize(h, dim=-1))  # F.normalize: norm.clamp_min(eps).expand_as(h)
+
+
+def test_an_l2_norm_over_widened_channels_runs_per_teacher_block():
+    """The norm of the big student's channels would mix both teachers' blocks; it runs on each."""
+    x = torch.randn(3, 4)
+    groups = graphmerge.analyze(NormalizedFeatures(), (x,))
+    assert not groups.internal_pinned, [g.reason for g in groups.internal_pinned]
+    assert sorted(g.width for g in groups.widened) == [6]
+    _assert_i1(NormalizedFeatures, x)
