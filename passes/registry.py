@@ -331,12 +331,19 @@ def _is_constant(prop: Propagation, name: str, value: torch.Tensor) -> bool:
         return True
     if name.startswith("lifted_tensor"):
         return True
+    return _non_persistent_buffer(prop, name) is not None
+
+
+def _non_persistent_buffer(prop: Propagation, name: str) -> torch.Tensor | None:
+    """The non-persistent buffer called ``name`` (built by the model's class, not loaded), else None."""
     owner, _, attr = name.rpartition(".")
     try:
         module = prop.gm.get_submodule(owner) if owner else prop.gm
     except AttributeError:
-        return False
-    return attr in module._buffers and attr in getattr(module, "_non_persistent_buffers_set", set())
+        return None
+    if attr not in getattr(module, "_non_persistent_buffers_set", set()):
+        return None
+    return module._buffers.get(attr)
 
 
 def tie_param(prop: Propagation, node: torch.fx.Node, value: Any, dims: list[np.ndarray | None], *,
@@ -405,9 +412,40 @@ def elementwise(prop: Propagation, node: torch.fx.Node) -> Any:
     inputs = tensor_args(prop, node)
     if not inputs or node_shape(node) is None:
         return unlabelled(node)
-    result = broadcast(prop, node, inputs)
+    constants = [arg for arg in node.args if _constant_buffer(prop, arg) is not None]
+    others = [labels for arg in node.args if arg not in constants
+              for labels in [labels_of(prop, arg)] if isinstance(labels, TensorLabels)]
+    result = broadcast(prop, node, others or inputs)
+    for arg in constants if others else []:
+        _adopt_channels(prop, arg, result)
     _per_teacher_operands(prop, node, result)
     return result
+
+
+def _constant_buffer(prop: Propagation, value: Any) -> str | None:
+    """The name of a non-persistent floating buffer read by ``value`` (a table the model builds at
+    init, the same in every teacher: ALiBi's per-head slopes, a per-channel constant), else None."""
+    name = param_name(value)
+    if name is None or name in prop.params:
+        return None
+    tensor = _non_persistent_buffer(prop, name)
+    return name if tensor is not None and tensor.is_floating_point() else None
+
+
+def _adopt_channels(prop: Propagation, value: torch.fx.Node, result: TensorLabels) -> None:
+    """A constant buffer broadcast against channels takes their labels on the dims it spans, so
+    widen lays it out like them (one copy per teacher); compress leaves it to the student's class."""
+    labels = labels_of(prop, value)
+    lead = result.ndim - labels.ndim
+    if lead < 0:
+        return
+    dims = []
+    for i, size in enumerate(labels.shape):
+        ids = result.dim(i + lead)
+        spans = ids is not None and size == result.shape[i + lead] and (ids >= 0).any()
+        dims.append(ids if spans else np.full(size, NOT_A_CHANNEL, np.int64))
+    if any((d >= 0).any() for d in dims):
+        prop.use_param(str(value.target), dims, out_dim=None)
 
 
 def _per_teacher_operands(prop: Propagation, node: torch.fx.Node, result: TensorLabels) -> None:
@@ -1509,7 +1547,11 @@ def attention(prop: Propagation, node: torch.fx.Node) -> Any:
     mask = labels_of(prop, args.get("attn_mask"))
     if isinstance(mask, TensorLabels) and mask.ndim >= 3 and mask.shape[-3] == len(rq):
         head_ids = mask.dim(mask.ndim - 3)
-        if head_ids is not None:
+        if _constant_buffer(prop, args.get("attn_mask")) is not None:  # a bias table built at init (ALiBi)
+            dims = [np.full(s, NOT_A_CHANNEL, np.int64) for s in mask.shape]
+            dims[mask.ndim - 3] = rq
+            prop.use_param(str(args["attn_mask"].target), dims, out_dim=None)
+        elif head_ids is not None:
             prop.unify(head_ids, rq, f"{describe(node)}: a per-head attention bias")
     out_block = v.joint((v.ndim - 3, v.ndim - 1))
     if out_block is None or (out_block < 0).all():

@@ -360,3 +360,40 @@ def test_an_l2_norm_over_widened_channels_runs_per_teacher_block():
     assert not groups.internal_pinned, [g.reason for g in groups.internal_pinned]
     assert sorted(g.width for g in groups.widened) == [6]
     _assert_i1(NormalizedFeatures, x)
+
+
+class AlibiAttention(nn.Module):
+    """ALiBi: a per-head linear distance bias, built at init as a non-persistent buffer, added to
+    the scores written out or passed to SDPA as its mask."""
+
+    def __init__(self, heads: int = 2, head_dim: int = 4, tokens: int = 5, sdpa: bool = False):
+        super().__init__()
+        self.heads, self.head_dim, self.sdpa = heads, head_dim, sdpa
+        self.qkv, self.out = nn.Linear(8, 3 * heads * head_dim), nn.Linear(heads * head_dim, 8)
+        slopes = torch.tensor([2.0 ** (-8 * (h + 1) / heads) for h in range(heads)])
+        distance = torch.arange(tokens)[None, :] - torch.arange(tokens)[:, None]
+        self.register_buffer("alibi", slopes[:, None, None] * distance.tril(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.alibi)
+        else:
+            y = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim ** 0.5 + self.alibi, dim=-1) @ v
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_an_alibi_bias_table_widens_with_the_heads(sdpa: bool):
+    """The bias buffer's heads axis holds each teacher's heads (one copy per teacher: the table is
+    the same in every teacher), so each head keeps its own slope."""
+    x = torch.randn(2, 5, 8)
+    groups = graphmerge.analyze(AlibiAttention(sdpa=sdpa), (x,))
+    assert not groups.internal_pinned, [g.reason for g in groups.internal_pinned]
+    _assert_i1(lambda: AlibiAttention(sdpa=sdpa), x)
+    teachers = _teachers(lambda: AlibiAttention(sdpa=sdpa))
+    big = graphmerge.widen(teachers, (x,))
+    assert torch.equal(big.get_buffer("alibi"), torch.cat([teachers[0].alibi] * 2))
+    student = graphmerge.compress(big, "teacher:0")
+    assert isinstance(student, AlibiAttention) and torch.equal(student.alibi, teachers[0].alibi)
