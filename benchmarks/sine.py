@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench = common.Benchmark(
         name="sine", task="regression", build=SineMLP, example_inputs=lambda: (torch.rand(16, 1),),
         data=load(quick), budget=budget, runs=args.runs or (2 if quick else 50), out=args.out, seed=args.seed,
-        mode=args.mode or "vmap", compare_budgets=args.compare_budgets)
+        mode=args.mode or "compile", compare_budgets=args.compare_budgets)
     result, gated = common.run_protocol(bench)
     plot_curves(result, args.out)
     plot_hidden_units(gated, args.out)
