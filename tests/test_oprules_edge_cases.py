@@ -206,9 +206,14 @@ class SquaredHead(nn.Module):
         return y * y
 
 
-def test_a_product_after_the_averaging_layer_is_reported():
-    groups = graphmerge.analyze(SquaredHead(), (torch.randn(2, 4),))
-    assert any(g.reason.startswith("non-linear op") for g in groups.internal_pinned)
+def test_a_product_after_the_last_layer_makes_an_averaged_output():
+    """No layer reads the output group, so it is laid out per teacher and averaged after the
+    product: I1 holds, and the analysis says why the group is averaged."""
+    x = torch.randn(2, 4)
+    groups = graphmerge.analyze(SquaredHead(), (x,))
+    assert not groups.internal_pinned
+    assert any(g.averaged and g.reason.startswith("graph output after the non-linear op") for g in groups)
+    _assert_i1(SquaredHead, x)
 
 
 class TinyAttention(nn.Module):
