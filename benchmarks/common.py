@@ -14,6 +14,7 @@ the three scripts only supply the model, the data and the budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -166,7 +167,11 @@ class Phase:
     aux: Callable[[int], float] | None = None  # epoch -> λ (gate phase only)
     seed: int = 0
     on_epoch_end: Callable[[int, Stack], None] | None = None
-    after_step: Callable[[float, Stack], None] | None = None  # (fraction of the phase done, stack), every step
+    # (the stacked params, the fraction of the phase done as a float64 tensor) after every update, in
+    # place; in mode "compile" traced into the step's graph (the gate phase's budget projection)
+    after_update: Callable[[dict, torch.Tensor], None] | None = None
+    noise: str | None = None  # a gated template's uniforms: "aten" (torch.rand) or "hash"; None: "hash" in
+    # mode "compile", else "aten" (see ``hashed_uniform``)
 
 
 MODES = ("vmap", "loop", "compile")
@@ -183,10 +188,21 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
     and everything else are shared. ``mode="compile"`` is ``"vmap"`` with the batch gather, the
     gradient and the SGD update of a step compiled into one graph (``torch.compile``, Inductor:
     one fused C++ loop per model for the sine MLP); the same arithmetic up to the order of float
-    sums, except that Inductor draws a gated template's noise from its own random stream.
+    sums. A gated template draws its gates' uniforms with ``torch.rand`` (``noise="aten"``: the
+    library's ``HardConcreteGates.forward``, value for value) or from a counter-based hash of
+    (phase seed, step, model, position) (``noise="hash"``, the default of mode "compile": fused into
+    the compiled step, where aten's generator alone took 40 % of a sine gate step; see
+    ``hashed_uniform`` and ``_hashed_gate_values``).
+
+    Every model's data order is its own ``torch.randperm`` per epoch, from one generator seeded
+    with ``phase.seed`` (one permutation per model: arg-sorting uniforms cost 38 % of a from-scratch
+    sine epoch).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
+    noise = phase.noise or ("hash" if mode == "compile" else "aten")
+    if noise not in ("aten", "hash"):
+        raise ValueError(f"noise must be 'aten' or 'hash', got {noise!r}")
     loss_fn = task_loss(task)
     gated = isinstance(stack.template, WithGateLoss)
 
@@ -204,12 +220,15 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
     names = list(stack.params)
     is_gate = [("graphmerge_gates" in k) for k in names]
 
-    def update(params: dict, momentum: dict, buffers: dict, idx: torch.Tensor, lam: Any, lr_w: torch.Tensor) -> None:
+    def update(params: dict, momentum: dict, buffers: dict, idx: torch.Tensor, lam: Any, lr_w: torch.Tensor,
+               progress: torch.Tensor) -> None:
         grads, _ = step(params, buffers, x[idx], y[idx], lam)
         _sgd(params, momentum, names, is_gate, grads, lr_w, phase)
+        if phase.after_update:
+            phase.after_update(params, progress)
 
+    keys = _gate_noise(stack.template, noise)
     if mode == "compile":
-        _noise_out_of_place(stack.template)
         update = _compiled(update)
     if not stack.momentum:
         stack.momentum = {k: torch.zeros_like(v) for k, v in stack.params.items()}
@@ -223,11 +242,20 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
         if mode == "compile":  # a tensor: a Python float would be baked into the graph, one compile per λ
             lam = torch.tensor(lam, dtype=torch.float32)
         lr_w = phase.lr(epoch)
-        order = torch.argsort(torch.rand(m, n, generator=generator), dim=1)
-        for k, s in enumerate(range(0, n, phase.batch_size)):
-            update(stack.params, stack.momentum, stack.buffers, order[:, s:s + phase.batch_size], lam, lr_w)
-            if phase.after_step:
-                phase.after_step((epoch - phase.start + (k + 1) / per_epoch) / length, stack)
+        order = epoch_orders(generator, m, n)
+        # After the first epoch every input the step takes (a full and the short last batch) has
+        # been compiled and nothing about them changes but values: Dynamo's guard checks (0.35 ms
+        # a step, a fifth of a from-scratch sine step) then only pick between compiled graphs.
+        warm = mode == "compile" and epoch > phase.start
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext():
+            for k, s in enumerate(range(0, n, phase.batch_size)):
+                buffers = stack.buffers
+                if keys:  # this step's hash key per model: (phase seed, step, model)
+                    done = (epoch - phase.start) * per_epoch + k
+                    key = torch.arange(m, dtype=torch.int64) + ((phase.seed << 40) + done * m)
+                    buffers = {**buffers, **dict.fromkeys(keys, key)}
+                progress = torch.tensor((epoch - phase.start + (k + 1) / per_epoch) / length, dtype=torch.float64)
+                update(stack.params, stack.momentum, buffers, order[:, s:s + phase.batch_size], lam, lr_w, progress)
         if phase.on_epoch_end:
             phase.on_epoch_end(epoch, stack)
     return stack
@@ -241,26 +269,87 @@ def _compiled(update: Callable) -> Callable:
     # step, 50 gated N=2 sine students), and the same noise as mode "vmap" draws.
     compiled = torch.compile(update, options={"fallback_random": True})
 
-    def call(params: dict, momentum: dict, buffers: dict, idx: torch.Tensor, lam: Any, lr_w: torch.Tensor) -> None:
+    def call(params: dict, momentum: dict, buffers: dict, idx: torch.Tensor, lam: Any, lr_w: torch.Tensor,
+             progress: torch.Tensor) -> None:
         for t in (*params.values(), *momentum.values(), *buffers.values(), lr_w):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(idx, 0)
         torch._dynamo.maybe_mark_dynamic(idx, 1)
-        compiled(params, momentum, buffers, idx, lam, lr_w)
+        compiled(params, momentum, buffers, idx, lam, lr_w, progress)
 
     return call
 
 
-def _noise_out_of_place(template: nn.Module) -> None:
-    """Give every hard-concrete gate module of ``template`` ``_gate_values`` as its forward.
+def epoch_orders(generator: torch.Generator, models: int, samples: int) -> torch.Tensor:
+    """One epoch's data order for every model: ``(models, samples)``, each row its own permutation."""
+    return torch.stack([torch.randperm(samples, generator=generator) for _ in range(models)])
 
-    ``HardConcreteGates.forward`` clamps its uniform noise in place; ``vmap`` has no batching rule
-    for ``clamp_`` and falls back to a loop over the models, which a compiled graph unrolls into
-    one pass over all models' noise per model (measured: 18 ms per step for 50 gated N=2 sine
-    students against 22 ms eager). Only the stack's template is changed, not the students."""
-    for module in template.modules():
+
+NOISE_KEY = "noise_key"
+
+
+def _gate_noise(template: nn.Module, noise: str) -> list[str]:
+    """Give every hard-concrete gate module of ``template`` the forward that draws ``noise``, and
+    return the names of the per-model key buffers that forward reads (``noise="hash"``; none for
+    ``"aten"``).
+
+    ``noise="aten"``: ``_gate_values``, the noise clamped out of place. ``HardConcreteGates.forward``
+    clamps it in place, and ``vmap`` has no batching rule for ``clamp_``: it falls back to a loop over
+    the models, which a compiled graph unrolls into one pass over all models' noise per model
+    (measured: 18 ms per step for 50 gated N=2 sine students against 22 ms eager).
+    ``noise="hash"``: ``_hashed_gate_values``, keyed by a buffer ``train`` sets every step.
+    Only the stack's template is changed, not the students."""
+    keys = []
+    for name, module in template.named_modules():
         if isinstance(module, HardConcreteGates):
-            module.forward = types.MethodType(_gate_values, module)
+            if noise == "hash":
+                if NOISE_KEY not in module._buffers:
+                    module.register_buffer(NOISE_KEY, torch.zeros((), dtype=torch.int64), persistent=False)
+                keys.append(f"{name}.{NOISE_KEY}" if name else NOISE_KEY)
+            module.forward = types.MethodType(_hashed_gate_values if noise == "hash" else _gate_values, module)
+    return keys
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit integers (held in int64) whose output bits each depend on every input
+    bit: two rounds of xor-shift and multiply (constant 0x45d9f3b, products below 2^59)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def hashed_uniform(key: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """float32 uniforms on (0, 1), the 2^23 odd multiples of 2^-24 (``torch.rand``: 2^24 multiples,
+    0 included), one per position of ``shape``: the hash of (``key``, position), where ``key`` is an
+    int64 (one per model under ``vmap``).
+
+    A counter-based generator: plain integer ops that ``torch.compile`` fuses into the step that uses
+    the values (aten's Mersenne twister runs outside the graph at about 8 ns a number on this CPU,
+    Inductor's Philox as a scalar loop); the same values eager, compiled and under ``vmap``."""
+    numel = math.prod(shape)
+    stream = _mix32(_mix32(key & 0xFFFFFFFF) ^ (key >> 32 & 0xFFFFFFFF))
+    bits = _mix32(_mix32(torch.arange(numel, dtype=torch.int64)) ^ stream)
+    return ((bits >> 9) * 2 + 1).to(torch.float32).mul(2.0 ** -24).view(*shape)  # odd multiples of 2^-24: exact
+
+
+def _hashed_gate_values(gates: HardConcreteGates, reference: torch.Tensor) -> torch.Tensor:
+    """``HardConcreteGates.forward`` with ``hashed_uniform`` noise and no transcendental per draw.
+
+    ``sigmoid((log u - log(1 - u) + log_alpha) / beta) = 1 / (1 + r^(1/beta) exp(-log_alpha / beta))``
+    with ``r = (1 - u) / u``: the exponential is per gate, and for the default beta = 2/3,
+    ``r^1.5 = r sqrt(r)``. ``log_alpha`` enters clamped to [-40, 40], which keeps the product finite in
+    float32 (a gate there is decided: its sample's gradient is below e^-60 either way)."""
+    if not gates.training:
+        return HardConcreteGates.forward(gates, reference)
+    log_alpha = gates.all_log_alpha()
+    rows = reference.shape[0] if reference.ndim else 1
+    u = hashed_uniform(getattr(gates, NOISE_KEY), (rows, gates.total)).clamp(1e-6, 1 - 1e-6)
+    odds = (1 - u) / u
+    power = 1 / gates.beta
+    odds = odds * odds.sqrt() if abs(power - 1.5) < 1e-12 else odds.pow(power)
+    s = 1 / (1 + odds * torch.exp(-log_alpha.clamp(-40, 40) * power))
+    values = (s * (gates.zeta - gates.gamma) + gates.gamma).clamp(0, 1)
+    return torch.cat([values, torch.ones(values.shape[0], 1, dtype=values.dtype, device=values.device)], 1)
 
 
 def _gate_values(gates: HardConcreteGates, reference: torch.Tensor) -> torch.Tensor:
@@ -750,14 +839,15 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
     segments = gates.segments()
     history: dict[str, Any] = {"budget" if projected else "lambda": [], "open": {str(g): [] for g in gates.group_ids}}
 
-    compiled = bench.mode == "compile"
-    shift = _compiled_projection() if compiled else _project_gates
+    # Compiled, the projection runs a fixed number of Newton steps (no host sync to stop early): 6,
+    # where eager stops after at most 4 in this gate phase (the budget moves by ~1e-5 a step); an
+    # entry not converged would keep the bracket's feasible end (below the budget, never above).
+    iterations = 6 if bench.mode == "compile" else 24
 
-    def project(progress: float, st: Stack) -> None:
+    def project(params: dict, progress: torch.Tensor) -> None:
         target = budget_target(progress, n, b.budget_ramp)
-        if compiled:  # a tensor: a float would be baked into the graph, one compile per step
-            target = torch.tensor(target, dtype=torch.float64)
-        shift([st.params[k] for k in names], segments, target, gates.open_shift, b.budget_direction)
+        _project_gates([params[k] for k in names], segments, target, gates.open_shift, b.budget_direction,
+                       iterations)
 
     def record(epoch: int, st: Stack) -> None:
         if projected:
@@ -770,7 +860,7 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
     t0 = time.perf_counter()
     phase = Phase(0, b.unit, b.batch_size, lambda e: torch.full((stack.size,), b.lr), gate_lr=b.gate_lr,
                   weight_decay=b.weight_decay, aux=None if projected else lam, seed=bench.seed + 3,
-                  on_epoch_end=record, after_step=project if projected else None)
+                  on_epoch_end=record, after_update=project if projected else None)
     x, y = bench.data["train"]
     train(stack, x, y, bench.task, phase, bench.mode)
     seconds = time.perf_counter() - t0
@@ -791,24 +881,15 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
 
 
 def _project_gates(log_alphas: list[torch.Tensor], segments: torch.Tensor, target: float | torch.Tensor,
-                   open_shift: float, direction: str) -> None:
+                   open_shift: float, direction: str, iterations: int = 24) -> None:
     """Every run's log-alphas (one ``(runs, channels)`` tensor per group) moved onto the budget
     ``target`` by ``budget_projection``, in place."""
     flat = torch.cat(log_alphas, dim=-1)
-    shifted = budget_projection(flat, segments, target, open_shift, direction=direction)
+    shifted = budget_projection(flat, segments, target, open_shift, direction=direction, groups=len(log_alphas),
+                                iterations=iterations)
     if shifted is not flat:
         for param, piece in zip(log_alphas, shifted.split([t.shape[-1] for t in log_alphas], dim=-1), strict=True):
             param.copy_(piece)
-
-
-_PROJECTION: list[Callable] = []
-
-
-def _compiled_projection() -> Callable:
-    """``_project_gates`` compiled (its 60 bisection steps fused), once per process."""
-    if not _PROJECTION:
-        _PROJECTION.append(torch.compile(_project_gates))
-    return _PROJECTION[0]
 
 
 def build_students(bench: Benchmark, teachers: list[list[nn.Module]], bigs: list, gate2: list,

@@ -210,7 +210,7 @@ def step_flops(module: nn.Module, inputs: tuple, target: torch.Tensor, loss: Cal
 
 def projection_ms(gated: nn.Module, repeat: int) -> float:
     """Median CPU ms of the recipe's per-step budget projection (its default direction) of every
-    group to 1/N (the gates start above it, so the bisection runs in full; the log-alphas are not
+    group to 1/N (the gates start above it, the cold case of benchmarks/projection.py; the log-alphas are not
     changed)."""
     gates = gated.gates
     flat, segments = gates.all_log_alpha().detach(), gates.segments()

@@ -24,6 +24,11 @@ from graphmerge.examples.mnist1d_cnn import MNIST1DCNN  # noqa: E402
 LR, MOMENTUM, DECAY, BATCH, SEED = 0.05, 0.9, 5e-4, 32, 3
 
 
+def _orders(generator: torch.Generator, models: int, samples: int) -> torch.Tensor:
+    """train's shuffle, written out: per epoch one torch.randperm per model, in model order."""
+    return torch.stack([torch.randperm(samples, generator=generator) for _ in range(models)])
+
+
 def _reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, orders: list[torch.Tensor],
                lrs: list[float], loss=F.cross_entropy) -> torch.nn.Module:
     """``torch.optim.SGD`` on one model, one epoch per order, the learning rate set per epoch."""
@@ -49,7 +54,7 @@ def test_batched_sgd_equals_torch_optim_sgd_per_model(mode: str) -> None:
     phase = common.Phase(0, 1, BATCH, lambda e: torch.full((3,), LR), momentum=MOMENTUM, weight_decay=DECAY,
                          seed=SEED)
     common.train(stack, x, y, "classification", phase, mode)
-    orders = torch.argsort(torch.rand(3, len(x), generator=torch.Generator().manual_seed(SEED)), dim=1)
+    orders = _orders(torch.Generator().manual_seed(SEED), 3, len(x))
     for i, model in enumerate(models):
         expected = _reference(model, x, y, [orders[i]], [LR]).state_dict()
         got = stack.module(i).state_dict()
@@ -85,8 +90,8 @@ def test_compiled_sgd_equals_torch_optim_sgd_per_model() -> None:
     common.train(stack, x, y, "regression", common.Phase(2, 3, BATCH, lambda e: lrs[e, [0, 2]], momentum=MOMENTUM,
                                                          weight_decay=DECAY, seed=SEED + 1), "compile")
     generator = torch.Generator().manual_seed(SEED)  # train's shuffles: one draw per epoch, every model's own
-    epochs = [torch.argsort(torch.rand(3, len(x), generator=generator), dim=1) for _ in range(2)]
-    last = torch.argsort(torch.rand(2, len(x), generator=torch.Generator().manual_seed(SEED + 1)), dim=1)
+    epochs = [_orders(generator, 3, len(x)) for _ in range(2)]
+    last = _orders(torch.Generator().manual_seed(SEED + 1), 2, len(x))
     for k, i in enumerate([0, 2]):
         orders = [epochs[0][i], epochs[1][i], last[k]]
         expected = _reference(models[i], x, y, orders, lrs[:, i].tolist(), F.mse_loss).state_dict()
@@ -118,30 +123,100 @@ def test_out_of_place_gate_noise_draws_the_same_values() -> None:
         assert torch.equal(common._gate_values(gates, reference), expected)
 
 
-def test_compiled_gate_phase_step_equals_vmap() -> None:
-    """A gated stack (λ·gate loss, gates' own lr) trained with mode "compile" ends where mode "vmap"
-    ends: Inductor falls back to aten's generator, so every run draws the same gate noise."""
+def _projection_hook(gated: torch.nn.Module, iterations: int):
+    """The gate phase's budget projection as ``Phase.after_update`` (budget from 1 to 1/2 over the phase)."""
+    gates = gated.gated.gates
+    names = [f"gated.graph_module.graphmerge_gates.log_alpha.g{gid}" for gid in gates.group_ids]
+    segments = gates.segments()
+
+    def project(params: dict, progress: torch.Tensor) -> None:
+        common._project_gates([params[k] for k in names], segments, common.budget_target(progress, 2, 1.0),
+                              gates.open_shift, "gradient", iterations)
+
+    return project
+
+
+@pytest.mark.parametrize("noise", ["aten", "hash"])
+def test_compiled_gate_phase_step_equals_vmap(noise: str) -> None:
+    """A gated stack (λ·gate loss, gates' own lr, the budget projected after every update) trained
+    with mode "compile" ends where mode "vmap" ends, for either noise: aten's generator (Inductor's
+    fallback_random) or the hash (the same integer ops eager under vmap and compiled). Compiled,
+    the projection runs inside the step's graph with 6 Newton steps; eager it stops when converged."""
     x = torch.rand(80, 1)
     y = torch.sin(10 * x)
     stacks = {}
     for mode in ("vmap", "compile"):
-        stacks[mode] = common.Stack.of(_gated_sine_students(3))
+        students = _gated_sine_students(3)
+        stacks[mode] = common.Stack.of(students)
+        hook = _projection_hook(students[0], 6 if mode == "compile" else 24)
         common.train(stacks[mode], x, y, "regression",
                      common.Phase(0, 2, BATCH, lambda e: torch.full((3,), 0.01), gate_lr=0.1,
-                                  aux=lambda e: 0.01 * (e + 1), seed=SEED), mode)
+                                  aux=lambda e: 0.01 * (e + 1), seed=SEED, after_update=hook, noise=noise), mode)
     for name, tensor in stacks["vmap"].params.items():
         torch.testing.assert_close(stacks["compile"].params[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    gates = [k for k in stacks["vmap"].params if "log_alpha" in k]
+    open_mean = torch.sigmoid(stacks["compile"].params[gates[0]] - _gated_sine_students(1)[0].gated.gates.open_shift)
+    assert bool((open_mean.mean(-1) <= 0.5 + 1e-9).all())  # on the final budget 1/2
+
+
+def test_hashed_uniforms_are_uniform_independent_and_reproducible() -> None:
+    """The compiled trainer's counter-based uniforms: in (0, 1) on 2^23 levels; mean, variance,
+    the Kolmogorov-Smirnov distance and lag-1 correlation of a uniform over 2^20 draws; another key
+    gives an uncorrelated stream; the same key the same values, eager, under vmap and compiled."""
+    from scipy import stats
+
+    u = common.hashed_uniform(torch.tensor(12345), (1024, 1024)).double()
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert bool(((u * 2**24) % 2 == 1).all())  # odd multiples of 2^-24
+    flat = u.flatten().numpy()
+    assert abs(flat.mean() - 0.5) < 3e-3 and abs(flat.var() - 1 / 12) < 1e-3
+    assert stats.kstest(flat, "uniform").pvalue > 1e-3
+    assert abs(float(torch.corrcoef(u.flatten().unfold(0, 2, 1).T)[0, 1])) < 5e-3
+    other = common.hashed_uniform(torch.tensor(12346), (1024, 1024)).double()
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), other.flatten()]))[0, 1])) < 5e-3
+    assert not bool((u == other).all())
+    keys = torch.tensor([7, 8, 2**40 + 7])
+    eager = torch.stack([common.hashed_uniform(k, (3, 5)) for k in keys])
+    batched = torch.vmap(lambda k: common.hashed_uniform(k, (3, 5)))(keys)
+    compiled = torch.compile(lambda k: torch.vmap(lambda kk: common.hashed_uniform(kk, (3, 5)))(k))(keys)
+    assert torch.equal(batched, eager) and torch.equal(compiled, eager)
+    assert not torch.equal(eager[0], eager[2])  # the key's high bits count too
+
+
+def test_hashed_gate_values_follow_the_hard_concrete_formula() -> None:
+    """The compiled trainer's gate draw (1 / (1 + r^1.5 exp(-1.5 log_alpha)), r = (1 - u) / u) is
+    HardConcreteGates' sigmoid((log u - log(1 - u) + log_alpha) / beta), written out in float64 on
+    the same hashed uniforms, in value and in the gradient of log_alpha, also for another beta."""
+    for beta in (2 / 3, 0.5):
+        gates = common.HardConcreteGates({0: 5, 3: 7}, beta=beta, init_std=3.0,
+                                         generator=torch.Generator().manual_seed(2)).train()
+        common._gate_noise(gates, "hash")
+        gates.noise_key = torch.tensor(99)
+        out = gates(torch.zeros(6))
+        u = common.hashed_uniform(torch.tensor(99), (6, 12)).clamp(1e-6, 1 - 1e-6).double()
+        log_alpha = torch.cat([gates.log_alpha["g0"], gates.log_alpha["g3"]]).detach().double().requires_grad_()
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+        expected = (s * (gates.zeta - gates.gamma) + gates.gamma).clamp(0, 1)
+        assert out.shape == (6, 13) and bool((out[:, 12] == 1).all())
+        torch.testing.assert_close(out[:, :12].double(), expected, rtol=0, atol=2e-6)
+        weight = torch.randn(6, 13, generator=torch.Generator().manual_seed(4))
+        (out * weight).sum().backward()
+        (expected * weight[:, :12].double()).sum().backward()
+        grad = torch.cat([gates.log_alpha["g0"].grad, gates.log_alpha["g3"].grad]).double()
+        torch.testing.assert_close(grad, log_alpha.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_budget_projection_equals_eager() -> None:
-    """The gate phase's compiled projection (the target a tensor, so one graph serves every step)
-    moves every run's log-alphas where graphmerge's budget_projection moves them."""
+    """The gate phase's projection as the compiled step traces it (the target a tensor, the group
+    count given: one graph, no host sync) moves every run's log-alphas where eager
+    budget_projection, which stops Newton early, moves them."""
     torch.manual_seed(1)
     segments = torch.arange(2).repeat_interleave(torch.tensor([5, 7]))
     start = [torch.randn(4, 5) + 2, torch.randn(4, 7) + 1]
     for target in (0.9, 0.5, 0.99999):
         eager, compiled = [t.clone() for t in start], [t.clone() for t in start]
         common._project_gates(eager, segments, target, -1.6, "gradient")
-        common._compiled_projection()(compiled, segments, torch.tensor(target, dtype=torch.float64), -1.6, "gradient")
+        traced = torch.compile(common._project_gates, fullgraph=True)
+        traced(compiled, segments, torch.tensor(target, dtype=torch.float64), -1.6, "gradient")
         for a, b in zip(compiled, eager, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -238,6 +238,41 @@ def test_budget_projection_shifts_each_group_over_budget_onto_it():
                 assert float(delta.max() - delta.min()) < 1e-9 and float(delta[0]) < 0
 
 
+@pytest.mark.parametrize("direction", ["uniform", "gradient"])
+def test_budget_projection_finds_the_bisection_root_on_hard_inputs(direction: str):
+    """Against a 200-step bisection written here: gates far open, far closed, undecided and mixed,
+    targets near 0 and near 1. Each over-budget group's shift is the bisection's to 1e-7 and its
+    mean ends on the target, never above it."""
+    generator = torch.Generator().manual_seed(1)
+    sizes = [7, 30, 4, 12]
+    segments = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    rows = [torch.randn(sum(sizes), generator=generator, dtype=torch.float64) * scale for scale in (0.01, 1, 5, 30)]
+    rows.append(torch.cat([torch.full((20,), 40.0), torch.full((33,), -40.0)]).double())
+    log_alpha = torch.stack(rows) + 3.0
+    shift = BETA * math.log(-GAMMA / ZETA)
+    for target in (0.02, 1 / 3, 0.5, 0.97):
+        projected = budget_projection(log_alpha, segments, target, shift, direction=direction)
+        for row in range(len(rows)):
+            x = log_alpha[row] - shift
+            p = torch.sigmoid(x)
+            weight = (4 * p * (1 - p)).clamp_min(0.05) if direction == "gradient" else torch.ones_like(x)
+            for g in range(4):
+                part = segments == g
+                if float(p[part].mean()) <= target:
+                    assert torch.equal(projected[row, part], log_alpha[row, part])
+                    continue
+                low, high = -1e5, 0.0
+                for _ in range(200):
+                    mid = (low + high) / 2
+                    low, high = (low, mid) if float(torch.sigmoid(x[part] + mid * weight[part]).mean()) > target \
+                        else (mid, high)
+                moved = (projected[row, part] - log_alpha[row, part]) / weight[part]
+                assert float(moved.max() - moved.min()) < 1e-7
+                assert float(moved[0]) == pytest.approx(low, rel=1e-7, abs=1e-7), (target, row, g)
+                mean_after = float(torch.sigmoid(projected[row, part] - shift).mean())
+                assert mean_after <= target and mean_after == pytest.approx(target, abs=1e-9)
+
+
 def test_budget_target_falls_linearly_to_one_over_n_then_holds():
     assert budget_target(0.0, 2) == 1.0
     assert budget_target(0.25, 2) == pytest.approx(0.75)
