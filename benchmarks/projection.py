@@ -3,7 +3,7 @@ against the 60-step bisection it replaced (written out below), side by side.
 
 The projection runs after every gate step, on every group's log-alphas. Layouts: the sine
 benchmark's (50 runs batched, one group of 200 gates), a ResNet-like big student (unbatched, 60
-groups, 8 704 gates) and a wide one (unbatched, 120 groups, 61 440 gates). Regimes: ``cold`` (gates
+groups, 10 496 gates) and a wide one (unbatched, 120 groups, 61 440 gates). Regimes: ``cold`` (gates
 at their init, every group over the budget 1/2: the first projections of a phase) and ``steady``
 (projected, then moved by one gate step's size, 0.01: every later step). Each cell: median
 process-CPU ms over interleaved rounds, and the largest |shift difference| between the two.
