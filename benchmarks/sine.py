@@ -6,7 +6,8 @@ batch 32; SGD lr 0.01, momentum 0.9. Budget 900 epochs per strategy: teachers 30
 λ <- λ + 0.05 √λ per epoch), fine-tuning 150 (/10 at 100). 50 runs; test MSE on a fresh
 10 000-sample noisy set (noise floor 0.04). Validation (bo3's selection): 2 000 fresh samples.
 
-    python benchmarks/sine.py                 # full protocol, 50 runs (writes benchmarks/results/)
+    python benchmarks/sine.py --threads 2     # full protocol, 50 runs (writes benchmarks/results/):
+                                              # 788 s on this 2-core machine, 907 s on one thread
     python benchmarks/sine.py --quick --out /tmp/x   # smoke test: 2 runs, a few epochs
 """
 
