@@ -15,12 +15,15 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx
+from graphmerge.passes.batch import NO_BATCH, BatchPlace, locate_batch, reference_input
 from graphmerge.passes.errors import GraphMergeError
+from graphmerge.passes.registry import describe
 from graphmerge.passes.layout import teacher_maps
 from graphmerge.passes.widen import WidenInfo, widen_info
 from torch import nn
@@ -285,27 +288,44 @@ def decided_projection(log_alpha: torch.Tensor, segments: torch.Tensor, kept: to
 
 @torch.fx.wrap
 def apply_gate(x: torch.Tensor, gates: torch.Tensor, index: torch.Tensor, dim: int,
-               values: torch.Tensor | None = None) -> torch.Tensor:
-    """Multiply ``x`` along ``dim`` by the gate values ``gates[:, index]`` (batch rows broadcast).
+               values: torch.Tensor | None = None, batch: tuple[int, int, int] | None = (0, 1, 1)) -> torch.Tensor:
+    """Multiply ``x`` along ``dim`` by the gate values ``gates[:, index]``, sample by sample.
 
-    ``values``, when given, is that gather done already (``add_gates`` gathers every site's values
-    in one :func:`gather_gate_values` per forward); ``gates`` and ``index`` then only name the site.
-    ``values`` may also hold one value per run of ``x.shape[dim] / values.shape[1]`` consecutive
-    positions (a flattened ``C x L`` input whose ``L`` positions share their channel's gate): ``x``
-    is then viewed as ``C x L`` along ``dim`` and each value broadcast over its run.
+    ``values`` (rows x channels), when given, is that gather done already (``add_gates`` gathers
+    every site's values in one :func:`gather_gate_values` per forward); ``gates`` and ``index`` then
+    only name the site. Row ``b`` is sample ``b``'s realisation (one row: every sample's). ``batch``
+    is where the samples sit in ``x`` (``graphmerge.passes.batch.BatchPlace``): dim ``batch[0]``
+    holds ``outer * B * inner`` positions, viewed as ``(outer, B, inner)``; None: the site's batch
+    could not be located and every sample takes row 0's realisation. ``values`` may also hold one
+    value per run of ``x.shape[dim] / values.shape[1]`` consecutive positions (a flattened
+    ``C x L`` input whose ``L`` positions share their channel's gate).
     """
     if values is None:
         values = gates.index_select(1, index)
+    if batch is None:
+        values = values[:1]
+    rows, channels = values.shape
     d = dim % x.ndim
-    channels, size = values.shape[1], x.shape[d]
-    if channels != size:
-        x = x.unflatten(d, (channels, size // channels))
-    shape = [1] * x.ndim
-    shape[0] = values.shape[0]
+    view, sample = x, None
+    if rows > 1:
+        sample, outer, inner = batch
+        sample %= x.ndim
+        if outer != 1 or inner != 1:
+            view = view.unflatten(sample, (outer, -1, inner))
+            d += 2 if d > sample else 0
+            sample += 1
+    if channels != view.shape[d]:
+        view = view.unflatten(d, (channels, -1))
+        if sample is not None and sample > d:
+            sample += 1
+    shape = [1] * view.ndim
     shape[d] = channels
+    if sample is not None:
+        shape[sample] = rows
+        values = values if sample < d else values.t()
     # in x's dtype: under bf16 autocast a float32 product would be cast back by the consumer
-    out = x * values.reshape(shape).to(x.dtype)
-    return out.flatten(d, d + 1) if channels != size else out
+    out = view * values.reshape(shape).to(x.dtype)
+    return out if view is x else out.reshape(x.shape)
 
 
 @torch.fx.wrap
@@ -435,7 +455,7 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
     graph = gated.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
-        gate_node = graph.call_module(GATES, (placeholders[0],))
+        gate_node = graph.call_module(GATES, (reference_input(gated),))
     nodes = {node.name: node for node in graph.nodes}
     sites = []  # (consumer node, argument position, activation dim, buffer, gathered index)
     for site, (node_name, arg_index, act_dim, param) in enumerate(groups.layout.gate_sites):
@@ -445,11 +465,13 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         in_dim = dims[position] if position < len(dims) else None
         if node is None or in_dim is None or not np.isin(in_dim.group, list(widened)).any():
             continue
+        _check_activation(node, arg_index)
         index = _site_index(in_dim, n, widths, widened, gates)
         buffer = f"graphmerge_gate_index_{site}"
         gated.register_buffer(buffer, torch.as_tensor(index, dtype=torch.long), persistent=False)
         # a flattened C x L input gathers its C channels' values only; apply_gate broadcasts them
         sites.append((node, arg_index, act_dim, buffer, index[::_run_length(index)]))
+    places = _batch_places(big, info, [node.args[arg_index] for node, arg_index, *_ in sites])
     # One gather per forward for all sites; sites reading the same gate entries in the same order
     # (the consumers of one residual stream) share one run of it.
     runs: dict[bytes, int] = {}
@@ -488,13 +510,46 @@ def add_gates(big: torch.fx.GraphModule, *, beta: float = 2 / 3, gamma: float = 
         if key not in products:
             with graph.inserting_before(node):
                 index_node = graph.get_attr(buffer)
+                place = places[source.name]
+                batch = place.as_arg() if isinstance(place, BatchPlace) else None
                 products[key] = graph.call_function(apply_gate, (source, gate_node, index_node, act_dim,
-                                                                 values[run]))
+                                                                 values[run], batch))
         args = list(node.args)
         args[arg_index] = products[key]
         node.args = tuple(args)
     gated.recompile()
     return GatedStudent(gated, n)
+
+
+def _check_activation(node: torch.fx.Node, arg_index: int) -> None:
+    """A gate multiplies an activation: a parameter operand has no samples to draw for (an op rule
+    that names one has the wrong argument position)."""
+    source = node.args[arg_index] if arg_index < len(node.args) else None
+    if not isinstance(source, torch.fx.Node) or source.op == "get_attr":
+        what = source.target if isinstance(source, torch.fx.Node) else repr(source)
+        raise GraphMergeError(
+            f"the op rule of {describe(node)} places a gate on its argument {arg_index} ({what}), which is a "
+            "parameter or constant, not an activation: gates draw one realisation per sample and belong on the "
+            "layer's input activation. This is a bug in that op's rule (its gate_site argument position); please "
+            "report it with the model.")
+
+
+def _batch_places(big: torch.fx.GraphModule, info: WidenInfo, sources: list[torch.fx.Node]
+                  ) -> dict[str, BatchPlace | str]:
+    """Where the batch sits in each gated activation; a warning per site where it cannot be located."""
+    places = locate_batch(big, [source.name for source in sources], info.example_inputs, info.example_kwargs)
+    lost = [(source, places[source.name]) for source in dict.fromkeys(sources)
+            if not isinstance(places[source.name], BatchPlace) and places[source.name] != NO_BATCH]
+    if lost:
+        listed = "; ".join(f"{describe(source)}: {reason}" for source, reason in lost[:3])
+        more = f" (and {len(lost) - 3} more)" if len(lost) > 3 else ""
+        warnings.warn(
+            f"add_gates cannot locate the batch dimension at {len(lost)} gate site(s): {listed}{more}. Each such "
+            "site multiplies every sample by one shared gate realisation (row 0) instead of one per sample; that "
+            "changes the gate estimator's variance there, not what the gates learn to keep. Capture with a "
+            "dynamic batch (example inputs of 2 or more distinct samples) to draw per sample everywhere.",
+            stacklevel=3)
+    return places
 
 
 def _site_index(in_dim, n: int, widths: dict[int, int], widened: set[int], gates: HardConcreteGates) -> np.ndarray:

@@ -1389,12 +1389,13 @@ def addmm(prop: Propagation, node: torch.fx.Node) -> Any:
     if not isinstance(x, TensorLabels) or param_root(args["mat2"]) is None or node_shape(node) is None \
             or args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
         return matmul(prop, node) if isinstance(x, TensorLabels) else pin_all(prop, node, describe(node))
-    return _matrix_product(prop, node, x, args["mat2"], args["self"], weight_out=1)
+    return _matrix_product(prop, node, x, args["mat2"], args["self"], weight_out=1, input_index=1)
 
 
 def _matrix_product(prop: Propagation, node: torch.fx.Node, x: TensorLabels, weight_node: Any, bias_node: Any,
-                    weight_out: int) -> TensorLabels:
-    """x @ W^T (weight_out=0, linear) or x @ W (weight_out=1): W's other dim reads x's last dim."""
+                    weight_out: int, input_index: int = 0) -> TensorLabels:
+    """x @ W^T (weight_out=0, linear) or x @ W (weight_out=1): W's other dim reads x's last dim,
+    ``x`` being argument ``input_index`` of the node (addmm's is 1: its bias comes first)."""
     weight = labels_of(prop, weight_node)
     root = param_root(weight_node)
     last = x.dim(x.ndim - 1)
@@ -1412,13 +1413,13 @@ def _matrix_product(prop: Propagation, node: torch.fx.Node, x: TensorLabels, wei
         prop.pin(out_ids, reason)
         prop.pin(weight.all_ids(), reason)
     elif tie_param(prop, node, weight_node, dims, out_dim=weight_out, in_dims=(1 - weight_out,)):
-        prop.gate_site(node, 0, x.ndim - 1, root)
+        prop.gate_site(node, input_index, x.ndim - 1, root)
     else:  # a slice of a parameter (a packed q/k/v weight cut by chunk): the labels carried the rows
         use = prop.params[root]
         use.out_dim = weight_out if use.out_dim is None else use.out_dim
         use.in_dims = use.in_dims or (1 - weight_out,)
         if _sliced_along(weight_node) == weight_out:
-            prop.gate_site(node, 0, x.ndim - 1, root)
+            prop.gate_site(node, input_index, x.ndim - 1, root)
     if isinstance(bias_node, torch.fx.Node):
         tie_param(prop, node, bias_node, [out_ids], out_dim=0)
         prop.role(node, "member", out_ids)
