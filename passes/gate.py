@@ -23,8 +23,8 @@ import torch
 import torch.fx
 from graphmerge.passes.batch import NO_BATCH, BatchPlace, locate_batch, reference_input
 from graphmerge.passes.errors import GraphMergeError
-from graphmerge.passes.registry import describe
 from graphmerge.passes.layout import teacher_maps
+from graphmerge.passes.registry import describe
 from graphmerge.passes.widen import WidenInfo, widen_info
 from torch import nn
 
