@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -146,9 +147,35 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs:
             certificate.skipped = (f"{len(pinned)} group(s) pinned inside the network (first: {pinned[0].reason}); "
                                    "I1 cannot hold")
         info.certificates["I1"] = certificate
-        groups.timings["certify_s"] = certificate.seconds
+        info.certificates["I2"] = _certify_recovery(big, teachers, pinned)
+        groups.timings["certify_s"] = certificate.seconds + info.certificates["I2"].seconds
     big.train(teachers[0].training)
     return big
+
+
+def _certify_recovery(big: torch.fx.GraphModule, teachers: list[nn.Module], pinned: list) -> Certificate:
+    """I2 (see ``certify_recovery``): a ``CertificateError`` where it fails on a model without inside
+    pins; where pins make it impossible, a warning that says what the student of ``teacher:t`` is."""
+    from graphmerge.passes.certify import certify_recovery
+
+    certificate, differing = certify_recovery(big, teachers)
+    if not differing:
+        return certificate
+    listed = ", ".join(differing[:4]) + (f" and {len(differing) - 4} more" if len(differing) > 4 else "")
+    if not pinned:
+        raise CertificateError(
+            f"widen built a big student from which selecting a teacher's channels does not give that teacher back "
+            f"(invariant I2): compress(big, 'teacher:t') differs from teacher t in {listed} (by up to "
+            f"{certificate.max_error:.3g}). The teacher maps of the layout are wrong for those tensors even where the "
+            "big student's outputs are right (I1). This is a gap in graphmerge's op rules: please report it with the "
+            "model; pass verify=False to skip this check.")
+    certificate.skipped = (f"{len(pinned)} group(s) pinned inside the network; the student of teacher:t is not "
+                           f"teacher t in {listed}")
+    warnings.warn(
+        f"I2 does not hold: compress(big, 'teacher:t') differs from teacher t in {listed}: {len(pinned)} group(s) are "
+        f"pinned inside the network (first: {pinned[0].reason}), so widen averaged the teachers' tensors there and "
+        "a student selected from one teacher holds those averages, not that teacher's values.", stacklevel=3)
+    return certificate
 
 
 def compress(big: nn.Module, keep: Any = "gates", *, scales: dict[int, Any] | None = None,

@@ -65,6 +65,7 @@ from graphmerge.data import first_inputs
 from graphmerge.errors import GraphMergeError
 from graphmerge.passes.gate import budget_target, decision_strength
 from graphmerge.passes.util import check_teacher_count, eval_mode
+from graphmerge.pipeline import certify_pipeline
 from graphmerge.training import (
     DistContext,
     Distillation,
@@ -171,11 +172,12 @@ class MergeSettings:
     distill_loss: LossFn | None = None
     compile: bool = False
     precision: str = "fp32"
+    preflight: bool = True
 
-    #: Settings that may change between a run and its resumption (where and how it reports, and
-    #: whether the steps run compiled: the same computation).
+    #: Settings that may change between a run and its resumption (where and how it reports, whether
+    #: the steps run compiled: the same computation, and whether the pipeline is checked first).
     NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("resume", "log", "progress", "checkpoint_dir", "device",
-                                                    "example_inputs", "compile")
+                                                    "example_inputs", "compile", "preflight")
 
     def __post_init__(self) -> None:
         minimums = {"gate_epochs": 0, "finetune_epochs": 0, "batch_size": 1, "n_teachers": 2, "seed": None,
@@ -208,8 +210,9 @@ class MergeSettings:
         lambda_schedule(self.lambda_schedule, self.lambda0, self.lambda_growth)  # names a bad schedule
         resolve_loss(self.loss)  # names a bad loss
         self._check_distill()
-        if not isinstance(self.compile, bool):
-            raise GraphMergeError(f"compile must be True or False, got {self.compile!r}.")
+        for name in ("compile", "preflight"):
+            if not isinstance(getattr(self, name), bool):
+                raise GraphMergeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         check_precision(self.precision)
         for name in ("finetune_milestones", "teacher_milestones", "teacher_seeds"):
             value = getattr(self, name)
@@ -406,6 +409,8 @@ class _MergeRun:
     # -- orchestration
 
     def execute(self) -> MergeResult:
+        if self.s.preflight and (self.state["stage"] == "teachers" or self._gate_phase_pending()):
+            self._preflight()
         teachers = self._teachers()
         self._record_teacher_metrics(teachers)
         gated = self._gate_phase(teachers) if self._gate_phase_pending() else None
@@ -415,6 +420,19 @@ class _MergeRun:
         return MergeResult(student=student, teachers=teachers, history=self.state["history"],
                            summary=summary, open_fraction={int(k): v for k, v in report["open"].items()},
                            teacher_share={int(k): v for k, v in report["share"].items()})
+
+    def _preflight(self) -> None:
+        """The whole merge at toy scale (``certify_pipeline``) on the teachers as they start, before any
+        training: a model that cannot be gated, compressed or reloaded fails in seconds, naming the stage,
+        not after the teachers were trained and the first gate epoch spent. The global RNG is left as
+        it was, so the run is the same with or without it."""
+        inputs = self.s.example_inputs or first_inputs(self.train_data)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            teachers = [self._fresh_teacher(i).eval() for i in range(self._n_teachers())]
+            certify_pipeline(teachers, tuple(x.to(self.ctx.device) for x in inputs), seed=self.s.seed)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
     def _gate_phase_pending(self) -> bool:
         """True when the gate phase must run, or its last checkpoint be reloaded to compress it."""

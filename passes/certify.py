@@ -4,7 +4,8 @@ The analysis is conservative, but a rule can still misread an op it has a rule f
 would be a big student that is not the teachers' mean, or a student that is not the gated big
 student, and nobody would notice until training went wrong. So both passes run their result:
 
-- after widen, invariant I1: ``big(x) == mean_t teacher_t(x)`` on every output leaf;
+- after widen, invariant I1: ``big(x) == mean_t teacher_t(x)`` on every output leaf, and I2:
+  selecting teacher t's channels gives back teacher t's tensors (a comparison, no forward);
 - after compress, invariant I3: the student computes what the gated big student computes with
   the dropped channels' gates closed and the kept ones at their eval value.
 
@@ -30,8 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
+from graphmerge.passes.compress import compress as compress_pass
 from graphmerge.passes.errors import CertificateError
 from graphmerge.passes.util import eval_mode, one_line
+from graphmerge.passes.widen import tied_names, widen_info
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -358,3 +361,67 @@ def compare_leaves(got: list[Any], expected: list[Any]) -> tuple[float, float, s
         elif a != b and not (isinstance(a, float) and np.isnan(a) and np.isnan(b)):
             return float("inf"), 1.0, f"output {i} is {a!r} where the teachers give {b!r}"
     return worst, scale, None
+
+
+# -- I2: selecting teacher t gives back teacher t ---------------------------------------------
+
+
+def certify_recovery(big: torch.fx.GraphModule, teachers: Sequence[nn.Module]) -> tuple[Certificate, list[str]]:
+    """I2: ``compress(big, "teacher:t")`` holds teacher t's tensors bitwise, for every t.
+
+    A comparison of tensors through the layout maps, no forward. I3 cannot see a wrong teacher
+    map (the student and the gated big student share it) and I1 cannot either where the wrong map
+    is a consistent relabelling, so this is the only check of the maps themselves. The layers that
+    write a graph output shared by all teachers (the averaging head) hold teacher t's weight / N
+    and the teachers' mean bias by construction; those values are expected there. Returns the
+    certificate (``max_error``: the largest difference from what I2 expects) and, per teacher,
+    the tensors that differ (names with their teacher), empty when I2 holds.
+    """
+    start = time.perf_counter()
+    graph_module, info = widen_info(big)
+    n = len(teachers)
+    states = [t.state_dict() for t in teachers]
+    heads = _averaging_head_tensors(info)
+    error, differing = 0.0, []
+    for t in range(n):
+        student = compress_pass(big, f"teacher:{t}").state_dict()
+        for name, value in student.items():
+            own = states[t].get(name)
+            if own is None or not isinstance(value, torch.Tensor) or torch.equal(value, own):
+                continue
+            if name in heads and _is_head_value(value, own, [s[name] for s in states]):
+                continue
+            gap = float((value.double() - own.double()).abs().max()) if value.shape == own.shape else float("inf")
+            error = max(error, gap)
+            differing.append(f"{name} (teacher {t})")
+    dtype = next((v.dtype for v in states[0].values() if v.is_floating_point()), torch.float32)
+    certificate = Certificate("I2", error, 1.0, 0.0, str(dtype).replace("torch.", ""), time.perf_counter() - start)
+    return certificate, differing
+
+
+def _averaging_head_tensors(info: Any) -> set[str]:
+    """Tensors whose output dim lies in a pinned group at the graph's output (the averaging head)."""
+    layout, groups = info.groups.layout, info.groups
+    internal = {g.id for g in groups.internal_pinned}
+    boundary = ({g.id for g in groups.pinned} - internal) | {g.id for g in groups if g.averaged}
+    heads = set()
+    for name, dims in layout.params.items():
+        out = layout.out_dims.get(name)
+        dim = dims[out] if out is not None and out < len(dims) else None
+        if dim is None:
+            continue
+        ids = set(dim.group[dim.group >= 0].tolist())
+        if ids and ids <= boundary:
+            heads.add(name)
+    tied = tied_names(info.groups)
+    return heads | {alias for alias, canonical in tied.items() if canonical in heads}
+
+
+def _is_head_value(value: torch.Tensor, own: torch.Tensor, all_teachers: list[torch.Tensor]) -> bool:
+    """Teacher t's tensor / N (a head's weight) or the teachers' mean (its bias), to rounding."""
+    n = len(all_teachers)
+    mean = torch.stack([x.double() for x in all_teachers]).mean(0)
+    for expected in (own.double() / n, mean):
+        if value.shape == expected.shape and bool(torch.allclose(value.double(), expected, rtol=1e-6, atol=1e-7)):
+            return True
+    return False

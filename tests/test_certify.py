@@ -9,6 +9,7 @@ the node and the source line named.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from graphmerge.passes import registry
@@ -146,8 +147,8 @@ def test_compress_certificate_catches_a_wrong_student(monkeypatch: pytest.Monkey
         state["a.weight"] = state["a.weight"].flip(0)
         return state
 
+    big = graphmerge.widen(_teachers(UnevenChunk), INPUTS)  # before the break: widen's I2 would catch it first
     monkeypatch.setattr(compress_module, "_gather_state", wrong_gather)
-    big = graphmerge.widen(_teachers(UnevenChunk), INPUTS)
     gated = graphmerge.add_gates(big, seed=0)
     with pytest.raises(graphmerge.CertificateError, match="invariant I3"):
         graphmerge.compress(gated, "gates")
@@ -179,3 +180,39 @@ def test_a_big_student_that_fails_to_run_is_refused(monkeypatch: pytest.MonkeyPa
     with pytest.raises(graphmerge.CertificateError, match="fails to run") as caught:
         graphmerge.widen(_teachers(Crashing), INPUTS)
     assert "view" in str(caught.value) and "test_certify.py" in str(caught.value), str(caught.value)
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_recovery_certificate_catches_a_wrong_teacher_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swap the teachers' blocks in every widened dim as widen lays them out: the big student is a
+    consistent relabelling (I1 still holds, checked here), but 'teacher:0' now selects teacher 1's
+    channels. Only I2 sees that, and widen must refuse."""
+    from graphmerge.passes import widen as widen_module
+
+    teachers = _teachers(TwoLayer)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    certified = graphmerge.widen(teachers, x)
+    i2 = certified.meta["graphmerge"].certificates["I2"]
+    assert i2.max_error == 0.0 and i2.skipped is None
+    original = widen_module.teacher_maps
+
+    def swapped(dim, n, widths, widened):
+        size, maps = original(dim, n, widths, widened)
+        return size, maps[::-1] if np.isin(dim.group, list(widened)).any() else maps
+
+    monkeypatch.setattr(widen_module, "teacher_maps", swapped)
+    relabelled = graphmerge.widen(teachers, x, verify=False)
+    with torch.no_grad():
+        mean = (teachers[0](x) + teachers[1](x)) / 2
+        assert_close_scaled(relabelled(x), mean, "the relabelled big student is still the mean (I1)")
+    with pytest.raises(graphmerge.CertificateError, match=r"invariant I2.*a\.weight \(teacher 0\)"):
+        graphmerge.widen(teachers, x)
