@@ -118,6 +118,8 @@ class Propagation:
         # them off keeps the size-1 or repeated heads axis in their block, where widen adds heads.
         self.head_hints: set[int] = set()
         self.cut_nodes: set[str] = set()  # nodes a split cuts into pieces (their layouts mark runs)
+        # strided slices inside joint blocks (block ids, sliced axis, the op): checked after solving
+        self.strided: list[tuple[np.ndarray, int, str]] = []
         self.hinted: frozenset[int] = frozenset()
 
     # -- building blocks for op rules -------------------------------------------------------
@@ -231,6 +233,14 @@ class Propagation:
         """Channels must be selected in whole consecutive units of ``size`` (conv groups, heads)."""
         if size > 1:
             self.units.append((np.asarray(ids, np.int64), size))
+
+    def strided_slice(self, block: np.ndarray, axis: int, what: str) -> None:
+        """A slice with a step along ``axis`` of a joint block (the interleaved pairs of rotary
+        embeddings, ``x[..., 1::2]`` over heads x head_dim). The big student runs the same slice, which
+        is exact only where that axis keeps the teacher's positions (a head's head_dim, once the head
+        is one channel); which axes the big student widens is known after solving, so it is checked
+        there (``_check_strided_slices``) and pins what it would break."""
+        self.strided.append((np.asarray(block, np.int64), axis, what))
 
     def normalised_across(self, ids: np.ndarray, what: str) -> None:
         """A normalisation spans these channels: dropping some changes the others (I3 inexact)."""
@@ -366,6 +376,7 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
         if group.width % group.unit:
             group.pinned = True
             group.reason = group.reason or f"selection unit {group.unit} does not divide width {group.width}"
+    _check_strided_slices(prop, groups, component, group_of, channel_of)
     live = np.array([not g.pinned for g in groups] + [False], dtype=bool)
     for node, value in prop.labels.items():
         if isinstance(value, TensorLabels) and any(d is None for d in layout.nodes.get(node.name, [])):
@@ -513,6 +524,37 @@ def _check_unit_alignment(groups: list[Group], ids: np.ndarray, size: int, compo
                     f"units of {size} channels (a grouped conv, GroupNorm or attention heads) are not whole "
                     "units of the group's channel order: a channel permutation (shuffle) lies between them")
             return
+
+
+def _check_strided_slices(prop: Propagation, groups: list[Group], component: np.ndarray, group_of: np.ndarray,
+                          channel_of: np.ndarray) -> None:
+    """Pin the groups a strided slice inside a joint block would cut wrongly in the big student.
+
+    The big student runs the teacher's slice unchanged. Along an axis that holds no channel of a
+    widened group (head_dim, when every position of a head is the head's one channel) it has the
+    teacher's positions, so the slice takes what the teacher's takes, in every teacher's block. Along
+    an axis that carries widened channels (the heads axis, or head_dim while its positions are
+    channels of their own) the teachers' copies sit side by side and a step would cross from one
+    teacher's block into the next; a block that is a channel permutation (varying along several
+    axes) has no per-axis layout at all. Both pin, with the op and the reason.
+    """
+    for block, axis, what in prop.strided:
+        ids = block.ravel()
+        gids = group_of[component[ids[ids >= 0]]]
+        live = sorted({int(g) for g in gids[gids >= 0] if not groups[g].pinned})
+        if not live:
+            continue
+        labels = TensorLabels(block.shape, [(tuple(range(block.ndim)), block)])
+        along = _node_layout(labels, component, group_of, channel_of, None)[axis]
+        if along is None:
+            why = "the block is a channel permutation, so the big student has no per-axis layout to slice"
+        elif np.isin(along.group, live).any():
+            why = "the sliced axis carries widened channels, so a step would cross the teachers' blocks"
+        else:
+            continue
+        for gid in live:
+            groups[gid].pinned = True
+            groups[gid].reason = groups[gid].reason or f"{what}: strided slice of a reshaped channel block: {why}"
 
 
 def _first_reason(reasons: list[str]) -> str | None:

@@ -476,10 +476,10 @@ def broadcast(prop: Propagation, node: Any, inputs: list[TensorLabels]) -> Tenso
                if len(dims) == 1 and (ids >= 0).any() and x.shape[dims[0]] == shape[dims[0]]}
     for i, x in enumerate(aligned):
         for dims, _ in list(x.blocks):
-            heads = sorted(set(dims) & per_dim)
-            if len(dims) == 2 and len(heads) == 1:
-                inner = next(d for d in dims if d != heads[0])
-                aligned[i] = _collapse_block(prop, node, aligned[i], heads[0], inner) or aligned[i]
+            heads = _heads_axis(dims, per_dim, len(shape))
+            if heads is not None:
+                inner = next(d for d in dims if d != heads)
+                aligned[i] = _collapse_block(prop, node, aligned[i], heads, inner) or aligned[i]
     joint_blocks: list[tuple[tuple[int, ...], np.ndarray]] = []
     joint_dims: set[int] = set()
     for x in aligned:
@@ -533,6 +533,25 @@ def broadcast(prop: Propagation, node: Any, inputs: list[TensorLabels]) -> Tenso
         stacked = np.stack(candidates)
         out_blocks.append(((d,), np.where((stacked >= 0).all(0), candidates[0], NOT_A_CHANNEL)))
     return TensorLabels(shape, out_blocks)
+
+
+def _heads_axis(dims: tuple[int, ...], per_dim: set[int], ndim: int) -> int | None:
+    """The heads axis of a heads x head_dim block that meets per-head values, else None.
+
+    A value with a channel on one of the two axes (a norm over head_dim) makes that axis the heads.
+    A table with channels on both (rotary frequencies learned per head: heads x frequencies) leaves
+    head_dim as the tensor's last axis, where attention contracts it: the other one holds the heads,
+    and the table's head_dim positions then meet no channel (they stay the teacher's in the big
+    student, where heads are added and head_dim is unchanged).
+    """
+    if len(dims) != 2:
+        return None
+    meeting = sorted(set(dims) & per_dim)
+    if len(meeting) == 1:
+        return meeting[0]
+    if len(meeting) == 2 and ndim - 1 in dims:
+        return next(d for d in dims if d != ndim - 1)
+    return None
 
 
 def _hint_heads_axis(prop: Propagation, aligned: list[TensorLabels], d: int) -> None:
@@ -990,10 +1009,23 @@ def slice_(prop: Propagation, node: torch.fx.Node) -> Any:
     if piece.shape[dims.index(dim)] != shape[dim]:
         return pin_all(prop, node, f"{describe(node)}: slice of an unexpected size")
     if step != 1 and (piece >= 0).any():
-        prop.pin(block, f"{describe(node)}: strided slice of a channel dim")
+        _strided(prop, node, dims, block, dim)
     if len(dims) == 1 and piece.size != block.size:
         prop.run(piece)
     return TensorLabels(shape, [(d, piece if d == dims else a) for d, a in x.blocks])
+
+
+def _strided(prop: Propagation, node: torch.fx.Node, dims: tuple[int, ...], block: np.ndarray, dim: int) -> None:
+    """A slice with a step selects positions by index: exact in the big student only along an axis it
+    leaves at the teacher's size. Inside a joint block (heads x head_dim: the interleaved pairs of
+    rotary embeddings) that is decided once heads are known (``Propagation.strided_slice``). A
+    channel dim of its own is widened teacher-major, and a step over it would take channels from
+    every teacher's block at the wrong offsets: pinned (graph input positions are shared, not pins)."""
+    if len(dims) > 1:
+        prop.strided_slice(block, dims.index(dim), describe(node))
+    else:
+        pin_mixing(prop, block, f"{describe(node)}: strided slice of a channel dim (the teachers' channels sit "
+                                "side by side in the big student, and a step would mix their blocks)")
 
 
 def rewrite_slice(node: torch.fx.Node, sizes: SizeContext) -> None:

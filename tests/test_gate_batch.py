@@ -176,7 +176,8 @@ def test_a_static_batch_shares_one_realisation_and_says_where() -> None:
     x = torch.randn(1, 8, IN)
     with pytest.warns(UserWarning):
         big = graphmerge.widen(teachers, x)
-    with pytest.warns(UserWarning, match=r"cannot locate the batch dimension at 1 gate site.*node reshape.*test_gate_batch.py"):
+    lost = r"cannot locate the batch dimension at 1 gate site.*node reshape.*test_gate_batch.py"
+    with pytest.warns(UserWarning, match=lost):
         gated = graphmerge.add_gates(big, seed=0)
     site = next(node for node in gated.graph_module.graph.nodes if getattr(node.target, "__name__", "") ==
                 "apply_gate")
@@ -198,5 +199,6 @@ def test_a_gate_on_a_parameter_operand_is_refused(monkeypatch: pytest.MonkeyPatc
     teachers = _teachers(ParameterOperand)
     x = torch.randn(2, 8, IN)
     big = graphmerge.widen(teachers, x)
-    with pytest.raises(graphmerge.GraphMergeError, match=r"aten.addmm.*argument 0 \(b.bias\), which is a parameter or constant"):
+    refused = r"aten.addmm.*argument 0 \(b.bias\), which is a parameter or constant"
+    with pytest.raises(graphmerge.GraphMergeError, match=refused):
         graphmerge.add_gates(big)
