@@ -130,15 +130,19 @@ def _probe(gm: torch.fx.GraphModule, names: list[str], inputs: tuple,
     batch = _example_batch(inputs, kwargs)
     if batch is None:
         return {name: "the example inputs do not share one batch size" for name in names}
+    dtype = next((t.dtype for t in gm.state_dict().values() if t.is_floating_point()), None)
+    if dtype is not None:  # the inputs as the model's floats (a float64 copy is run on float32 examples)
+        inputs, kwargs = pytree.tree_map(
+            lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, (inputs, kwargs))
     runs = []
     for size in (batch, batch + 1):
         grown = pytree.tree_map(lambda x, size=size: _at_batch(x, size, batch), (inputs, kwargs))
         try:
             runs.append(_record(gm, names, *grown))
         except Exception as error:  # noqa: BLE001 - a graph that cannot run at another batch size
-            reason = (f"the graph does not run on {size} samples ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0][:160] if str(error) else ''}); it was captured with a "
-                      "static batch")
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+            reason = (f"the graph does not run on {size} samples ({type(error).__name__}: {first}; was it captured "
+                      "with a static batch?)")
             return {name: reason for name in names}
     return {name: _place_from_runs(runs[0].get(name), runs[1].get(name), batch) for name in names}
 

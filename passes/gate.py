@@ -537,7 +537,10 @@ def _check_activation(node: torch.fx.Node, arg_index: int) -> None:
 def _batch_places(big: torch.fx.GraphModule, info: WidenInfo, sources: list[torch.fx.Node]
                   ) -> dict[str, BatchPlace | str]:
     """Where the batch sits in each gated activation; a warning per site where it cannot be located."""
-    places = locate_batch(big, [source.name for source in sources], info.example_inputs, info.example_kwargs)
+    names = [source.name for source in sources]
+    if not set(names) <= set(info.batch_places):  # located once per big student: gated copies share it
+        info.batch_places.update(locate_batch(big, names, info.example_inputs, info.example_kwargs))
+    places = info.batch_places
     lost = [(source, places[source.name]) for source in dict.fromkeys(sources)
             if not isinstance(places[source.name], BatchPlace) and places[source.name] != NO_BATCH]
     if lost:

@@ -56,6 +56,8 @@ class WidenInfo:
     # parameters stacked per teacher (token-mixing layers): name -> the widened groups whose
     # channels each teacher's copy is applied to
     per_teacher: dict[str, list[int]] = field(default_factory=dict)
+    # where the batch sits in each gated activation (graphmerge.passes.batch), located by add_gates
+    batch_places: dict[str, Any] = field(default_factory=dict)
 
     @property
     def widths(self) -> dict[int, int]:

@@ -9,6 +9,7 @@ student's own forward, I4 by loading into a fresh instance of the teacher's clas
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graphmerge
+from graphmerge.pipeline import certify_pipeline
 from tests.models import CASES, ModelCase, clone_for_loading, make_teachers
 from tests.randarch import CLASSES, build, example_inputs, specs, unsupported_patterns
 
@@ -154,6 +156,25 @@ def check_i4(student: nn.Module, teacher: nn.Module, inputs: tuple) -> None:
     assert torch.equal(fresh.eval()(*inputs), student.eval()(*inputs)), "I4: reloaded student differs"
 
 
+def check_pipeline(teachers: list[nn.Module], big: nn.Module, inputs: tuple, kwargs: dict | None = None,
+                   batch_sizes: tuple[int, int] = (3, 1), onnx_path: Any = None) -> Any:
+    """The whole merge at toy scale (graphmerge.pipeline): gates in train mode at another batch size, each
+    sample gated by its own realisation (checked against each sample run alone), every group decided at
+    1/N open, compress by the gates (I3 unless skipped with a reason), a strict reload and a forward at a
+    third batch size."""
+    report = certify_pipeline(teachers, inputs, example_kwargs=kwargs, big=big, batch_sizes=batch_sizes,
+                              onnx_path=onnx_path)
+    n = len(teachers)
+    assert report.sample_skipped is None, report.sample_skipped
+    assert report.sample_error <= 1e-4, f"gates follow samples: {report.sample_error:.3g}"
+    for gid, fraction in report.open_fraction.items():
+        assert abs(fraction - 1 / n) <= 1e-3, f"group {gid} is {fraction:.4f} open after decide, not 1/{n}"
+    i3 = report.certificates["I3"]
+    assert i3.skipped or i3.relative_error <= i3.tolerance, i3
+    assert type(report.student) is type(teachers[0])
+    return report
+
+
 def teachers_for(case: ModelCase, n: int, seed: int = 0) -> list[nn.Module]:
     return make_teachers(case.build, n, seed)
 
@@ -251,8 +272,9 @@ def test_scores_keep_the_top_width_ties_by_index() -> None:
 
 
 @settings(deadline=None)
-@given(spec=specs(), n=st.sampled_from([2, 2, 3]), seed=st.integers(0, 2**16))
-def test_random_architectures_satisfy_the_invariants(spec, n: int, seed: int) -> None:
+@given(spec=specs(), n=st.sampled_from([2, 2, 3]), seed=st.integers(0, 2**16),
+       batches=st.tuples(st.integers(2, 6), st.integers(1, 6)))
+def test_random_architectures_satisfy_the_invariants(spec, n: int, seed: int, batches: tuple[int, int]) -> None:
     """All four invariants, unless the analysis pins inside the network; that is allowed only for
     the patterns ``randarch.unsupported_patterns`` lists (then I1 cannot hold)."""
     teachers = make_teachers(lambda: build(spec), n, seed)
@@ -274,3 +296,4 @@ def test_random_architectures_satisfy_the_invariants(spec, n: int, seed: int) ->
     check_i2(teachers, big, output_layer_name(teachers[0], inputs))
     check_i3(big, groups, n, inputs, seed)
     check_i4(graphmerge.compress(big, "teacher:0"), teachers[0], inputs)
+    check_pipeline(teachers, big, inputs, batch_sizes=batches)

@@ -28,7 +28,7 @@ from tests.randformer import (
     specs,
     unsupported_patterns,
 )
-from tests.test_invariants import check_i2, check_i3, check_i4, mean_of_teachers, output_layer_name
+from tests.test_invariants import check_i2, check_i3, check_i4, check_pipeline, mean_of_teachers, output_layer_name
 
 torch.set_num_threads(1)
 
@@ -43,7 +43,7 @@ def check_i1_float64(teachers, big, inputs) -> None:
     assert error <= 1e-6 * scale, f"I1 big(x) vs mean_t teacher_t(x): max abs error {error:.3g} > 1e-6 x {scale:.3g}"
 
 
-def check_transformer(spec, n: int, seed: int) -> None:
+def check_transformer(spec, n: int, seed: int, batches: tuple[int, int] = (3, 1)) -> None:
     teachers = [t.double() for t in make_teachers(lambda: build(spec), n, seed)]
     inputs = tuple(x.double() if x.is_floating_point() else x for x in example_inputs(spec))
     assert teachers[0](*inputs).shape == (BATCH, CLASSES)
@@ -61,14 +61,17 @@ def check_transformer(spec, n: int, seed: int) -> None:
     check_i2(teachers, big, output_layer_name(teachers[0], inputs))
     check_i3(big, groups, n, inputs, seed, mixed=False)
     check_i4(graphmerge.compress(big, f"teacher:{n - 1}"), teachers[0], inputs)
+    check_pipeline(teachers, big, inputs, batch_sizes=batches)
 
 
 # make fuzz sets GRAPHMERGE_FUZZ_EXAMPLES (fresh seed, many examples); make test runs 30 derandomized
 @settings(deadline=None, max_examples=int(os.environ.get("GRAPHMERGE_FUZZ_EXAMPLES", "30")))
-@given(spec=specs(), n=st.sampled_from([2, 2, 3]), seed=st.integers(0, 2**16))
-def test_random_transformers_satisfy_the_invariants(spec, n: int, seed: int) -> None:
-    """No group pinned inside (unless a listed pattern explains every pin), then I1-I4."""
-    check_transformer(spec, n, seed)
+@given(spec=specs(), n=st.sampled_from([2, 2, 3]), seed=st.integers(0, 2**16),
+       batches=st.tuples(st.integers(1, 6), st.integers(1, 6)))
+def test_random_transformers_satisfy_the_invariants(spec, n: int, seed: int, batches: tuple[int, int]) -> None:
+    """No group pinned inside (unless a listed pattern explains every pin), then I1-I4 and the whole
+    merge pipeline at drawn batch sizes."""
+    check_transformer(spec, n, seed, batches)
 
 
 ONE_BLOCK = (BlockSpec(token_mixer=0, mlp_hidden=2, act="gelu", gated=False),)

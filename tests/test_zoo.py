@@ -11,7 +11,7 @@ from graphmerge.passes.widen import widen_info
 
 import graphmerge
 from tests.models import make_teachers
-from tests.test_invariants import check_i1, check_i2, check_i3, check_i4, output_layer_name
+from tests.test_invariants import check_i1, check_i2, check_i3, check_i4, check_pipeline, output_layer_name
 from tests.zoo_models import (
     ALL_MODELS,
     AVERAGED_OUTPUT,
@@ -82,6 +82,7 @@ def test_zoo_model_invariants(name: str) -> None:
     else:
         check_i1(teachers, big, inputs)
     check_i2(teachers, big, output_layer_name(teachers[0], inputs))
+    check_pipeline(teachers, big, inputs)
     _, info = widen_info(big)
     check_i4(graphmerge.compress(big, "teacher:1"), teachers[0], inputs)
     if name in FLOAT64_I1:  # float32 rounding alone exceeds the tolerance on these (see above)

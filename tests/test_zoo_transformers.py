@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import graphmerge
+from tests.test_invariants import check_pipeline
 from tests.zoo_models import full_zoo
 
 torch.set_num_threads(1)
@@ -95,6 +96,7 @@ def _check(teachers: list[nn.Module], inputs: tuple, kwargs: dict) -> None:
     for a, b in zip(got, expected, strict=True):
         scale = max(1.0, float(b.abs().max()))
         assert float((a - b).abs().max()) <= 1e-6 * scale, f"I1: {float((a - b).abs().max()):.3g} (scale {scale:.3g})"
+    check_pipeline(teachers, big, inputs, kwargs)
     # I2: teacher k's tensors, or (the averaging layers) weight / N and the mean bias
     for k in range(n):
         student = graphmerge.compress(big, f"teacher:{k}")
