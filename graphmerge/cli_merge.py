@@ -143,6 +143,10 @@ def merge_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N.", callback=_device_option),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    normalised_groups: str = typer.Option("block", "--normalised-groups",
+                                          help="How a channel group a normalisation spans (a pre-norm transformer's "
+                                               "residual stream) is selected: 'block' keeps one teacher's whole "
+                                               "block (compression exact), 'mixed' the top channels of any."),
     preflight: bool = typer.Option(True, "--preflight/--no-preflight",
                                    help="Before any training, run the whole merge at toy scale on two samples "
                                         "(gates in train mode, compress by the gates, reload) so a model that "
@@ -174,7 +178,8 @@ def merge_command(
         budget_direction=budget_direction, decide_gates=decide_gates,
         lambda0=lambda0, lambda_schedule=lambda_schedule, **distillation,
         checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, log=_epoch_logger(log_json, resume),
-        progress=True, device=device, compile=compile, precision=precision, preflight=preflight)
+        progress=True, device=device, compile=compile, precision=precision, preflight=preflight,
+        normalised_groups=normalised_groups)
     if _is_main():
         checkpoint.save_weights(out, result.student, metadata={"model": model, "data": data})
         print_gate_report(result)

@@ -63,7 +63,7 @@ import graphmerge
 from graphmerge import checkpoint as ckpt
 from graphmerge.data import first_inputs
 from graphmerge.errors import GraphMergeError
-from graphmerge.passes.gate import budget_target, decision_strength
+from graphmerge.passes.gate import NORMALISED_SELECTIONS, budget_target, decision_strength
 from graphmerge.passes.util import check_teacher_count, eval_mode
 from graphmerge.pipeline import certify_pipeline
 from graphmerge.training import (
@@ -173,6 +173,7 @@ class MergeSettings:
     compile: bool = False
     precision: str = "fp32"
     preflight: bool = True
+    normalised_groups: str = "block"
 
     #: Settings that may change between a run and its resumption (where and how it reports, whether
     #: the steps run compiled: the same computation, and whether the pipeline is checked first).
@@ -210,6 +211,10 @@ class MergeSettings:
         lambda_schedule(self.lambda_schedule, self.lambda0, self.lambda_growth)  # names a bad schedule
         resolve_loss(self.loss)  # names a bad loss
         self._check_distill()
+        if self.normalised_groups not in NORMALISED_SELECTIONS:
+            raise GraphMergeError(f"unknown normalised_groups {self.normalised_groups!r}: use 'block' (a group a "
+                                  "normalisation spans keeps one teacher's whole block; compression is exact) or "
+                                  "'mixed' (the top channels of any teachers, as the paper).")
         for name in ("compile", "preflight"):
             if not isinstance(getattr(self, name), bool):
                 raise GraphMergeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -266,6 +271,7 @@ class MergeSettings:
         skipped += ("precision",) if self.precision == "fp32" else ()  # checkpoints from before it existed
         # off (the behaviour before it existed) or without effect (penalty): older checkpoints resume
         skipped += ("decide_gates",) if not self.decide_gates or self.gate_budget != "projected" else ()
+        skipped += ("normalised_groups",) if self.normalised_groups == "mixed" else ()  # the selection before it
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in skipped}
 
@@ -534,6 +540,7 @@ class _MergeRun:
         inputs = self.s.example_inputs or first_inputs(self.train_data)
         inputs = tuple(x.to(self.ctx.device) for x in inputs)
         big = graphmerge.widen([t.eval() for t in teachers], inputs)
+        big.meta["graphmerge"].normalised_selection = self.s.normalised_groups
         _seed_everything(self.s.seed)
         gated = graphmerge.add_gates(big, **(self.s.gate_options or {}))
         return big.to(self.ctx.device), gated.to(self.ctx.device)

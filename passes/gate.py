@@ -567,6 +567,8 @@ def _site_index(in_dim, n: int, widths: dict[int, int], widened: set[int], gates
 
 
 Keep = str | dict[int, Any]
+#: how groups a normalisation spans are selected: one teacher's whole block, or the top channels of any
+NORMALISED_SELECTIONS = ("block", "mixed")
 
 
 def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | None = None) -> dict[int, np.ndarray]:
@@ -574,7 +576,12 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
 
     ``keep`` is ``"teacher:K"`` or ``{group_id: scores}`` (N × width scores; the top ``width``
     are kept, ties broken by lower index). Groups selected in units (conv groups) keep whole
-    units, ranked by the sum of their channels' scores.
+    units, ranked by the sum of their channels' scores. A group a normalisation spans (a pre-norm
+    transformer's residual stream) keeps one teacher's whole block, the one with the highest
+    score sum, where ``info.normalised_selection`` is ``"block"`` (the default) and the group
+    keeps its width: the big student normalises each teacher's block over that block, so the
+    student's normalisation over the kept channels is the same one (I3 holds), and every layer
+    reading the stream reads one network's features, not a mix of two.
     """
     n = info.n_teachers
     kept: dict[int, np.ndarray] = {}
@@ -591,6 +598,10 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
         return kept
     if not isinstance(keep, dict):
         raise GraphMergeError(f"keep must be 'gates', 'teacher:K' or a dict of per-group scores; got {keep!r}.")
+    if info.normalised_selection not in NORMALISED_SELECTIONS:
+        raise GraphMergeError(f"normalised_selection must be one of {', '.join(NORMALISED_SELECTIONS)}, got "
+                              f"{info.normalised_selection!r}.")
+    whole_blocks = set(info.groups.layout.across_norm) if info.normalised_selection == "block" else set()
     for group in info.groups.gated:
         if group.id not in keep:
             raise GraphMergeError(f"no scores for widened group {group.id} (width {group.width}): give a "
@@ -600,7 +611,11 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
             raise GraphMergeError(f"group {group.id} has {n * group.width} big channels but {scores.size} "
                                   "scores were given.")
         count = (counts or {}).get(group.id, group.width)
-        kept[group.id] = _top(scores, count, group.unit)
+        if group.id in whole_blocks and count == group.width:
+            block = int(np.argmax(scores.reshape(n, group.width).sum(1)))  # ties: the lower teacher
+            kept[group.id] = block * group.width + np.arange(group.width)
+        else:
+            kept[group.id] = _top(scores, count, group.unit)
     return kept
 
 

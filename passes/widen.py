@@ -58,6 +58,10 @@ class WidenInfo:
     per_teacher: dict[str, list[int]] = field(default_factory=dict)
     # where the batch sits in each gated activation (graphmerge.passes.batch), located by add_gates
     batch_places: dict[str, Any] = field(default_factory=dict)
+    # how a group a normalisation spans is selected (see gate.select_channels): "block", one teacher's
+    # whole block (the student normalises over what the big student normalised over, so I3 holds),
+    # or "mixed", the top channels of any teachers
+    normalised_selection: str = "block"
 
     @property
     def widths(self) -> dict[int, int]:
