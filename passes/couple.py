@@ -547,7 +547,8 @@ def _check_strided_slices(prop: Propagation, groups: list[Group], component: np.
         labels = TensorLabels(block.shape, [(tuple(range(block.ndim)), block)])
         along = _node_layout(labels, component, group_of, channel_of, None)[axis]
         if along is None:
-            why = "the block is a channel permutation, so the big student has no per-axis layout to slice"
+            why = ("its channels vary along several axes (a channel shuffle, or positions no head joins), so the big "
+                   "student has no per-axis layout to slice")
         elif np.isin(along.group, live).any():
             why = "the sliced axis carries widened channels, so a step would cross the teachers' blocks"
         else:

@@ -417,7 +417,7 @@ def elementwise(prop: Propagation, node: torch.fx.Node) -> Any:
               for labels in [labels_of(prop, arg)] if isinstance(labels, TensorLabels)]
     result = broadcast(prop, node, others or inputs)
     for arg in constants if others else []:
-        _adopt_channels(prop, arg, result)
+        result = _adopt_channels(prop, node, arg, result)
     _per_teacher_operands(prop, node, result)
     return result
 
@@ -432,13 +432,16 @@ def _constant_buffer(prop: Propagation, value: Any) -> str | None:
     return name if tensor is not None and tensor.is_floating_point() else None
 
 
-def _adopt_channels(prop: Propagation, value: torch.fx.Node, result: TensorLabels) -> None:
+def _adopt_channels(prop: Propagation, node: torch.fx.Node, value: torch.fx.Node,
+                    result: TensorLabels) -> TensorLabels:
     """A constant buffer broadcast against channels takes their labels on the dims it spans, so
-    widen lays it out like them (one copy per teacher); compress leaves it to the student's class."""
+    widen lays it out like them (one copy per teacher); compress leaves it to the student's class.
+    Returns the result's labels (its heads made channels where the buffer has a heads axis)."""
     labels = labels_of(prop, value)
     lead = result.ndim - labels.ndim
     if lead < 0:
-        return
+        return result
+    result = _heads_for_table(prop, node, labels, lead, result)
     dims = []
     for i, size in enumerate(labels.shape):
         ids = result.dim(i + lead)
@@ -446,6 +449,24 @@ def _adopt_channels(prop: Propagation, value: torch.fx.Node, result: TensorLabel
         dims.append(ids if spans else np.full(size, NOT_A_CHANNEL, np.int64))
     if any((d >= 0).any() for d in dims):
         prop.use_param(str(value.target), dims, out_dim=None)
+    return result
+
+
+def _heads_for_table(prop: Propagation, node: torch.fx.Node, table: TensorLabels, lead: int,
+                     result: TensorLabels) -> TensorLabels:
+    """A constant table with a heads axis (rotary sin/cos per head) meeting heads x head_dim: each
+    head's rows of the table must follow the head when heads are added, so each head becomes one
+    channel (as a per-head value makes it in ``broadcast``) and the table can take the heads' labels.
+    head_dim is the block's axis that is the tensor's last (where attention contracts it); a table
+    that does not span the other axis (one row for all heads: the usual rotary table) changes nothing."""
+    last = result.ndim - 1
+    for dims, ids in result.blocks:
+        if len(dims) != 2 or last not in dims or not (ids >= 0).any():
+            continue
+        heads = next(d for d in dims if d != last)
+        if heads >= lead and table.shape[heads - lead] == result.shape[heads] > 1:
+            return _collapse_block(prop, node, result, heads, last) or result
+    return result
 
 
 def _per_teacher_operands(prop: Propagation, node: torch.fx.Node, result: TensorLabels) -> None:
@@ -879,12 +900,13 @@ def rewrite_repeat_interleave(node: torch.fx.Node, sizes: SizeContext) -> None:
 
 def cat(prop: Propagation, node: torch.fx.Node) -> Any:
     args = op_args(node)
-    tensors = [labels_of(prop, t) for t in args["tensors"]]
+    pairs = [(value, labels_of(prop, value)) for value in args["tensors"]]
+    pairs = [(v, t) for v, t in pairs if not (isinstance(t, TensorLabels) and t.shape == (0,))]
     shape = node_shape(node)
-    tensors = [t for t in tensors if not (isinstance(t, TensorLabels) and t.shape == (0,))]
-    if shape is None or not all(isinstance(t, TensorLabels) for t in tensors):
+    if shape is None or not all(isinstance(t, TensorLabels) for _, t in pairs):
         return pin_all(prop, node, f"{describe(node)}: cat of values without channel labels")
     dim = args["dim"] % len(shape)
+    tensors = [_constant_piece(prop, value, t, dim) for value, t in pairs]
     if any(t.dim(dim) is None for t in tensors):
         return _cat_joint(prop, node, tensors, shape, dim)
     joined = np.concatenate([t.dim(dim) for t in tensors])
@@ -894,6 +916,22 @@ def cat(prop: Propagation, node: torch.fx.Node) -> Any:
               for t in tensors]
     rest = broadcast(prop, _ShapeOnly(node, shape[:dim] + (1,) + shape[dim + 1:]), others)
     return rest.with_dim(dim, joined)
+
+
+def _constant_piece(prop: Propagation, value: Any, labels: TensorLabels, dim: int) -> TensorLabels:
+    """A constant buffer concatenated beside channels (a zero key bias between the query and value
+    biases of a fused qkv projection) has no channels of its own, yet its positions meet channels
+    after the cat. They get ids of their own, recorded as the buffer's labels: the ids take the
+    channels they meet, and widen lays the buffer out like them (one copy per teacher); compress
+    leaves it to the student's class, which builds its own."""
+    name = _constant_buffer(prop, value)
+    ids = labels.dim(dim)
+    if name is None or ids is None or (ids >= 0).any() or labels.all_ids().max(initial=-1) >= 0:
+        return labels
+    dims = [np.full(size, NOT_A_CHANNEL, np.int64) for size in labels.shape]
+    dims[dim] = prop.fresh(labels.shape[dim], run=False)
+    prop.use_param(name, dims, out_dim=None)
+    return labels.with_dim(dim, dims[dim])
 
 
 def _cat_joint(prop: Propagation, node: torch.fx.Node, tensors: list[TensorLabels], shape: tuple[int, ...],
@@ -1008,7 +1046,7 @@ def slice_(prop: Propagation, node: torch.fx.Node) -> Any:
     piece = block[tuple(index)]
     if piece.shape[dims.index(dim)] != shape[dim]:
         return pin_all(prop, node, f"{describe(node)}: slice of an unexpected size")
-    if step != 1 and (piece >= 0).any():
+    if step != 1 and (block >= 0).any():
         _strided(prop, node, dims, block, dim)
     if len(dims) == 1 and piece.size != block.size:
         prop.run(piece)
