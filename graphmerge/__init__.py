@@ -14,17 +14,33 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CertificateError",
+    "GatePhase",
     "GraphMergeError",
     "ModelMismatchError",
     "TraceError",
     "add_gates",
     "analyze",
+    "certify_pipeline",
     "compress",
     "export_onnx",
     "merge",
     "register_rule",
     "widen",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``GatePhase`` (the gate phase's schedule for your own loop) and ``certify_pipeline`` (the whole
+    merge at toy scale), imported on first use like every entry point here."""
+    if name == "GatePhase":
+        from graphmerge.gate_phase import GatePhase
+
+        return GatePhase
+    if name == "certify_pipeline":
+        from graphmerge.pipeline import certify_pipeline
+
+        return certify_pipeline
+    raise AttributeError(f"module 'graphmerge' has no attribute {name!r}")
 
 
 def analyze(model, example_inputs, *, example_kwargs=None, leaf_modules=()):

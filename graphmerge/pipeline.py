@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -160,6 +161,8 @@ def gates_follow_samples(gated: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     real = gated.gates
     generator = torch.Generator().manual_seed(0)
     values = torch.rand(batch, real.total, generator=generator).to(real.all_log_alpha())
+    shared = _shared_entries(gated.graph_module)
+    values[:, shared] = values[:1, shared]  # one realisation for the batch there, by design (passes/batch.py)
     fixed = _FixedGates(torch.cat([values, torch.ones(batch, 1).to(values)], 1))
     modules = gated.graph_module._modules
     was_training = gated.training
@@ -190,6 +193,17 @@ def gates_follow_samples(gated: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     if not compared:
         return None, "no output has the batch at dim 0"
     return error / max(1.0, scale), None
+
+
+def _shared_entries(gm: torch.fx.GraphModule) -> torch.Tensor:
+    """The gate entries read by sites without a batch place (one realisation shared by the batch)."""
+    from graphmerge.passes.gate import apply_gate
+
+    entries = [getattr(gm, node.args[2].target) for node in gm.graph.nodes
+               if node.target is apply_gate and node.args[5] is None]
+    total = gm.graphmerge_gates.total
+    found = torch.cat(entries).unique() if entries else torch.zeros(0, dtype=torch.long)
+    return found[found < total]
 
 
 class _FixedGates(nn.Module):

@@ -63,7 +63,8 @@ import graphmerge
 from graphmerge import checkpoint as ckpt
 from graphmerge.data import first_inputs
 from graphmerge.errors import GraphMergeError
-from graphmerge.passes.gate import NORMALISED_SELECTIONS, budget_target, decision_strength
+from graphmerge.gate_phase import GatePhase
+from graphmerge.passes.gate import NORMALISED_SELECTIONS
 from graphmerge.passes.util import check_teacher_count, eval_mode
 from graphmerge.pipeline import certify_pipeline
 from graphmerge.training import (
@@ -560,21 +561,12 @@ class _MergeRun:
         epochs = self.s.gate_epochs
 
         projected = self.s.gate_budget == "projected"
-        n = gated.n_teachers
+        schedule = GatePhase(gated, max(1, epochs), budget=self.s.gate_budget, ramp=self.s.budget_ramp,
+                             direction=self.s.budget_direction, decide=self.s.decide_gates, epochs=max(1, epochs),
+                             lambda_at=self.lambda_at)
 
         def fields(epoch: int) -> dict[str, Any]:
-            if projected:
-                progress = (epoch + 1) / epochs
-                decision = {"decision": decision_strength(progress, self.s.budget_ramp)} if self.s.decide_gates else {}
-                return {"budget": budget_target(progress, n, self.s.budget_ramp), **decision}
-            return {"lambda": self.lambda_at(epoch)}
-
-        def after_step(progress: float) -> None:
-            target = budget_target(progress, n, self.s.budget_ramp)
-            if self.s.decide_gates and progress >= self.s.budget_ramp:
-                gated.decide(target, decision_strength(progress, self.s.budget_ramp), self.s.budget_direction)
-            else:
-                gated.project_to_budget(target, self.s.budget_direction)
+            return schedule.fields((epoch + 1) / epochs) if projected else {"lambda": self.lambda_at(epoch)}
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             record.update(_gate_fields(gated))
@@ -584,8 +576,8 @@ class _MergeRun:
 
         phase = PhaseConfig(name="gate", epochs=epochs, batch_size=self.s.batch_size, seed=self.s.seed,
                             optimizers=optimizers, progress=self.s.progress, epoch_fields=fields,
-                            after_step=after_step if projected else None,
-                            aux_loss=None if projected else lambda epoch: self.lambda_at(epoch) * gated.gate_loss(),
+                            after_step=schedule.advance_to if projected else None,
+                            aux_loss=None if projected else schedule.penalty,
                             compile=self.s.compile, precision=self.s.precision)
         fit(gated, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
