@@ -13,8 +13,10 @@ a closed gate.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
+import types
 import warnings
 from typing import Any
 
@@ -354,6 +356,16 @@ def _run_length(index: np.ndarray) -> int:
     return 1
 
 
+def _forward_named_like(graph_module: torch.fx.GraphModule) -> Any:
+    def forward(self: GatedStudent, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    named = inspect.signature(graph_module.forward)
+    forward.__signature__ = named.replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *named.parameters.values()])
+    return forward
+
+
 class GatedStudent(nn.Module):
     """A big student with gates at every consumer of every widened group."""
 
@@ -361,6 +373,9 @@ class GatedStudent(nn.Module):
         super().__init__()
         self.graph_module = graph_module
         self.n_teachers = n_teachers
+        # forward takes the captured graph's inputs by name (input_ids, attention_mask, ...): trainers that
+        # read a model's signature (transformers.Trainer) pass exactly those
+        self.forward = types.MethodType(_forward_named_like(graph_module), self)
 
     @property
     def gates(self) -> HardConcreteGates:

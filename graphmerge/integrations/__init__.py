@@ -1,0 +1,1 @@
+"""Adapters that run graphmerge's gate phase inside other libraries' training loops."""
