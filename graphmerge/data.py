@@ -24,14 +24,14 @@ from __future__ import annotations
 import importlib.util
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from graphmerge.errors import GraphMergeError
 
@@ -279,6 +279,20 @@ def infer_task(data: Dataset | DataLoader) -> str:
                               f"or set TASK in the data file.") from exc
     target = torch.as_tensor(target)
     return REGRESSION if target.is_floating_point() else CLASSIFICATION
+
+
+def first_example(data: Dataset | DataLoader, count: int = 2) -> tuple[tuple, dict[str, torch.Tensor]]:
+    """The first ``count`` samples' inputs as one batch, positional and keyword (a dict dataset's
+    entries but ``labels``): the example inputs for capture."""
+    if isinstance(data, DataLoader):
+        batch = next(iter(data))
+    elif isinstance(data[0], Mapping):
+        batch = default_collate([data[i] for i in range(min(count, len(data)))])
+    else:
+        batch = None
+    if isinstance(batch, Mapping):
+        return (), {k: v[:count] for k, v in batch.items() if k != "labels"}
+    return first_inputs(data, count), {}
 
 
 def first_inputs(data: Dataset | DataLoader, count: int = 2) -> tuple:

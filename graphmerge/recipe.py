@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import graphmerge
 from graphmerge import checkpoint as ckpt
-from graphmerge.data import first_inputs
+from graphmerge.data import first_example
 from graphmerge.errors import GraphMergeError
 from graphmerge.gate_phase import GatePhase
 from graphmerge.passes.gate import NORMALISED_SELECTIONS
@@ -79,6 +79,7 @@ from graphmerge.training import (
     evaluate,
     fit,
     lambda_schedule,
+    logits_of,
     resolve_loss,
     setup_distributed,
     sgd,
@@ -433,13 +434,19 @@ class _MergeRun:
         training: a model that cannot be gated, compressed or reloaded fails in seconds, naming the stage,
         not after the teachers were trained and the first gate epoch spent. The global RNG is left as
         it was, so the run is the same with or without it."""
-        inputs = self.s.example_inputs or first_inputs(self.train_data)
+        inputs, kwargs = self._example()
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             teachers = [self._fresh_teacher(i).eval() for i in range(self._n_teachers())]
-            certify_pipeline(teachers, tuple(x.to(self.ctx.device) for x in inputs), seed=self.s.seed)
+            certify_pipeline(teachers, inputs, example_kwargs=kwargs, seed=self.s.seed)
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+    def _example(self) -> tuple[tuple, dict[str, torch.Tensor]]:
+        """The example inputs capture runs on (positional, keyword), on the run's device."""
+        inputs, kwargs = (self.s.example_inputs, {}) if self.s.example_inputs else first_example(self.train_data)
+        device = self.ctx.device
+        return tuple(x.to(device) for x in inputs), {k: v.to(device) for k, v in kwargs.items()}
 
     def _gate_phase_pending(self) -> bool:
         """True when the gate phase must run, or its last checkpoint be reloaded to compress it."""
@@ -538,9 +545,8 @@ class _MergeRun:
 
     def _build_gated(self, teachers: list[nn.Module]) -> tuple[nn.Module, nn.Module]:
         """widen + add_gates (deterministic given the teachers, except the gates' init noise)."""
-        inputs = self.s.example_inputs or first_inputs(self.train_data)
-        inputs = tuple(x.to(self.ctx.device) for x in inputs)
-        big = graphmerge.widen([t.eval() for t in teachers], inputs)
+        inputs, kwargs = self._example()
+        big = graphmerge.widen([t.eval() for t in teachers], inputs, example_kwargs=kwargs)
         big.meta["graphmerge"].normalised_selection = self.s.normalised_groups
         _seed_everything(self.s.seed)
         gated = graphmerge.add_gates(big, **(self.s.gate_options or {}))
@@ -668,11 +674,11 @@ class _MergeRun:
             models = [gated]
             kept = {"distill_target": gated.state_dict()}
 
-        def target(*inputs: torch.Tensor) -> torch.Tensor:
+        def target(*inputs: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
             outputs = []
             for model in models:
                 with eval_mode(model):
-                    outputs.append(model(*inputs))
+                    outputs.append(logits_of(model(*inputs, **kwargs)))
             return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(dim=0)
 
         term = distill_term(self.s.loss, self.s.temperature, self.s.distill_loss)

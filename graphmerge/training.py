@@ -118,8 +118,18 @@ def resolve_loss(loss: str | LossFn) -> tuple[LossFn, bool]:
         return cross_entropy, True
     if loss == "mse":
         return F.mse_loss, False
-    raise GraphMergeError(f"unknown loss {loss!r}: use 'cross_entropy', 'mse' or a callable "
+    if loss == "causal_lm":
+        return causal_lm, False
+    raise GraphMergeError(f"unknown loss {loss!r}: use 'cross_entropy', 'causal_lm' (next-token prediction from "
+                          f"labels = input_ids, the Hugging Face convention), 'mse' or a callable "
                           f"(output, target) -> scalar tensor.")
+
+
+def causal_lm(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy as Hugging Face causal LMs compute it from ``labels``: position t's
+    logits predict label t + 1, labels of -100 are ignored, the mean is over the predicted tokens."""
+    logits = output[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
 def _class_last(output: torch.Tensor, target: torch.Tensor) -> bool:
@@ -196,9 +206,9 @@ class Distillation:
     term: DistillTerm
     weight: float
 
-    def __call__(self, inputs: tuple, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: Batch, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target_output = self.target(*inputs)
+            target_output = logits_of(batch.run(self.target))
         return self.term(output, target_output.detach(), labels)
 
 
@@ -280,11 +290,46 @@ def _eval_shard(data: Dataset | DataLoader, batch_size: int, ctx: DistContext) -
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
-def _to_device(batch: Any, device: torch.device) -> tuple[tuple, torch.Tensor]:
-    """Split a batch into (model inputs as a tuple, target), moved to ``device``."""
+@dataclass
+class Batch:
+    """One batch split into the model's positional and keyword inputs and the target.
+
+    A batch is ``(inputs, target)`` (inputs a tensor or a tuple of them) or a dict of tensors (a
+    Hugging Face batch: ``input_ids``, ``attention_mask``, ``pixel_values``, ...) whose ``labels``
+    entry is the target and whose other entries go to the model as keywords. The labels never go
+    to the model: the task loss is ``loss(output, labels)``, computed by graphmerge, so that it is
+    the same for a teacher and for a big student that averages the teachers' logits.
+    """
+
+    args: tuple
+    kwargs: dict[str, torch.Tensor]
+    target: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def run(self, model: Callable[..., Any]) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+def _to_device(batch: Any, device: torch.device) -> Batch:
+    """The batch's inputs and target (see :class:`Batch`), moved to ``device``."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise GraphMergeError(f"a dict batch needs a 'labels' entry (the target of the loss); this one has "
+                                  f"{', '.join(map(str, batch))}.")
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+        return Batch((), kwargs, batch["labels"].to(device))
     inputs, target = batch[0], batch[1]
     inputs = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
-    return tuple(x.to(device) for x in inputs), target.to(device)
+    return Batch(tuple(x.to(device) for x in inputs), {}, target.to(device))
+
+
+def logits_of(output: Any) -> Any:
+    """The tensor a loss reads: a model output's ``logits`` (a Hugging Face ``ModelOutput`` or a dict)."""
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    return output
 
 
 # --- loops ---------------------------------------------------------------------------------
@@ -298,8 +343,8 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, loss: str | LossFn, *
     total_loss = correct = count = 0.0
     with eval_mode(model):
         for batch in _eval_shard(data, batch_size, ctx):
-            inputs, target = _to_device(batch, ctx.device)
-            output = model(*inputs)
+            step = _to_device(batch, ctx.device)
+            output, target = logits_of(step.run(model)), step.target
             n = len(target)
             total_loss += float(loss_fn(output, target)) * n
             if with_accuracy:
@@ -382,13 +427,14 @@ def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase
         per_epoch = None
     distilled = 0.0
     for index, batch in enumerate(_progress(batches, phase, epoch, ctx)):
-        inputs, target = _to_device(batch, ctx.device)
+        step = _to_device(batch, ctx.device)
+        target = step.target
         with autocast(phase.precision, ctx.device):
-            output = model(*inputs)
+            output = logits_of(step.run(model))
             task_loss = loss_fn(output, target)
             loss = task_loss
             if phase.distill is not None:
-                distill_loss = phase.distill(inputs, output, target)
+                distill_loss = phase.distill(step, output, target)
                 loss = (1 - phase.distill.weight) * task_loss + phase.distill.weight * distill_loss
                 distilled += float(distill_loss.detach()) * len(target)
             loss = loss if phase.aux_loss is None else loss + phase.aux_loss(epoch)
