@@ -135,5 +135,7 @@ def test_a_certificate_error_inside_merge_is_one_paragraph(tmp_path, monkeypatch
                                       "-t", str(tmp_path / "b.safetensors"), "--data", "sine", "--gate-epochs", "1",
                                       "--finetune-epochs", "0", "--out", str(tmp_path / "s.safetensors")])
     assert result.exit_code == 2, (result.output, result.exception)
-    assert result.stderr.strip() == ("error: invariant I1 fails at node 'linear_1': max error 0.5 (report it)")
+    # raised in the preflight, before any training: the message names the pipeline stage
+    assert result.stderr.strip() == ("error: the merge pipeline of SineMLP fails at 'widen': CertificateError: "
+                                     "invariant I1 fails at node 'linear_1': max error 0.5 (report it)")
     assert not (tmp_path / "s.safetensors").exists()
