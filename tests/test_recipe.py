@@ -586,3 +586,36 @@ def test_cli_distill_flags_reach_the_settings(run_cli, sine_merge_args: list[str
         failed = run_cli("merge", "examples:mlp", *teachers, *args, "--out", "t.safetensors")
         assert failed.returncode == 2 and message in " ".join(failed.stderr.split()), (args, failed.stderr)
         assert "Traceback" not in failed.stderr and not (tmp_path / "t.safetensors").exists()
+
+
+# --- the preflight: the whole merge at toy scale before any training ---------------------------
+
+def test_a_model_that_cannot_be_merged_fails_before_the_teachers_train(monkeypatch):
+    """Break decide: merge, asked to train its teachers first, fails at once naming the stage, with no
+    teacher epoch logged; without the preflight the same failure comes only after the teachers and the
+    gate phase ran."""
+    from graphmerge.passes.gate import GatedStudent
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("decide is broken")
+
+    monkeypatch.setattr(GatedStudent, "decide", broken)
+    train_data, _ = small_sine(n_train=64)
+    records = []
+    with pytest.raises(GraphMergeError, match="fails at 'decide': RuntimeError: decide is broken"):
+        merge(build_mlp, train_data, loss="mse", teacher_epochs=1, gate_epochs=1, finetune_epochs=0,
+              log=records.append)
+    assert records == []
+    with pytest.raises(RuntimeError, match="decide is broken"):
+        merge(build_mlp, train_data, loss="mse", teacher_epochs=1, gate_epochs=1, finetune_epochs=0,
+              log=records.append, preflight=False)
+    assert records, "without the preflight the teachers trained first"
+
+
+def test_the_preflight_leaves_the_run_unchanged():
+    """The preflight forks every RNG it touches: a run with it equals a run without it, bitwise."""
+    train_data, _ = small_sine(n_train=64)
+    runs = [merge(build_mlp, train_data, loss="mse", teacher_epochs=1, gate_epochs=1, finetune_epochs=1,
+                  preflight=flag, seed=3) for flag in (True, False)]
+    for key, value in runs[0].student.state_dict().items():
+        assert torch.equal(value, runs[1].student.state_dict()[key]), key
