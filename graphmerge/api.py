@@ -244,6 +244,10 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
     mixed = [gid for gid, k in kept.items()
              if len(set((np.asarray(k) // info.widths[gid]).tolist())) > 1]
     normalised = [gid for gid in mixed if gid in info.groups.layout.across_norm]
+    for span in info.groups.layout.norm_spans:  # one norm over several groups, each kept from another teacher
+        teachers = {int(k[0]) // info.widths[gid] for gid in span if len(k := np.asarray(kept.get(gid, [])))}
+        if len(teachers) > 1:
+            normalised.append(span[0])
     if normalised:
         return None, (f"group {normalised[0]} is normalised across its channels "
                       f"({info.groups.layout.across_norm[normalised[0]]}) and the kept channels mix teachers")

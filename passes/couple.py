@@ -72,6 +72,9 @@ class Layout:
     nodes: dict[str, list[DimLayout | None]] = field(default_factory=dict)
     gate_sites: list[GateSite] = field(default_factory=list)
     across_norm: dict[int, str] = field(default_factory=dict)
+    # the groups each normalisation spans together (one tuple per norm): a selection that keeps one
+    # teacher's block must keep the same teacher in all of them, or the student's norm mixes blocks
+    norm_spans: list[tuple[int, ...]] = field(default_factory=list)
     literal_nodes: set[str] = field(default_factory=set)
     # reductions and softmax over a channel dim (node name -> dim): widen runs them per teacher block
     blockwise: dict[str, int] = field(default_factory=dict)
@@ -365,8 +368,11 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
             groups[gid].unit = math.lcm(groups[gid].unit, size)
         _check_unit_alignment(groups, ids, size, component, group_of, channel_of)
     for ids, what in prop.across_norm:
-        for gid in _groups_of(ids, component, group_of):
+        spanned = tuple(sorted(set(_groups_of(ids, component, group_of))))
+        for gid in spanned:
             layout.across_norm.setdefault(gid, what)
+        if len(spanned) > 1 and spanned not in layout.norm_spans:
+            layout.norm_spans.append(spanned)
     layout.literal_nodes = set(prop.literal_nodes)
     layout.blockwise = dict(prop.blockwise)
     layout.per_teacher = dict(prop.per_teacher)

@@ -20,6 +20,7 @@ import types
 import warnings
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 import torch.fx
@@ -617,6 +618,7 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
         raise GraphMergeError(f"normalised_selection must be one of {', '.join(NORMALISED_SELECTIONS)}, got "
                               f"{info.normalised_selection!r}.")
     whole_blocks = set(info.groups.layout.across_norm) if info.normalised_selection == "block" else set()
+    blocks = _teacher_blocks(info, keep, whole_blocks, counts)
     for group in info.groups.gated:
         if group.id not in keep:
             raise GraphMergeError(f"no scores for widened group {group.id} (width {group.width}): give a "
@@ -626,12 +628,33 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
             raise GraphMergeError(f"group {group.id} has {n * group.width} big channels but {scores.size} "
                                   "scores were given.")
         count = (counts or {}).get(group.id, group.width)
-        if group.id in whole_blocks and count == group.width:
-            block = int(np.argmax(scores.reshape(n, group.width).sum(1)))  # ties: the lower teacher
-            kept[group.id] = block * group.width + np.arange(group.width)
+        if group.id in blocks:
+            kept[group.id] = blocks[group.id] * group.width + np.arange(group.width)
         else:
             kept[group.id] = _top(scores, count, group.unit)
     return kept
+
+
+def _teacher_blocks(info: WidenInfo, keep: dict[int, Any], whole: set[int],
+                    counts: dict[int, int] | None) -> dict[int, int]:
+    """The teacher whose whole block each group in ``whole`` keeps: groups one normalisation spans
+    together (``Layout.norm_spans``) keep the same teacher, the one with the highest score sum over
+    all of them (ties: the lower teacher)."""
+    n = info.n_teachers
+    groups = {g.id: g for g in info.groups.gated if g.id in whole and g.id in keep
+              and (counts or {}).get(g.id, g.width) == g.width}
+    linked = nx.Graph()
+    linked.add_nodes_from(groups)
+    for span in info.groups.layout.norm_spans:
+        members = [gid for gid in span if gid in groups]
+        linked.add_edges_from(zip(members, members[1:], strict=False))
+    chosen: dict[int, int] = {}
+    for component in nx.connected_components(linked):
+        sums = sum(np.asarray(torch.as_tensor(keep[gid]).detach().cpu().double().numpy()).reshape(
+            n, groups[gid].width).sum(1) for gid in component)
+        best = int(np.argmax(sums))
+        chosen.update(dict.fromkeys(component, best))
+    return chosen
 
 
 def _top(scores: np.ndarray, count: int, unit: int) -> np.ndarray:

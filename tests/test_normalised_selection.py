@@ -89,3 +89,40 @@ def test_decide_drives_the_stream_to_the_whole_block() -> None:
 def test_an_unknown_selection_is_refused() -> None:
     with pytest.raises(graphmerge.GraphMergeError, match="normalised_groups"):
         graphmerge.merge([PreNorm(), PreNorm()], [], normalised_groups="best")
+
+
+class NormOverCat(nn.Module):
+    """One LayerNorm over the concatenation of two layers' outputs: two groups, one normalisation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 5)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], -1))))
+
+
+def test_groups_one_norm_spans_keep_the_same_teacher() -> None:
+    """Scores favour teacher 0 in the 3-wide group and teacher 1 in the 5-wide one; the norm spans both,
+    so both keep the teacher with the higher score sum over the two (teacher 1: 5 x 2 > 3 x 1), and the
+    student's LayerNorm is exactly teacher 1's block's (I3 checked)."""
+    torch.manual_seed(0)
+    teachers = [NormOverCat().eval() for _ in range(2)]
+    x = torch.randn(3, 4)
+    big = graphmerge.widen(teachers, x)
+    info = big.meta["graphmerge"]
+    small, wide = sorted(info.groups.gated, key=lambda g: g.width)[:2]
+    assert (small.width, wide.width) == (3, 5)
+    assert tuple(sorted((small.id, wide.id))) in info.groups.layout.norm_spans
+    gated = graphmerge.add_gates(big, seed=0)
+    with torch.no_grad():
+        gated.gates.log_alpha[f"g{small.id}"].copy_(torch.tensor([1.0] * 3 + [0.0] * 3))
+        gated.gates.log_alpha[f"g{wide.id}"].copy_(torch.tensor([0.0] * 5 + [2.0] * 5))
+    assert gated.teacher_share()[small.id] == [0, 3] and gated.teacher_share()[wide.id] == [0, 5]
+    student = graphmerge.compress(gated.eval(), "gates")
+    certificate = student_certificate(student)
+    assert certificate.skipped is None and certificate.relative_error <= certificate.tolerance, certificate
+    for name in ("a.weight", "b.bias", "norm.weight"):
+        assert torch.equal(student.state_dict()[name], teachers[1].state_dict()[name]), name
