@@ -11,9 +11,14 @@ they differ everywhere, BatchNorm statistics included):
 - I2: ``compress(big, "teacher:0")``; every state_dict tensor equals teacher 0's, or teacher 0's / 2
   (the averaging head's weight), or the teachers' mean (its bias), computed here;
 - I4: the student is the teachers' class and a fresh instance loads its state_dict with strict=True;
+- merged end to end: ``graphmerge.pipeline.certify_pipeline`` on the big student built above (not
+  widened again) with batch sizes (3, 1): ok, or the stage that fails and its error's first line;
+  the I3 certificate of the student compressed by the gates (relative error, or why it was
+  skipped), the gates-follow-samples error and the pipeline's time. A model widen refuses (any
+  error, I1/I2 certificates included) gets no pipeline run: the row says why;
 - ONNX: ``export_onnx_report`` of the compressed student (onnxruntime parity at two batch sizes);
 - times per stage: capture, couple, widen, certify (from ``groups.timings``), compress (timed here,
-  I3 certificate included), ONNX;
+  I3 certificate included), the pipeline, ONNX;
 - Torch-Pruning: ``DependencyGraph().build_dependency`` ok, then ``MagnitudePruner`` (L2 magnitude,
   pruning_ratio 0.5, the output layer ignored, ``num_heads`` given for attention modules that
   expose it) ``step()`` ok, and whether a forward then runs.
@@ -291,15 +296,23 @@ def graphmerge_row(row: dict[str, Any], suite: str, teachers: list[nn.Module], i
                    build: Callable, onnx: bool) -> dict[str, Any]:
     """Fills ``row`` as it goes (a stage time limit keeps what was measured before it)."""
     import graphmerge
-    from graphmerge.api import student_certificate
 
     try:
         big = graphmerge.widen(teachers, inputs, example_kwargs=kwargs)
     except graphmerge.CertificateError as error:
-        row["i1_error"] = first_line(error)
+        # widen refuses the model (I1, or I2 where no group is pinned inside): no merge, so no
+        # pipeline run; the unverified big student still gives the I2/I4 columns
+        refusal = first_line(error)
+        row["pipeline_not_run"] = f"widen refused: {refusal}"
         big = graphmerge.widen(teachers, inputs, example_kwargs=kwargs, verify=False)
+        if "(invariant I2)" in str(error):
+            row["i2_cert_error"] = refusal
+            _recertify_i1(big, teachers)  # I1 held (widen checks it first); its numbers, for the table
+        else:
+            row["i1_error"] = refusal
     except Exception as error:
         row.update(error_stage(teachers[0], inputs, kwargs, error))
+        row["pipeline_not_run"] = f"widen refused ({row.get('error_stage', 'error')}): {row.get('error')}"
         return row
     info = big.meta["graphmerge"]
     groups = info.groups
@@ -318,12 +331,41 @@ def graphmerge_row(row: dict[str, Any], suite: str, teachers: list[nn.Module], i
     if "i1_error" in row:
         row["i1_ok"] = False
     row.setdefault("i1_ok", False)
+    certificate = info.certificates.get("I2")  # widen's own I2 (the I2 column is checked below)
+    if certificate is not None:
+        row.update(i2_cert_max_error=certificate.max_error, i2_cert_skipped=certificate.skipped)
+    student = teacher_student_row(row, big, teachers, build)
+    if "pipeline_not_run" not in row:
+        pipeline_row(row, teachers, inputs, kwargs, big)
+    if onnx and student is not None:
+        row.update(onnx_row(student, suite, inputs, kwargs, info.class_kwargs or {}))
+    return row
+
+
+def _recertify_i1(big: Any, teachers: list[nn.Module]) -> None:
+    """The I1 certificate of an unverified big student, stored where widen stores it."""
+    from graphmerge.passes.certify import certify_mean
+
+    info = big.meta["graphmerge"]
+    try:
+        info.certificates["I1"] = certify_mean(big, teachers, info.example_inputs, info.example_kwargs,
+                                               class_kwargs=info.class_kwargs)
+    except Exception:  # widen checked I1 before I2, so this does not happen; the row then shows "-"
+        pass
+
+
+def teacher_student_row(row: dict[str, Any], big: Any, teachers: list[nn.Module],
+                        build: Callable) -> nn.Module | None:
+    """``compress(big, "teacher:0")`` (timed, I3 included), I2 and I4; the student, or None."""
+    import graphmerge
+    from graphmerge.api import student_certificate
+
     start = time.perf_counter()
     try:
         student = graphmerge.compress(big, "teacher:0")
     except Exception as error:
         row.update(compress_error=first_line(error), compress_s=time.perf_counter() - start)
-        return row
+        return None
     row["compress_s"] = time.perf_counter() - start
     i3 = student_certificate(student)
     if i3 is not None:
@@ -338,9 +380,55 @@ def graphmerge_row(row: dict[str, Any], suite: str, teachers: list[nn.Module], i
         row.update(i4_ok=False, i4_error=first_line(error))
     row["graphmerge_s"] = sum(row.get(k) or 0.0 for k in ("capture_s", "couple_s", "widen_s", "certify_s",
                                                            "compress_s"))
-    if onnx:
-        row.update(onnx_row(student, suite, inputs, kwargs, info.class_kwargs or {}))
-    return row
+    return student
+
+
+PIPELINE_BATCH_SIZES = (3, 1)
+
+
+def _pipeline_stage(error: BaseException) -> str:
+    """The stage ``certify_pipeline`` was in when ``error`` left it: named in its message, or (a
+    stage time limit) read from its frame."""
+    import re
+
+    found = re.search(r"fails at '([^']*)'", str(error))
+    if found:
+        return found.group(1)
+    tb = error.__traceback__
+    stage = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "certify_pipeline":
+            stage = getattr(tb.tb_frame.f_locals.get("stage"), "name", None)
+        tb = tb.tb_next
+    return stage or "?"
+
+
+def pipeline_row(row: dict[str, Any], teachers: list[nn.Module], inputs: tuple, kwargs: dict, big: Any) -> None:
+    """``certify_pipeline`` on the big student widen built: merged end to end, or the stage that
+    fails and its error; the I3 certificate of the gates' student, the gates-follow-samples error.
+    A stage time limit here is recorded, then raised on (nothing runs after it without a limit)."""
+    from graphmerge.pipeline import certify_pipeline
+
+    start = time.perf_counter()
+    try:
+        report = certify_pipeline(teachers, inputs, example_kwargs=kwargs, big=big,
+                                  batch_sizes=PIPELINE_BATCH_SIZES)
+    except (Exception, StageTimeout) as error:
+        cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
+        row.update(pipeline_ok=False, pipeline_s=time.perf_counter() - start, pipeline_stage=_pipeline_stage(error),
+                   pipeline_error=first_line(cause))
+        if isinstance(error, StageTimeout):
+            row["pipeline_stage"] = f"timeout in '{row['pipeline_stage']}'"
+            raise
+        return
+    row.update(pipeline_ok=True, pipeline_s=time.perf_counter() - start,
+               pipeline_seconds={k: round(v, 3) for k, v in report.seconds.items()},
+               pipeline_sample_error=report.sample_error, pipeline_sample_skipped=report.sample_skipped)
+    i3 = report.certificates.get("I3")
+    if i3 is not None:
+        row.update(pipeline_i3_rel_error=None if i3.skipped else i3.relative_error, pipeline_i3_skipped=i3.skipped)
+    else:
+        row["pipeline_i3_skipped"] = "no certificate"
 
 
 def error_stage(model: nn.Module, inputs: tuple, kwargs: dict, error: BaseException) -> dict[str, Any]:
@@ -578,6 +666,9 @@ def suite_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "onnx_attempted": len(onnx), "onnx_parity": _count(onnx, "onnx_ok"),
         "tp_built": _count(ran, "tp_build_ok"), "tp_pruned": _count(ran, "tp_pruned_ok"),
         "tp_ran": _count(ran, "tp_ran_ok"),
+        "merged": _count(ran, "pipeline_ok"), "pipeline_failed": sum(1 for r in ran if r.get("pipeline_ok") is False),
+        "pipeline_refused": sum(1 for r in ran if "pipeline_not_run" in r),
+        "pipeline_not_run": sum(1 for r in ran if "pipeline_ok" not in r and "pipeline_not_run" not in r),
     }
 
 
@@ -585,10 +676,13 @@ def summary_line(suite: str, s: dict[str, Any]) -> str:
     n = s["models"]
     onnx = f"{s['onnx_parity']}/{s['onnx_attempted']}" if s["onnx_attempted"] else "not run"
     skipped = f" ({s['skipped']} skipped)" if s["skipped"] else ""
+    merged = f"merged end to end {s.get('merged', 0)}/{n}"
+    if s.get("pipeline_not_run"):  # rows from before the pipeline column
+        merged += f" ({s['pipeline_not_run']} not run)"
     return (f"{suite}: {n} models{skipped}; "
             f"captured {s['captured']}/{n}, no internal pins {s['no_internal_pins']}/{n}, "
             f"I1 exact (<= {I1_EXACT:g}) {s['i1_exact']}/{n}, I2 {s['i2']}/{n}, I4 {s['i4']}/{n}, "
-            f"ONNX parity {onnx}; Torch-Pruning built {s['tp_built']}/{n}, pruned {s['tp_pruned']}/{n}, "
+            f"{merged}, ONNX parity {onnx}; Torch-Pruning built {s['tp_built']}/{n}, pruned {s['tp_pruned']}/{n}, "
             f"ran {s['tp_ran']}/{n}")
 
 
@@ -601,9 +695,24 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def merged_cells(r: dict[str, Any]) -> list[str]:
+    """merged end to end (yes / **no**: the failing stage / not run: why), the gates' student's I3,
+    the gates-follow-samples error, the pipeline's seconds."""
+    if "pipeline_ok" not in r:
+        why = "not run (widen refused)" if "pipeline_not_run" in r else "not run"
+        return [why, "-", "-", "-"]
+    if r["pipeline_ok"]:
+        i3 = ("skipped" if r.get("pipeline_i3_skipped") else _fmt(r.get("pipeline_i3_rel_error"), ".1e"))
+        samples = ("skipped" if r.get("pipeline_sample_skipped") else _fmt(r.get("pipeline_sample_error"), ".1e"))
+        return ["yes", i3, samples, _fmt(r.get("pipeline_s"), ".1f")]
+    stage = str(r.get("pipeline_stage", "?")).replace("|", "\\|")
+    return [f"**no**: {stage}", "-", "-", _fmt(r.get("pipeline_s"), ".1f")]
+
+
 def table_row(r: dict[str, Any]) -> str:
     if "skipped" in r:
-        return f"| {r['model']} | {_fmt(r.get('params', 0) / 1e6, '.1f')} | skipped: {r['skipped']} |" + " |" * 13
+        return (f"| {r['model']} | {_fmt(r.get('params', 0) / 1e6, '.1f')} | skipped: {r['skipped']} |"
+                + " |" * (HEADER.count("|") - 4))
     capture = ("yes" if r.get("capture_ok") else "**no**" if r.get("capture_ok") is False
                else f"**{r.get('error_stage', 'error')}**")
     i1 = ("pinned" if r.get("i1_skipped") else
@@ -617,14 +726,15 @@ def table_row(r: dict[str, Any]) -> str:
     if r.get("tp_params_kept") is not None:
         tp += f" ({r['tp_params_kept']:.0%})"
     cells = [r["model"], _fmt((r.get("params") or 0) / 1e6, ".2f"), capture, _fmt(r.get("groups"), "d"),
-             _fmt(r.get("internal_pinned"), "d"), i1, _yes(r, "i2_ok"), _yes(r, "i4_ok"), onnx,
+             _fmt(r.get("internal_pinned"), "d"), i1, _yes(r, "i2_ok"), _yes(r, "i4_ok"), *merged_cells(r), onnx,
              _fmt(r.get("capture_s"), ".2f"), _fmt(r.get("couple_s"), ".2f"), _fmt(r.get("widen_s"), ".2f"),
              _fmt(r.get("certify_s"), ".2f"), _fmt(r.get("compress_s"), ".2f"), _fmt(r.get("onnx_s"), ".1f"),
              tp, _fmt(r.get("tp_build_s"), ".2f")]
     return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| model | M params | capture | groups | int. pins | I1 rel err | I2 | I4 | ONNX rel err | capture s "
+HEADER = ("| model | M params | capture | groups | int. pins | I1 rel err | I2 | I4 | merged end to end "
+          "| merged: I3 rel err | merged: samples err | merged s | ONNX rel err | capture s "
           "| couple s | widen s | certify s | compress s | ONNX s | TP build/prune/fwd | TP build s |")
 
 
@@ -637,8 +747,14 @@ def failure_lines(r: dict[str, Any]) -> list[str]:
     for key in ("i1_error", "compress_error", "i4_error", "onnx_error"):
         if r.get(key):
             out.append(f"{key.split('_')[0]}: {r[key]}")
+    if r.get("i2_cert_error"):
+        out.append(f"widen's I2: {r['i2_cert_error']}")
     if r.get("i2_ok") is False:
         out.append(f"I2: {r.get('i2_bad_count')} tensor(s) differ, e.g. {', '.join(r.get('i2_bad', []))}")
+    if r.get("pipeline_ok") is False:
+        out.append(f"merged end to end fails at '{r.get('pipeline_stage')}': {r.get('pipeline_error')}")
+    elif r.get("pipeline_not_run") and not r.get("error"):  # a capture/analysis error is listed already
+        out.append(f"merged end to end not run: {r['pipeline_not_run']}")
     if r.get("tp_error"):
         stage = ("build" if r.get("tp_build_ok") is False else "prune" if r.get("tp_pruned_ok") is False
                  else "forward")
@@ -655,7 +771,13 @@ def markdown(report: dict[str, Any]) -> str:
              "Two teachers per model (random weights, every floating tensor perturbed). I1: the big student's "
              f"certificate (relative error; exact means <= {I1_EXACT:g}, 'pinned' means groups pinned inside "
              "the network, so I1 cannot hold). I2: `compress(big, 'teacher:0')` tensors bitwise teacher 0's, "
-             "its / 2 or the mean. I4: the teachers' class, strict reload. ONNX: the student exported, "
+             "its / 2 or the mean. I4: the teachers' class, strict reload. Merged end to end: "
+             "`graphmerge.pipeline.certify_pipeline` on the same big student (add_gates, one train-mode gate step "
+             f"at {PIPELINE_BATCH_SIZES[0]} samples, gates follow samples, decide, compress by the gates with I3, "
+             f"strict reload and a forward at {PIPELINE_BATCH_SIZES[1]} sample): yes, or the stage that fails; "
+             "'merged: I3 rel err' is the gates' student's certificate, 'merged: samples err' the gated big "
+             "student on the batch against each sample alone; 'not run (widen refused)': widen raised, so there "
+             "is no merge; 'not run': a row from before this column. ONNX: the student exported, "
              "onnxruntime parity (max relative error). TP: Torch-Pruning `build_dependency` / "
              "MagnitudePruner 50% `step()` / forward after pruning (in brackets: the share of parameters "
              "left; 100% means it found nothing to prune). Torch-Pruning gets `num_heads` for attention "
@@ -678,7 +800,7 @@ def markdown(report: dict[str, Any]) -> str:
         if not rows:
             continue
         lines += ["", f"## {suite}", "", summary_line(suite, report["summary"][suite]), "", HEADER,
-                  "|" + "---|" * 17]
+                  "|" + "---|" * (HEADER.count("|") - 1)]
         lines += [table_row(r) for r in rows]
         failures = [(r["model"], failure_lines(r)) for r in rows]
         failures = [(m, f) for m, f in failures if f]
@@ -765,6 +887,12 @@ def write(report: dict[str, Any], json_path: pathlib.Path, md_path: pathlib.Path
         os.replace(tmp, path)
 
 
+def is_done(row: dict[str, Any]) -> bool:
+    """The row has every column of this script: the merged-end-to-end one (run or refused), or the
+    model was skipped (parameter cap)."""
+    return "skipped" in row or "pipeline_ok" in row or "pipeline_not_run" in row
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=SUITES, action="append",
@@ -776,7 +904,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds per model in a forked worker (0: in this process, no timeout)")
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="start no new model after this many seconds (0: no limit)")
-    parser.add_argument("--skip-done", action="store_true", help="skip models already in the JSON")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="skip models already in the JSON with the current columns (rows from before the "
+                             "merged-end-to-end column are run again)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="results JSON (merged into by suite/model)")
     parser.add_argument("--markdown", default=None, help="markdown path (default: the JSON path with .md)")
     return parser.parse_args(argv)
@@ -812,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = [*report.get("runs", []), run]
     start = time.perf_counter()
     for suite, name in work:
-        if args.skip_done and (suite, name) in rows:
+        if args.skip_done and (suite, name) in rows and is_done(rows[(suite, name)]):
             continue
         if args.time_budget and time.perf_counter() - start > args.time_budget:
             run["not_run"].append(f"{suite}/{name}")
@@ -822,6 +952,9 @@ def main(argv: list[str] | None = None) -> int:
         report["models"] = list(rows.values())
         run["models"] += 1
         done = [f"capture={'ok' if row.get('capture_ok') else row.get('error_stage', '?')}"]
+        if "pipeline_ok" in row or "pipeline_not_run" in row:
+            done.append("merged=" + ("refused by widen" if "pipeline_ok" not in row else "yes" if row["pipeline_ok"]
+                                     else f"no ({row.get('pipeline_stage')})"))
         for key in ("groups", "internal_pinned", "i1_rel_error", "i2_ok", "i4_ok", "onnx_ok",
                     "tp_build_ok", "tp_pruned_ok", "tp_ran_ok", "total_s"):
             if key in row:

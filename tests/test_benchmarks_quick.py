@@ -133,12 +133,17 @@ def test_coverage_quick_reports_every_suite_with_summaries(tmp_path: Path) -> No
         assert row["i1_rel_error"] <= 1e-6 and row["i1_dtype"] == "float64"
         assert "onnx_ok" not in row  # --quick skips the ONNX export
         assert "tp_build_ok" in row or "tp_error" in row
-        for key in ("capture_s", "couple_s", "widen_s", "certify_s", "compress_s"):
+        for key in ("capture_s", "couple_s", "widen_s", "certify_s", "compress_s", "pipeline_s"):
             assert row[key] >= 0, (row["model"], key)
+        # merged end to end: certify_pipeline on the big student widen built
+        assert row["pipeline_ok"], (row["model"], row.get("pipeline_stage"), row.get("pipeline_error"))
+        assert row["pipeline_sample_error"] is None or row["pipeline_sample_error"] <= 1e-4, row["model"]
+        assert row.get("pipeline_i3_rel_error") is not None or row.get("pipeline_i3_skipped"), row["model"]
     for suite, summary in report["summary"].items():
-        assert summary["models"] == 3 and summary["captured"] == 3, suite
+        assert summary["models"] == 3 and summary["captured"] == 3 and summary["merged"] == 3, suite
     markdown = (tmp_path / "coverage.md").read_text()
     assert markdown.count("captured 3/3") >= 3 and "| resnet18 |" in markdown
+    assert markdown.count("merged end to end 3/3") >= 3
     # a second run merges into the JSON by suite/model instead of replacing it
     again = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "coverage.py"), "--suite",
                             "torchvision", "--models", "resnet18", "--no-onnx", "--json", str(out)],
