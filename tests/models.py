@@ -490,3 +490,15 @@ def clone_for_loading(teacher: nn.Module) -> nn.Module:
     want = {k: v.shape for k, v in teacher.state_dict().items()}
     have = {k: v.shape for k, v in fresh.state_dict().items()}
     return fresh if have == want else copy.deepcopy(teacher)
+
+
+def perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """Teachers differ in every tensor, BatchNorm statistics included (as trained teachers do)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.05)
+                if tensor.ndim == 1 and (tensor > 0).all():  # running_var stays positive
+                    tensor.abs_()
+    return model.eval()

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import graphmerge
+from tests.models import perturbed as _perturbed
 
 TOKENS = 6
 FEATURES = 5
@@ -147,16 +148,6 @@ class RotaryNet(nn.Module):
 
 
 # -- the checks ----------------------------------------------------------------------------------
-
-def _perturbed(model: nn.Module, seed: int) -> nn.Module:
-    """Teachers differ in every tensor (as trained teachers do)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.05)
-    return model.eval()
-
 
 def _teachers(model: nn.Module) -> list[nn.Module]:
     return [_perturbed(copy.deepcopy(model), seed) for seed in range(1, N + 1)]

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import graphmerge
+from tests.models import perturbed as _perturbed
 from tests.test_invariants import check_pipeline
 from tests.zoo_models import full_zoo
 
@@ -42,18 +43,6 @@ TIMM_MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "convnext_atto",
                "poolformerv2_s12", "convformer_s18", "caformer_s18", "hgnetv2_b0"]
 TIMM_REPRESENTATIVE = ["vit_tiny_patch16_224", "convnext_atto", "ghostnet_100", "edgenext_xx_small", "hgnetv2_b0"]
 HF_REPRESENTATIVE = ["BertForSequenceClassification", "GPT2LMHeadModel", "LlamaForCausalLM", "FalconForCausalLM"]
-
-
-def _perturbed(model: nn.Module, seed: int) -> nn.Module:
-    """Teachers differ in every tensor, BatchNorm statistics included (as trained teachers do)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.05)
-                if tensor.ndim == 1 and (tensor > 0).all():  # running_var stays positive
-                    tensor.abs_()
-    return model.eval()
 
 
 def _timm(name: str) -> tuple[list[nn.Module], tuple, dict]:
