@@ -6,6 +6,15 @@
   over one permutation per *coupling group* found by ``graphmerge.analyze``. A group's permutation
   is applied through the group's ``index_maps`` to every parameter dimension it touches (rows,
   columns, runs of a flatten, BatchNorm vectors and statistics), so no per-architecture code.
+  ``rebasin_average`` aligns every teacher to the first this way, then averages.
+- ``feature_matching`` + ``zipit_average``: ZipIt!-style activation matching (Stoica et al. 2024;
+  Git Re-Basin's activation matching). Each teacher's captured graph is run on data; at the sites
+  where the gates would sit (every input activation of a layer reading a group's channels) each
+  group's channels are standardised and correlated across the two teachers, summed over the
+  group's sites, and matched by ``linear_sum_assignment`` (maximum total correlation). Matches are
+  across teachers only (ZipIt!'s within-model merges and partial zipping are left out), so the
+  result is a permutation per group, applied like weight matching's; ``zipit_average`` averages
+  the aligned teachers and re-estimates BatchNorm statistics on the same data.
 - ``magnitude_scores`` / ``random_scores``: channel scores for ``graphmerge.compress(big, scores)``
   that replace the learned gates: is *learning* the selection what helps?
 """
@@ -17,7 +26,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from graphmerge.passes.groups import GroupSet
+import torch.fx
+from graphmerge.passes.couple import DimLayout
+from graphmerge.passes.groups import Group, GroupSet
 from graphmerge.passes.layout import teacher_maps
 from graphmerge.passes.util import training_mode
 from graphmerge.passes.widen import widen_info
@@ -63,9 +74,10 @@ def reestimate_bn(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512)
 
 # --- weight matching on coupling groups ---------------------------------------------------------
 
-def permutable_groups(groups: GroupSet) -> list:
-    """Groups whose channels may be permuted: the widened ones (pinned ones face the world)."""
-    return [g for g in groups if not g.pinned and g.unit == 1]
+def permutable_groups(groups: GroupSet) -> list[Group]:
+    """Groups whose channels may be permuted: the widened ones (pinned ones face the world), less
+    averaged graph outputs (their channel order is the output's) and multi-channel selection units."""
+    return [g for g in groups if not g.pinned and not g.averaged and g.unit == 1]
 
 
 def apply_permutations(state: dict[str, torch.Tensor], groups: GroupSet,
@@ -143,6 +155,198 @@ def rebasin_average(models: Sequence[nn.Module], groups: GroupSet) -> nn.Module:
     """Align every model to ``models[0]`` by weight matching, then average."""
     aligned = [models[0]] + [weight_matching(models[0], m, groups)[0] for m in models[1:]]
     return average(aligned)
+
+
+# --- activation (feature) matching on coupling groups ----------------------------------------------
+
+Site = tuple[str, int, np.ndarray]  # (graph node, its channel dim, (width, run) positions per channel)
+
+
+def _group_positions(dim_layout: DimLayout | None, group: Group) -> np.ndarray | None:
+    """(width, run) positions of ``group``'s channels along a laid-out dim: row c lists channel c's
+    positions in order (run > 1 after a flatten, or a head's run); None if the group is not all there."""
+    if dim_layout is None:
+        return None
+    positions = np.flatnonzero(dim_layout.group == group.id)
+    if not positions.size:
+        return None
+    channels = dim_layout.channel[positions]
+    counts = np.bincount(channels, minlength=group.width)
+    if len(counts) != group.width or counts.min() != counts.max():
+        return None
+    return positions[np.argsort(channels, kind="stable")].reshape(group.width, -1)
+
+
+def _samples_unpermuted(dims: list[DimLayout | None], dim: int, permuted: set[int]) -> bool:
+    """Whether every dim of a node but ``dim`` is free of permuted channels: those dims are flattened
+    into samples, which must line up between the two models whatever the other groups' permutations."""
+    return all(d is None or not np.isin(d.group, list(permuted)).any() for axis, d in enumerate(dims) if axis != dim)
+
+
+def feature_sites(groups: GroupSet, candidates: Sequence[Group]) -> dict[int, list[Site]]:
+    """Per group, the activations whose channels are matched: the gate sites (each layer input that
+    reads the group, so after its nonlinearity), one per distinct (node, dim). A group without a gate
+    site falls back to every activation node with a dim that holds that group alone. Parameters are
+    never sites (their other dims are other groups' channels, not samples)."""
+    layout = groups.layout
+    nodes = {node.name: node for node in groups.graph_module.graph.nodes}
+    permuted = {g.id for g in candidates}
+    sites: dict[int, list[Site]] = {g.id: [] for g in candidates}
+
+    def is_activation(node: torch.fx.Node | None) -> bool:
+        return isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_module", "call_method")
+
+    seen: set[tuple[str, int]] = set()
+    for site in layout.gate_sites:
+        consumer = nodes.get(site.node)
+        source = consumer.args[site.arg_index] if consumer is not None and site.arg_index < len(consumer.args) else None
+        if not is_activation(source) or (source.name, site.dim) in seen:
+            continue
+        seen.add((source.name, site.dim))
+        dims = layout.nodes.get(source.name) or []
+        if site.dim >= len(dims) or not _samples_unpermuted(dims, site.dim, permuted):
+            continue
+        for group in candidates:
+            index = _group_positions(dims[site.dim], group)
+            if index is not None:
+                sites[group.id].append((source.name, site.dim, index))
+    for group in candidates:
+        if sites[group.id]:
+            continue
+        for name, dims in layout.nodes.items():
+            if not is_activation(nodes.get(name)):
+                continue
+            for dim, dim_layout in enumerate(dims):
+                if (dim_layout is not None and dim_layout.group.size and (dim_layout.group == group.id).all()
+                        and _samples_unpermuted(dims, dim, permuted)):
+                    index = _group_positions(dim_layout, group)
+                    if index is not None:
+                        sites[group.id].append((name, dim, index))
+    return sites
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs a captured graph and keeps the outputs of the named nodes."""
+
+    def __init__(self, module: torch.fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(module)
+        self.wanted = wanted
+        self.recorded: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node) -> object:
+        result = super().run_node(n)
+        if n.name in self.wanted:
+            self.recorded[n.name] = result
+        return result
+
+
+def _graph_of(model: nn.Module, groups: GroupSet) -> torch.fx.GraphModule:
+    """The analysed graph holding ``model``'s tensors, in eval mode (a copy: the analysed model is untouched)."""
+    graph_module = copy.deepcopy(groups.graph_module)
+    result = graph_module.load_state_dict(model.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"the model has state {result.unexpected_keys[:3]} that the analysed graph lacks: the groups come "
+            "from a different architecture. Analyse the reference model with graphmerge.analyze and pass "
+            "teachers of that same architecture.")
+    return graph_module.eval()
+
+
+def _channel_features(activation: torch.Tensor, dim: int, index: np.ndarray) -> torch.Tensor:
+    """(width, samples): channel c's values at all its positions, over the batch and every other dim."""
+    flat = activation.detach().movedim(dim, 0).reshape(activation.shape[dim], -1)
+    return flat[torch.as_tensor(index.reshape(-1), device=flat.device)].reshape(index.shape[0], -1).double().cpu()
+
+
+class _CrossMoments:
+    """Running sums for the correlation of every reference channel with every other channel."""
+
+    def __init__(self, width: int) -> None:
+        self.count = 0
+        self.sum_a = torch.zeros(width, dtype=torch.float64)
+        self.sum_b = torch.zeros(width, dtype=torch.float64)
+        self.square_a = torch.zeros(width, dtype=torch.float64)
+        self.square_b = torch.zeros(width, dtype=torch.float64)
+        self.cross = torch.zeros(width, width, dtype=torch.float64)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.count += a.shape[1]
+        self.sum_a += a.sum(1)
+        self.sum_b += b.sum(1)
+        self.square_a += a.pow(2).sum(1)
+        self.square_b += b.pow(2).sum(1)
+        self.cross += a @ b.T
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson correlation (width x width); a constant channel correlates 0 with everything."""
+        n = self.count
+        mean_a, mean_b = self.sum_a / n, self.sum_b / n
+        std_a = (self.square_a / n - mean_a.pow(2)).clamp_min(0).sqrt()
+        std_b = (self.square_b / n - mean_b.pow(2)).clamp_min(0).sqrt()
+        covariance = self.cross / n - torch.outer(mean_a, mean_b)
+        # a spread below 1e-6 of the largest root mean square is rounding, not signal
+        live_a = std_a > 1e-6 * float((self.square_a / n).sqrt().max())
+        live_b = std_b > 1e-6 * float((self.square_b / n).sqrt().max())
+        correlation = covariance / torch.outer(torch.where(live_a, std_a, 1.0), torch.where(live_b, std_b, 1.0))
+        return correlation * torch.outer(live_a, live_b)
+
+
+@torch.no_grad()
+def feature_correlations(reference: nn.Module, other: nn.Module, groups: GroupSet, inputs: torch.Tensor, *,
+                         batch_size: int = 256) -> dict[int, np.ndarray]:
+    """Per permutable group, ``corr[i, j]``: how reference channel i's activations correlate with
+    other's channel j's on ``inputs`` (eval mode), summed over the group's feature sites."""
+    candidates = permutable_groups(groups)
+    sites = feature_sites(groups, candidates)
+    wanted = {name for group_sites in sites.values() for name, _, _ in group_sites}
+    graphs = [_graph_of(reference, groups), _graph_of(other, groups)]
+    moments = {(g.id, s): _CrossMoments(g.width) for g in candidates for s in range(len(sites[g.id]))}
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        recorders = [_Recorder(graph, wanted) for graph in graphs]
+        for recorder in recorders:
+            recorder.run(batch)
+        ref, oth = recorders[0].recorded, recorders[1].recorded
+        for (gid, s), moment in moments.items():
+            name, dim, index = sites[gid][s]
+            moment.add(_channel_features(ref[name], dim, index), _channel_features(oth[name], dim, index))
+    correlations = {}
+    for group in candidates:
+        if not sites[group.id]:
+            continue  # nothing to observe it by: left as it is
+        total = torch.zeros(group.width, group.width, dtype=torch.float64)
+        for s in range(len(sites[group.id])):
+            total += moments[(group.id, s)].correlation()
+        correlations[group.id] = total.numpy()
+    return correlations
+
+
+def feature_matching(reference: nn.Module, other: nn.Module, groups: GroupSet, inputs: torch.Tensor, *,
+                     batch_size: int = 256) -> tuple[nn.Module, dict[int, np.ndarray]]:
+    """Permute ``other``'s channels, group by group, so its activations best match ``reference``'s.
+
+    Per group, ``linear_sum_assignment`` maximises the summed correlation (``feature_correlations``).
+    One pass suffices: permuting one group only reorders the other groups' channels, so every
+    group's correlations are the same before and after the others are matched. A channel constant
+    on ``inputs`` (dead after its ReLU) correlates with nothing, so its partner is arbitrary. Returns
+    the aligned copy and the permutations (aligned channel c is ``other``'s channel ``perms[g][c]``).
+    """
+    correlations = feature_correlations(reference, other, groups, inputs, batch_size=batch_size)
+    perms = {gid: linear_sum_assignment(corr, maximize=True)[1] for gid, corr in correlations.items()}
+    result = copy.deepcopy(other)
+    result.load_state_dict(apply_permutations(other.state_dict(), groups, perms))
+    return result, perms
+
+
+def zipit_average(models: Sequence[nn.Module], groups: GroupSet, inputs: torch.Tensor, *,
+                  batch_size: int = 256) -> nn.Module:
+    """Align every model to ``models[0]`` by feature matching on ``inputs``, average, then recompute
+    the BatchNorm statistics on ``inputs``."""
+    if len(models) < 2:
+        raise ValueError(f"zipit_average merges two or more models, got {len(models)}: pass every teacher.")
+    aligned = [models[0]] + [feature_matching(models[0], m, groups, inputs, batch_size=batch_size)[0]
+                             for m in models[1:]]
+    return reestimate_bn(average(aligned), inputs, batch_size=batch_size)
 
 
 # --- selection scores for compress ----------------------------------------------------------------
