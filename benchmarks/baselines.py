@@ -30,10 +30,12 @@ import torch.fx
 from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.groups import Group, GroupSet
 from graphmerge.passes.layout import teacher_maps
-from graphmerge.passes.util import training_mode
 from graphmerge.passes.widen import widen_info
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.utils.data import TensorDataset
+
+from graphmerge.alternatives import reestimate_batchnorm
 
 
 def average(models: Sequence[nn.Module]) -> nn.Module:
@@ -50,26 +52,11 @@ def average(models: Sequence[nn.Module]) -> nn.Module:
     return merged
 
 
-@torch.no_grad()
 def reestimate_bn(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> nn.Module:
-    """Recompute every BatchNorm's running statistics on ``inputs`` (in place; returns ``model``).
-
-    Statistics are reset and accumulated with ``momentum=None`` (a cumulative average over the
-    batches), so with one batch they are exactly that batch's mean and unbiased variance.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return model
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    with training_mode(model, True):
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start:start + batch_size])
-    for m, momentum in zip(norms, saved, strict=True):
-        m.momentum = momentum
-    return model
+    """Recompute every BatchNorm's running statistics on ``inputs`` (in place; returns ``model``):
+    ``graphmerge.alternatives.reestimate_batchnorm`` on the bare input tensor. Statistics are reset and
+    accumulated as a cumulative average, so with one batch they are that batch's mean and unbiased variance."""
+    return reestimate_batchnorm(model, TensorDataset(inputs, torch.zeros(len(inputs))), batch_size)
 
 
 # --- weight matching on coupling groups ---------------------------------------------------------

@@ -2,10 +2,14 @@
 
 Many runs of one architecture are trained at once: their parameters are stacked
 (``torch.func.stack_module_state``) and one ``vmap`` of ``grad_and_value(functional_call)`` gives
-every run's gradient in a single call (``randomness="different"``: every run draws its own gate
-noise). Each run keeps its own data order, learning-rate schedule and momentum. The merge itself
-always goes through the compiler: ``graphmerge.widen`` -> ``graphmerge.add_gates`` -> (batched gate
-phase) -> ``graphmerge.compress`` -> (batched fine-tuning).
+every run's gradient in a single call. Each run keeps its own data order, learning-rate schedule,
+momentum and gate noise. The merge itself always goes through the compiler: ``graphmerge.widen`` ->
+``graphmerge.add_gates`` -> (batched gate phase) -> ``graphmerge.compress`` -> (batched
+fine-tuning). The batched gate phase is the library's: every run's gates draw through the gated
+student's own forward (``hard_concrete_sample``) on uniforms passed in per run
+(``GatedStudent.gate_noise_name``), and after every step each run's log-alphas move as
+``graphmerge.GatePhase`` moves them (budget ramp, projection, decision), through the gated
+student's functional ``projected_log_alpha`` / ``decided_log_alpha``.
 
 ``run_protocol`` runs every strategy of the paper's Table 1 plus our baselines at one epoch budget;
 the three scripts only supply the model, the data and the budget.
@@ -21,7 +25,6 @@ import math
 import platform
 import sys
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +47,9 @@ sys.path.append(str(ROOT / "benchmarks"))  # appended: benchmarks/mnist1d.py mus
 
 import baselines  # noqa: E402
 import compare  # noqa: E402
-from graphmerge.passes.gate import HardConcreteGates, budget_projection, budget_target  # noqa: E402
 
 import graphmerge  # noqa: E402
+from graphmerge.recipe import MergeSettings  # noqa: E402
 from graphmerge.training import cross_entropy, lambda_schedule  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -167,11 +170,11 @@ class Phase:
     aux: Callable[[int], float] | None = None  # epoch -> λ (gate phase only)
     seed: int = 0
     on_epoch_end: Callable[[int, Stack], None] | None = None
-    # (the stacked params, the fraction of the phase done as a float64 tensor) after every update, in
-    # place; in mode "compile" traced into the step's graph (the gate phase's budget projection)
-    after_update: Callable[[dict, torch.Tensor], None] | None = None
-    noise: str | None = None  # a gated template's uniforms: "aten" (torch.rand) or "hash"; None: "hash" in
-    # mode "compile", else "aten" (see ``hashed_uniform``)
+    # (the stacked params, the fraction of the phase done, as the recipe counts it) after every update,
+    # in place, eagerly in every mode (the gate phase's schedule: ``gate_phase``)
+    after_update: Callable[[dict, float], None] | None = None
+    noise: str | None = None  # a gated template's uniforms: "aten" (torch.rand, every model its own
+    # generator: ``gate_noise_seed``) or "hash" (``hashed_uniform``); None: "hash" in mode "compile", else "aten"
 
 
 MODES = ("vmap", "loop", "compile")
@@ -188,11 +191,15 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
     and everything else are shared. ``mode="compile"`` is ``"vmap"`` with the batch gather, the
     gradient and the SGD update of a step compiled into one graph (``torch.compile``, Inductor:
     one fused C++ loop per model for the sine MLP); the same arithmetic up to the order of float
-    sums. A gated template draws its gates' uniforms with ``torch.rand`` (``noise="aten"``: the
-    library's ``HardConcreteGates.forward``, value for value) or from a counter-based hash of
-    (phase seed, step, model, position) (``noise="hash"``, the default of mode "compile": fused into
-    the compiled step, where aten's generator alone took 40 % of a sine gate step; see
-    ``hashed_uniform`` and ``_hashed_gate_values``).
+    sums. ``phase.after_update`` runs after the update, eagerly.
+
+    A gated template's gates draw through the library's own training forward on uniforms given
+    per model (``GatedStudent.gate_noise_name``): ``noise="aten"`` draws them with ``torch.rand``
+    from every model's own generator, seeded ``gate_noise_seed(phase.seed, model)``, so a model
+    draws what the library's gate forward draws after ``torch.manual_seed`` of that seed, whatever
+    the stack; ``noise="hash"`` (the default of mode "compile") computes them from a counter-based
+    hash of (phase seed, step, model, position) inside the step (fused into the compiled step,
+    where aten's generator alone took 40 % of a sine gate step; see ``hashed_uniform``).
 
     Every model's data order is its own ``torch.randperm`` per epoch, from one generator seeded
     with ``phase.seed`` (one permutation per model: arg-sorting uniforms cost 38 % of a from-scratch
@@ -205,29 +212,30 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
         raise ValueError(f"noise must be 'aten' or 'hash', got {noise!r}")
     loss_fn = task_loss(task)
     gated = isinstance(stack.template, WithGateLoss)
+    noise_name = f"gated.{stack.template.gated.gate_noise_name}" if gated else ""
+    gate_count = stack.template.gated.flat_log_alpha().numel() if gated else 0
 
     call = _call_traceable if mode == "compile" else _call
 
-    def objective(params, buffers, xb, yb, lam):
-        out = call(stack, params, buffers, xb)
-        if gated:
+    def objective(params, buffers, xb, yb, lam, draw):
+        if gated:  # draw: this model's uniforms (noise "aten") or its hash key ("hash")
+            uniform = hashed_uniform(draw, (xb.shape[0], gate_count)) if noise == "hash" else draw
+            out = call(stack, params, {**buffers, noise_name: uniform}, xb)
             return loss_fn(out[0], yb) + lam * out[1]
-        return loss_fn(out, yb)
+        return loss_fn(call(stack, params, buffers, xb), yb)
 
     grad = grad_and_value(objective)
-    step = _looped(grad, stack.size) if mode == "loop" else vmap(grad, in_dims=(0, 0, 0, 0, None),
-                                                                   randomness="different")
+    step = _looped(grad, stack.size) if mode == "loop" else vmap(
+        grad, in_dims=(0, 0, 0, 0, None, 0 if gated else None), randomness="different")
     names = list(stack.params)
-    is_gate = [("graphmerge_gates" in k) for k in names]
+    gate_names = {f"gated.{name}" for name in stack.template.gated.gate_parameter_names()} if gated else set()
+    is_gate = [k in gate_names for k in names]
 
     def update(params: dict, momentum: dict, buffers: dict, idx: torch.Tensor, lam: Any, lr_w: torch.Tensor,
-               progress: torch.Tensor) -> None:
-        grads, _ = step(params, buffers, x[idx], y[idx], lam)
+               draw: torch.Tensor | None) -> None:
+        grads, _ = step(params, buffers, x[idx], y[idx], lam, draw)
         _sgd(params, momentum, names, is_gate, grads, lr_w, phase)
-        if phase.after_update:
-            phase.after_update(params, progress)
 
-    keys = _gate_noise(stack.template, noise)
     if mode == "compile":
         update = _compiled(update)
     if not stack.momentum:
@@ -235,6 +243,7 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
     generator = torch.Generator().manual_seed(phase.seed)
     torch.manual_seed(phase.seed)
     n, m = len(x), stack.size
+    noise_generators = [torch.Generator().manual_seed(gate_noise_seed(phase.seed, i)) for i in range(m)]
     stack.template.train()
     per_epoch, length = math.ceil(n / phase.batch_size), phase.stop - phase.start
     for epoch in range(phase.start, phase.stop):
@@ -249,13 +258,16 @@ def train(stack: Stack, x: torch.Tensor, y: torch.Tensor, task: str, phase: Phas
         warm = mode == "compile" and epoch > phase.start
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext():
             for k, s in enumerate(range(0, n, phase.batch_size)):
-                buffers = stack.buffers
-                if keys:  # this step's hash key per model: (phase seed, step, model)
-                    done = (epoch - phase.start) * per_epoch + k
-                    key = torch.arange(m, dtype=torch.int64) + ((phase.seed << 40) + done * m)
-                    buffers = {**buffers, **dict.fromkeys(keys, key)}
-                progress = torch.tensor((epoch - phase.start + (k + 1) / per_epoch) / length, dtype=torch.float64)
-                update(stack.params, stack.momentum, buffers, order[:, s:s + phase.batch_size], lam, lr_w, progress)
+                idx = order[:, s:s + phase.batch_size]
+                draw = None
+                if gated and noise == "hash":
+                    draw = gate_noise_keys(phase.seed, (epoch - phase.start) * per_epoch + k, m)
+                elif gated:
+                    draw = torch.stack([torch.rand(idx.shape[1], gate_count, generator=g) for g in noise_generators])
+                update(stack.params, stack.momentum, stack.buffers, idx, lam, lr_w, draw)
+                if phase.after_update:  # the fraction done as the recipe's fit counts it
+                    done = epoch - phase.start + (k + 1) / per_epoch
+                    phase.after_update(stack.params, min(done, epoch - phase.start + 1) / length)
         if phase.on_epoch_end:
             phase.on_epoch_end(epoch, stack)
     return stack
@@ -265,17 +277,18 @@ def _compiled(update: Callable) -> Callable:
     """``update`` compiled once for every stack size and batch length: the models' dimension and
     the batch's are marked dynamic, so a stack that loses models, or an epoch's short last batch,
     reuses the graph instead of compiling a new one."""
-    # fallback_random: aten's generator, not Inductor's scalar Philox loop (5.6 vs 12.4 ms per gate
-    # step, 50 gated N=2 sine students), and the same noise as mode "vmap" draws.
-    compiled = torch.compile(update, options={"fallback_random": True})
+    compiled = torch.compile(update)
 
     def call(params: dict, momentum: dict, buffers: dict, idx: torch.Tensor, lam: Any, lr_w: torch.Tensor,
-             progress: torch.Tensor) -> None:
+             draw: torch.Tensor | None) -> None:
         for t in (*params.values(), *momentum.values(), *buffers.values(), lr_w):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(idx, 0)
         torch._dynamo.maybe_mark_dynamic(idx, 1)
-        compiled(params, momentum, buffers, idx, lam, lr_w, progress)
+        if draw is not None:
+            for dim in range(min(draw.ndim, 2)):  # models; uniforms: and the batch
+                torch._dynamo.maybe_mark_dynamic(draw, dim)
+        compiled(params, momentum, buffers, idx, lam, lr_w, draw)
 
     return call
 
@@ -285,29 +298,18 @@ def epoch_orders(generator: torch.Generator, models: int, samples: int) -> torch
     return torch.stack([torch.randperm(samples, generator=generator) for _ in range(models)])
 
 
-NOISE_KEY = "noise_key"
+def gate_noise_seed(seed: int, model: int) -> int:
+    """The seed of model ``model``'s gate uniforms (noise "aten") in a phase seeded ``seed``."""
+    return seed * 1_000_003 + model
 
 
-def _gate_noise(template: nn.Module, noise: str) -> list[str]:
-    """Give every hard-concrete gate module of ``template`` the forward that draws ``noise``, and
-    return the names of the per-model key buffers that forward reads (``noise="hash"``; none for
-    ``"aten"``).
-
-    ``noise="aten"``: ``_gate_values``, the noise clamped out of place. ``HardConcreteGates.forward``
-    clamps it in place, and ``vmap`` has no batching rule for ``clamp_``: it falls back to a loop over
-    the models, which a compiled graph unrolls into one pass over all models' noise per model
-    (measured: 18 ms per step for 50 gated N=2 sine students against 22 ms eager).
-    ``noise="hash"``: ``_hashed_gate_values``, keyed by a buffer ``train`` sets every step.
-    Only the stack's template is changed, not the students."""
-    keys = []
-    for name, module in template.named_modules():
-        if isinstance(module, HardConcreteGates):
-            if noise == "hash":
-                if NOISE_KEY not in module._buffers:
-                    module.register_buffer(NOISE_KEY, torch.zeros((), dtype=torch.int64), persistent=False)
-                keys.append(f"{name}.{NOISE_KEY}" if name else NOISE_KEY)
-            module.forward = types.MethodType(_hashed_gate_values if noise == "hash" else _gate_values, module)
-    return keys
+def gate_noise_keys(seed: int, step: int, models: int) -> torch.Tensor:
+    """Every model's ``hashed_uniform`` key (noise "hash") at step ``step`` of a phase seeded ``seed``:
+    (seed, step, model) in bits 40-62, 16-39 and 0-15, so a model's key does not depend on the stack."""
+    if not (0 <= seed < 1 << 23 and 0 <= step < 1 << 24 and models <= 1 << 16):
+        raise ValueError(f"hash keys hold seeds below 2^23, steps below 2^24 and 2^16 models; got seed {seed}, "
+                         f"step {step}, {models} models")
+    return torch.arange(models, dtype=torch.int64) + ((seed << 40) + (step << 16))
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -332,45 +334,14 @@ def hashed_uniform(key: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return ((bits >> 9) * 2 + 1).to(torch.float32).mul(2.0 ** -24).view(*shape)  # odd multiples of 2^-24: exact
 
 
-def _hashed_gate_values(gates: HardConcreteGates, reference: torch.Tensor) -> torch.Tensor:
-    """``HardConcreteGates.forward`` with ``hashed_uniform`` noise and no transcendental per draw.
-
-    ``sigmoid((log u - log(1 - u) + log_alpha) / beta) = 1 / (1 + r^(1/beta) exp(-log_alpha / beta))``
-    with ``r = (1 - u) / u``: the exponential is per gate, and for the default beta = 2/3,
-    ``r^1.5 = r sqrt(r)``. ``log_alpha`` enters clamped to [-40, 40], which keeps the product finite in
-    float32 (a gate there is decided: its sample's gradient is below e^-60 either way)."""
-    if not gates.training:
-        return HardConcreteGates.forward(gates, reference)
-    log_alpha = gates.all_log_alpha()
-    rows = reference.shape[0] if reference.ndim else 1
-    u = hashed_uniform(getattr(gates, NOISE_KEY), (rows, gates.total)).clamp(1e-6, 1 - 1e-6)
-    odds = (1 - u) / u
-    power = 1 / gates.beta
-    odds = odds * odds.sqrt() if abs(power - 1.5) < 1e-12 else odds.pow(power)
-    s = 1 / (1 + odds * torch.exp(-log_alpha.clamp(-40, 40) * power))
-    values = (s * (gates.zeta - gates.gamma) + gates.gamma).clamp(0, 1)
-    return torch.cat([values, torch.ones(values.shape[0], 1, dtype=values.dtype, device=values.device)], 1)
-
-
-def _gate_values(gates: HardConcreteGates, reference: torch.Tensor) -> torch.Tensor:
-    """``HardConcreteGates.forward`` op for op, the noise drawn out of place (the same values)."""
-    if not gates.training:
-        return HardConcreteGates.forward(gates, reference)
-    log_alpha = gates.all_log_alpha()
-    rows = reference.shape[0] if reference.ndim else 1
-    u = torch.rand(rows, gates.total, device=log_alpha.device, dtype=log_alpha.dtype).clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid(torch.add(torch.log(u) - torch.log1p(-u), log_alpha) / gates.beta)
-    values = (s * (gates.zeta - gates.gamma) + gates.gamma).clamp(0, 1)
-    return torch.cat([values, torch.ones(values.shape[0], 1, dtype=values.dtype, device=values.device)], 1)
-
-
 def _looped(single: Callable, m: int) -> Callable:
     """The batched step's signature and result, one model at a time (buffers updated in place
     through the views ``v[i]`` of the stacked tensors)."""
 
-    def step(params: dict, buffers: dict, xb: torch.Tensor, yb: torch.Tensor, lam: float) -> tuple[dict, None]:
+    def step(params: dict, buffers: dict, xb: torch.Tensor, yb: torch.Tensor, lam: float,
+             draw: torch.Tensor | None) -> tuple[dict, None]:
         grads = [single({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}, xb[i], yb[i],
-                        lam)[0] for i in range(m)]
+                        lam, None if draw is None else draw[i])[0] for i in range(m)]
         return {k: torch.stack([g[k] for g in grads]) for k in params}, None
 
     return step
@@ -397,20 +368,26 @@ def metric(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # --- the protocol ---------------------------------------------------------------------------------
 
+#: graphmerge.merge's settings at their defaults: the gate phase's defaults here are the library's
+LIBRARY = MergeSettings()
+
+
 @dataclass
 class Budget:
-    """Epochs of each phase. ``unit`` = 1/6 of the total: teachers 2u each, gate u, fine-tune u."""
+    """Epochs of each phase. ``unit`` = 1/6 of the total: teachers 2u each, gate u, fine-tune u.
+    The gate phase's settings default to ``graphmerge.merge``'s (``LIBRARY``)."""
 
     unit: int
     lr: float
     batch_size: int
     weight_decay: float = 0.0
-    gate_lr: float = 0.1
-    lambda0: float = 0.01
-    lambda_growth: float = 0.05
-    gate_budget: str = "projected"  # "projected" (graphmerge's default) or "penalty" (the paper's λ·L_half)
-    budget_ramp: float = 0.5  # projected: the budget falls from 1 to 1/N over this fraction of the gate phase
-    budget_direction: str = "gradient"  # projected: how the log-alphas move onto the budget (gate.budget_projection)
+    gate_lr: float = LIBRARY.gate_lr
+    lambda0: float = LIBRARY.lambda0
+    lambda_growth: float = LIBRARY.lambda_growth
+    gate_budget: str = LIBRARY.gate_budget  # "projected" or "penalty" (the paper's λ·L_half)
+    budget_ramp: float = LIBRARY.budget_ramp  # projected: the budget falls from 1 to 1/N over this fraction
+    budget_direction: str = LIBRARY.budget_direction  # projected: how the log-alphas move onto the budget
+    decide_gates: bool = LIBRARY.decide_gates  # projected: past the ramp, drive the gates to the kept channels
     drop: float = 5 / 6  # where in a phase the learning rate is divided by 10 (sine: 250 of 300)
     milestones: dict[int, int] = field(default_factory=dict)  # per phase length, overriding ``drop``
 
@@ -444,6 +421,7 @@ class Benchmark:
     seed: int = 0
     time_unbatched: bool = True
     mode: str = "vmap"  # how ``train`` runs the models of a stack: "vmap" or "loop"
+    noise: str | None = None  # the gate phase's uniforms (``Phase.noise``); None: the mode's default
     compare_budgets: bool = False  # also the student whose gate phase uses the other gate budget
     settings: dict[str, Any] = field(default_factory=dict)  # the task's model and data choices, for the JSON
     log: Callable[[str], None] = print
@@ -746,7 +724,7 @@ def run_protocol(bench: Benchmark) -> tuple[dict[str, Any], nn.Module]:
                    "gate_epochs": b.unit, "finetune_epochs": b.unit, "total": b.total, "lr": b.lr,
                    "batch_size": b.batch_size, "weight_decay": b.weight_decay, "gate_lr": b.gate_lr,
                    "gate_budget": b.gate_budget, "budget_ramp": b.budget_ramp,
-                   "budget_direction": b.budget_direction,
+                   "budget_direction": b.budget_direction, "decide_gates": b.decide_gates,
                    "lambda0": b.lambda0, "lambda_growth_per_epoch": b.lambda_growth,
                    "equal_flops_one_model_epochs": eq.one, "equal_flops_bo3_epochs_each": eq.bo3},
         "epochs": {name: strategies[name][0](b, eq) for name in strategies},
@@ -809,11 +787,12 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
                gate_budget: str | None = None) -> tuple[list, dict, list, dict]:
     """widen -> add_gates per run (the compiler), then one batched gate phase over all runs.
 
-    The budget ``mean P[g > 0] = 1/N`` is met as ``gate_budget`` (default: ``bench.budget``'s) says: "projected"
-    (graphmerge's default) shifts each group's log-alphas, after every step, onto the budget
-    ``budget_target`` (1 falling to 1/N over the first ``budget_ramp`` of the phase), with no
-    penalty in the loss; "penalty" (the paper) adds ``λ·gate_loss`` with λ grown once per epoch.
-    Returns the trained GatedStudents, the per-epoch history of λ or the budget and of every
+    The budget ``mean P[g > 0] = 1/N`` is met as ``gate_budget`` (default: ``bench.budget``'s) says:
+    "projected" (graphmerge's default) moves every run's log-alphas after every step as
+    ``graphmerge.GatePhase`` moves a gated student's (``gate_schedule``: the budget falling from 1
+    to 1/N over the first ``budget_ramp`` of the phase, then, with ``decide_gates``, the decision),
+    with no penalty in the loss; "penalty" (the paper) adds ``λ·gate_loss`` with λ grown once per
+    epoch. Returns the trained GatedStudents, the per-epoch history of λ or the budget and of every
     group's mean P[g > 0] (mean over runs), the untrained big students, and the seconds (per run:
     widen, widen + add_gates; per model: the batched phase's time / models in the stack).
     """
@@ -833,39 +812,31 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
     if gate_budget not in ("projected", "penalty"):
         raise ValueError(f"gate_budget must be 'projected' or 'penalty', got {gate_budget!r}")
     lam = lambda_schedule("quadratic", b.lambda0, b.lambda_growth)
-    gates = gated[0].gates
-    n = len(teachers[0])
-    names = [f"gated.graph_module.graphmerge_gates.log_alpha.g{gid}" for gid in gates.group_ids]
-    segments = gates.segments()
-    history: dict[str, Any] = {"budget" if projected else "lambda": [], "open": {str(g): [] for g in gates.group_ids}}
-
-    # Compiled, the projection runs a fixed number of Newton steps (no host sync to stop early): 6,
-    # where eager stops after at most 4 in this gate phase (the budget moves by ~1e-5 a step); an
-    # entry not converged would keep the bracket's feasible end (below the budget, never above).
-    iterations = 6 if bench.mode == "compile" else 24
-
-    def project(params: dict, progress: torch.Tensor) -> None:
-        target = budget_target(progress, n, b.budget_ramp)
-        _project_gates([params[k] for k in names], segments, target, gates.open_shift, b.budget_direction,
-                       iterations)
+    x, y = bench.data["train"]
+    schedule = graphmerge.GatePhase(gated[0], b.unit * math.ceil(len(x) / b.batch_size), budget=gate_budget,
+                                    ramp=b.budget_ramp, direction=b.budget_direction, decide=b.decide_gates,
+                                    epochs=b.unit, lambda_at=lam)
+    names = [f"gated.{name}" for name in gated[0].gate_parameter_names()]
+    groups, open_shift = gated[0].gates.group_ids, gated[0].gates.open_shift
+    history: dict[str, Any] = {"budget" if projected else "lambda": [], "open": {str(g): [] for g in groups}}
 
     def record(epoch: int, st: Stack) -> None:
         if projected:
-            history["budget"].append(budget_target((epoch + 1) / b.unit, n, b.budget_ramp))
+            history["budget"].append(schedule.fields((epoch + 1) / b.unit)["budget"])
         else:
             history["lambda"].append(lam(epoch))
-        for gid, k in zip(gates.group_ids, names, strict=True):
-            history["open"][str(gid)].append(float(torch.sigmoid(st.params[k] - gates.open_shift).mean()))
+        for gid, k in zip(groups, names, strict=True):
+            history["open"][str(gid)].append(float(torch.sigmoid(st.params[k] - open_shift).mean()))
 
     t0 = time.perf_counter()
     phase = Phase(0, b.unit, b.batch_size, lambda e: torch.full((stack.size,), b.lr), gate_lr=b.gate_lr,
                   weight_decay=b.weight_decay, aux=None if projected else lam, seed=bench.seed + 3,
-                  on_epoch_end=record, after_update=project if projected else None)
-    x, y = bench.data["train"]
+                  on_epoch_end=record, after_update=gate_schedule(schedule, names) if projected else None,
+                  noise=bench.noise)
     train(stack, x, y, bench.task, phase, bench.mode)
     seconds = time.perf_counter() - t0
     bench.log(f"  gate phase {tag} ({gate_budget}): {b.unit} epochs, {stack.size} runs, {seconds:.0f} s")
-    target = 1 / n
+    target = 1 / len(teachers[0])
     far = {g: round(v[-1], 2) for g, v in history["open"].items() if abs(v[-1] - target) > 0.1}
     if far:
         fix = "raise --lambda0/--lambda-growth/--gate-lr" if not projected else "check the projection"
@@ -880,16 +851,28 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
     return trained, history, bigs, times
 
 
-def _project_gates(log_alphas: list[torch.Tensor], segments: torch.Tensor, target: float | torch.Tensor,
-                   open_shift: float, direction: str, iterations: int = 24) -> None:
-    """Every run's log-alphas (one ``(runs, channels)`` tensor per group) moved onto the budget
-    ``target`` by ``budget_projection``, in place."""
-    flat = torch.cat(log_alphas, dim=-1)
-    shifted = budget_projection(flat, segments, target, open_shift, direction=direction, groups=len(log_alphas),
-                                iterations=iterations)
-    if shifted is not flat:
-        for param, piece in zip(log_alphas, shifted.split([t.shape[-1] for t in log_alphas], dim=-1), strict=True):
-            param.copy_(piece)
+def gate_schedule(schedule: graphmerge.GatePhase, names: list[str]) -> Callable[[dict, float], None]:
+    """``Phase.after_update`` that moves every stacked model's log-alphas (``params[name]``, ``(models,
+    gates)`` each, ``names`` in the order of ``GatedStudent.gate_parameter_names``) where
+    ``schedule.advance_to(progress)`` (a ``graphmerge.GatePhase`` under the projected budget) moves
+    its gated student's: onto the budget ``budget_target(progress)``, and past the ramp (with
+    ``decide``) to the decision of strength ``decision_strength(progress)``, through the student's
+    functional ``projected_log_alpha`` / ``decided_log_alpha``, all models at once."""
+    student = schedule.gated
+
+    @torch.no_grad()
+    def move(params: dict, progress: float) -> None:
+        fields = schedule.fields(progress)
+        flat = torch.cat([params[k] for k in names], dim=-1)
+        if schedule.decide and progress >= schedule.ramp:
+            moved = student.decided_log_alpha(flat, fields["budget"], fields["decision"], schedule.direction)
+        else:
+            moved = student.projected_log_alpha(flat, fields["budget"], schedule.direction)
+        if moved is not flat:
+            for k, piece in zip(names, moved.split([params[k].shape[-1] for k in names], dim=-1), strict=True):
+                params[k].copy_(piece)
+
+    return move
 
 
 def build_students(bench: Benchmark, teachers: list[list[nn.Module]], bigs: list, gate2: list,
@@ -1097,10 +1080,14 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
     parser.add_argument("--lambda0", type=float, default=None, help="λ at the first gate epoch")
     parser.add_argument("--lambda-growth", type=float, default=None, help="c in λ <- λ + c·√λ per gate epoch")
     parser.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gates' SGD")
-    parser.add_argument("--gate-budget", choices=("projected", "penalty"), default="projected",
+    parser.add_argument("--gate-budget", choices=("projected", "penalty"), default=None,
                         help="how the gate phase meets mean P[g>0] = 1/N: 'projected' (graphmerge's default: "
                              "log-alphas shifted onto a budget falling from 1 to 1/N over the first half of the "
-                             "phase, after every step) or 'penalty' (the paper's λ·L_half, λ grown per epoch)")
+                             "phase, after every step, then decided) or 'penalty' (the paper's λ·L_half, λ grown "
+                             "per epoch)")
+    parser.add_argument("--decide-gates", action=argparse.BooleanOptionalAction, default=None,
+                        help="projected budget: past the ramp, drive the gates to the channels compress keeps "
+                             "(graphmerge's default: on)")
     parser.add_argument("--budget-direction", choices=("gradient", "uniform"), default=None,
                         help="projected budget: move each group's log-alphas along the mean's gradient "
                              "(default; undecided gates close first) or all by one constant")
@@ -1144,10 +1131,11 @@ def run_classification(args: argparse.Namespace, name: str, build: Callable[[], 
     return result
 
 
-def gate_overrides(args: argparse.Namespace) -> dict[str, float | str]:
+def gate_overrides(args: argparse.Namespace) -> dict[str, float | str | bool]:
     """The gate-phase settings given on the command line, as ``Budget`` keyword arguments."""
     given = {"lambda0": args.lambda0, "lambda_growth": args.lambda_growth, "gate_lr": args.gate_lr,
-             "gate_budget": args.gate_budget, "budget_direction": args.budget_direction}
+             "gate_budget": args.gate_budget, "budget_direction": args.budget_direction,
+             "decide_gates": args.decide_gates}
     return {k: v for k, v in given.items() if v is not None}
 
 

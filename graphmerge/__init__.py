@@ -17,21 +17,26 @@ __all__ = [
     "GatePhase",
     "GraphMergeError",
     "ModelMismatchError",
+    "Optimizer",
     "TraceError",
     "add_gates",
     "analyze",
     "certify_pipeline",
     "compress",
     "export_onnx",
+    "hard_concrete_sample",
     "merge",
     "register_rule",
+    "text_dataset",
+    "train",
     "widen",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """``GatePhase`` (the gate phase's schedule for your own loop) and ``certify_pipeline`` (the whole
-    merge at toy scale), imported on first use like every entry point here."""
+    """``GatePhase`` (the gate phase's schedule for your own loop), ``certify_pipeline`` (the whole
+    merge at toy scale) and ``Optimizer`` (a weight phase's optimiser), imported on first use like every
+    entry point here."""
     if name == "GatePhase":
         from graphmerge.gate_phase import GatePhase
 
@@ -40,6 +45,14 @@ def __getattr__(name: str) -> Any:
         from graphmerge.pipeline import certify_pipeline
 
         return certify_pipeline
+    if name == "Optimizer":  # the weights' optimiser of a phase: SGD/AdamW, schedule, warmup, clipping
+        from graphmerge.optim import Optimizer
+
+        return Optimizer
+    if name == "hard_concrete_sample":  # the gates' training draw, for a functional (vmapped) trainer
+        from graphmerge.passes.gate import hard_concrete_sample
+
+        return hard_concrete_sample
     raise AttributeError(f"module 'graphmerge' has no attribute {name!r}")
 
 
@@ -80,6 +93,22 @@ def merge(teachers, train_data, **options: Any):
     from graphmerge.recipe import merge as _merge
 
     return _merge(teachers, train_data, **options)
+
+
+def train(model, train_data, **options: Any):
+    """Train one model (a teacher) in place, resumably; ``optimizer=graphmerge.Optimizer(...)`` for AdamW etc."""
+    from graphmerge.recipe import train as _train
+
+    return _train(model, train_data, **options)
+
+
+def text_dataset(path, tokenizer, block_size=128, **options: Any):
+    """A .txt file (or a folder of them) tokenised with a Hugging Face ``tokenizer`` and packed into blocks
+    of ``block_size`` tokens: items ``{input_ids, attention_mask, labels}``; ``.split(0.1)`` gives
+    (train, val). ``objective="masked_lm"`` masks tokens as BERT (see graphmerge.text_data)."""
+    from graphmerge.text_data import text_dataset as _text_dataset
+
+    return _text_dataset(path, tokenizer, block_size, **options)
 
 
 def export_onnx(model, example_inputs, path, **options: Any):

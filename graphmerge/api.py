@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import time
 import warnings
@@ -148,7 +150,10 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs:
                                    "I1 cannot hold")
         info.certificates["I1"] = certificate
         info.certificates["I2"] = _certify_recovery(big, teachers, pinned)
+        groups.timings["certify_i1_s"] = certificate.seconds
+        groups.timings["certify_i2_s"] = info.certificates["I2"].seconds
         groups.timings["certify_s"] = certificate.seconds + info.certificates["I2"].seconds
+        groups.timings["certify_peak_mb"] = certificate.peak_bytes / 2**20
     big.train(teachers[0].training)
     return big
 
@@ -188,24 +193,30 @@ def compress(big: nn.Module, keep: Any = "gates", *, scales: dict[int, Any] | No
     ``student_certificate(student)``, where I3 does not hold by construction: a normalisation
     spans a widened group and the kept channels mix teachers, or custom ``scales`` were given.
     """
-    from graphmerge.passes.certify import certify_equal
+    from graphmerge.passes.certify import as_captured, certify_equal
     from graphmerge.passes.compress import compress as compress_pass
+    from graphmerge.passes.stream import Streamed
     from graphmerge.passes.widen import widen_info
 
+    start = time.perf_counter()
     student = compress_pass(big, keep, scales=scales, ratio=ratio)
+    graph_module, info = widen_info(big)
+    info.groups.timings["compress_s"] = time.perf_counter() - start
     if not verify:
         return student
-    graph_module, info = widen_info(big)
-    if not info.example_inputs:
+    if not info.example_inputs and not info.example_kwargs:
         return student
     reference, skipped = _closed_gates_reference(big, info, keep, scales, ratio)
     if skipped:
         certificate = Certificate("I3", float("nan"), 1.0, float("nan"), "n/a", 0.0, skipped=skipped)
     else:
-        certificate = certify_equal(student, reference, info.example_inputs, info.example_kwargs, invariant="I3",
-                                    actual_kwargs=info.class_kwargs,
+        # a student of the teachers' class runs as the captured graph holding its tensors
+        actual = Streamed(student) if isinstance(student, torch.fx.GraphModule) else as_captured(info.groups, student)
+        certificate = certify_equal(actual, reference, info.example_inputs, info.example_kwargs, invariant="I3",
                                     what="compress returned a student that does not compute what the gated big "
                                          "student computes with the dropped channels closed")
+    info.groups.timings["certify_i3_s"] = certificate.seconds
+    info.groups.timings["certify_i3_peak_mb"] = certificate.peak_bytes / 2**20
     student.__dict__["_graphmerge_certificate"] = certificate
     return student
 
@@ -216,12 +227,14 @@ def student_certificate(student: nn.Module) -> Any:
 
 
 def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
-                            ratio: float | None) -> tuple[nn.Module | None, str | None]:
-    """A gated copy of the big student whose eval gates are 0 where compress drops a channel and,
-    where it keeps one, the scale compress folded in (the gates' own eval value, or exactly 1)."""
-    from graphmerge.passes.certify import detached_copy
+                            ratio: float | None) -> tuple[Any, str | None]:
+    """The gated big student with eval gates 0 where compress drops a channel and, where it keeps
+    one, the scale compress folded in (the gates' own eval value, or exactly 1), as a
+    ``stream.Streamed`` graph that reads the big student's own tensors (no copy of them)."""
     from graphmerge.passes.compress import mixes_per_teacher_layers
-    from graphmerge.passes.gate import GatedStudent, add_gates, select_channels
+    from graphmerge.passes.gate import GATES, GatedStudent, select_channels
+    from graphmerge.passes.stream import Streamed
+    from graphmerge.passes.util import getattr_path
 
     gated = isinstance(big, GatedStudent)
     from_gates = isinstance(keep, str) and keep == "gates"
@@ -256,14 +269,36 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
         return None, (f"{stacked[0]} is applied per teacher in the big student (a token-mixing layer's weight, or "
                       "a parameter without channels such as a learned scalar); the kept channels mix teachers "
                       "and the student has one such tensor for all of them")
-    reference = detached_copy(big) if gated else add_gates(big)
-    reference.graph_module.meta["graphmerge"] = info
-    log_alpha = reference.gates.log_alpha
+    reference = big if gated else _gated_skeleton(big, info)
+    gates = copy.deepcopy(reference.gates)
     with torch.no_grad():
         for gid, k in kept.items():
-            param = log_alpha[f"g{gid}"]
+            param = gates.log_alpha[f"g{gid}"]
             open_ = torch.zeros(param.numel(), dtype=torch.bool)
             open_[torch.as_tensor(np.asarray(k), dtype=torch.long)] = True
             keep_value = param if (gated and from_gates) else torch.full_like(param, 30.0)
             param.copy_(torch.where(open_, keep_value, torch.full_like(param, -30.0)))
-    return reference, None
+    graph_module = reference.graph_module
+    dtype = next((t.dtype for t in big.state_dict().values() if t.is_floating_point()), None)
+    if gated:
+        return Streamed(graph_module, modules={GATES: gates}, source_dtype=dtype), None
+    state = big.state_dict(keep_vars=True)  # the skeleton's parameters are placeholders: read the big student's
+
+    def fetch(name: str) -> Any:
+        return state[name] if name in state else getattr_path(graph_module, name)
+
+    return Streamed(graph_module, fetch, modules={GATES: gates}, source_dtype=dtype), None
+
+
+def _gated_skeleton(big: torch.fx.GraphModule, info: Any) -> Any:
+    """``add_gates(big)`` on a copy of its structure whose parameters are meta placeholders, so no
+    tensor is copied. Its gates are only read in eval mode, one value for every sample, so the
+    batch places a train-mode gate step needs are not located (no probe run)."""
+    from graphmerge.passes.batch import NO_BATCH
+    from graphmerge.passes.gate import add_gates
+    from graphmerge.passes.widen import copy_structure
+
+    skeleton = copy_structure(big)
+    places = {node.name: NO_BATCH for node in big.graph.nodes} | dict(info.batch_places)
+    skeleton.meta["graphmerge"] = dataclasses.replace(info, batch_places=places)
+    return add_gates(skeleton)

@@ -46,6 +46,8 @@ INPUT_SHAPE_HELP = ("Shape of one example batch, e.g. 1,3,224,224 (for hf: text 
                     "torchvision, timm and hf defaults.")
 LEAF_HELP = ("Keep this submodule as it is: every channel inside it is pinned, none widened "
              "(qualified name like layer1.0, or a class name); repeatable.")
+VERIFY_HELP = ("Also widen the model with a perturbed copy of itself, compress it back, and print the "
+               "certificates I1, I2 and I3 with their errors, seconds and peak memory.")
 MAX_LISTED = 3
 PASS_ORDER = ["trace", "couple"]
 # torch.export logs its guesses at WARNING ("Unable to find user code corresponding to {u0}") on
@@ -93,6 +95,7 @@ def trace_command(
     as_json: bool = typer.Option(False, "--json", help="Print the groups as JSON, nothing else."),
     dot: Path | None = typer.Option(None, "--dot", help="Write the graph as Graphviz DOT."),
     svg: Path | None = typer.Option(None, "--svg", help="Render the graph to SVG (needs `dot`)."),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ) -> None:
     """Capture a model with torch.export and print its channel-coupling groups."""
     if svg is not None and shutil.which("dot") is None:  # fail before the slow part
@@ -103,7 +106,9 @@ def trace_command(
     for path in (dot, svg):
         if path is not None:
             check_writable(path)
-    groupset, loaded_name, elapsed = analyze_spec(spec, input_shape, leaf)
+    loaded_model: list[Any] = []
+    groupset, loaded_name, elapsed = analyze_spec(spec, input_shape, leaf, loaded_model)
+    certificates = verify_merge(loaded_model[0], groupset) if verify else None
     if dot is not None or svg is not None:
         dot_text = graph_to_dot(groupset, loaded_name)
         if dot is not None:
@@ -111,16 +116,22 @@ def trace_command(
         if svg is not None:
             render_svg(dot_text, svg)
     if as_json:
-        print(json.dumps(groupset.to_dict(), indent=2, default=str))
+        report = groupset.to_dict()
+        if certificates is not None:
+            report["certificates"] = {k: c.to_dict() for k, c in certificates.items()}
+        print(json.dumps(report, indent=2, default=str))
         return
     print_groups(groupset, loaded_name, elapsed)
+    if certificates is not None:
+        print_certificates(certificates, groupset.timings)
     for path in (dot, svg):
         if path is not None:
             print(f"wrote {path}")
 
 
-def analyze_spec(spec: str, input_shape: str | None, leaf: Sequence[str]):
-    """Load ``spec`` and run the coupling analysis -> (GroupSet, model name, seconds taken).
+def analyze_spec(spec: str, input_shape: str | None, leaf: Sequence[str], loaded_out: list[Any] | None = None):
+    """Load ``spec`` and run the coupling analysis -> (GroupSet, model name, seconds taken);
+    ``loaded_out`` receives the loaded model (``loading.LoadedModel``) when given.
 
     What the analysis writes to stderr, and its warnings (one line each), print after it and only
     if it succeeds: where capture fails, torch.export prints the partial graph and graphmerge warns
@@ -133,6 +144,8 @@ def analyze_spec(spec: str, input_shape: str | None, leaf: Sequence[str]):
 
     shape = parse_input_shape(input_shape) if input_shape is not None else None
     loaded = load_model(spec, input_shape=shape)
+    if loaded_out is not None:
+        loaded_out.append(loaded)
     start = time.perf_counter()
     with deferred_stderr():
         try:
@@ -175,6 +188,48 @@ def check_model_runs(loaded: Any, given_shape: bool) -> None:
             f"shape of one batch it takes with --input-shape (e.g. --input-shape 1,3,224,224).") from exc
 
 
+def verify_merge(loaded: Any, groupset: Any) -> dict[str, Any]:
+    """``trace --verify``: widen the model with a copy of itself whose every floating tensor is
+    scaled by its own seeded factor exp(0.05 N(0, 1)) (signs and zeros kept, so statistics such as
+    BatchNorm's running variance stay valid), run the certificates I1 and I2 (widen) and I3
+    (compress with seeded random channel scores), and return them."""
+    import copy
+
+    import torch
+
+    import graphmerge
+    from graphmerge.api import student_certificate
+
+    other = copy.deepcopy(loaded.model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in other.state_dict().values():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+                tensor.mul_(torch.exp(0.05 * noise).to(tensor.dtype))
+    with deferred_stderr():
+        big = graphmerge.widen([loaded.model, other], loaded.example_inputs, example_kwargs=loaded.example_kwargs,
+                               groups=groupset)
+        info = big.meta["graphmerge"]
+        scores = {g.id: torch.rand(info.n_teachers * g.width, generator=generator) for g in info.groups.gated}
+        student = graphmerge.compress(big, scores)
+    return {**info.certificates, "I3": student_certificate(student)}
+
+
+def print_certificates(certificates: dict[str, Any], timings: dict[str, float]) -> None:
+    """One line per certificate: what it found, its dtype, seconds and peak memory."""
+    print("certificates (the model and a perturbed copy of it; graphs streamed node by node):")
+    for name, certificate in certificates.items():
+        if certificate.skipped:
+            print(f"  {name}: skipped: {certificate.skipped}")
+            continue
+        peak = f", peak {certificate.peak_bytes / 2**20:.1f} MB" if name != "I2" else ""
+        print(f"  {name}: max error {certificate.max_error:.3g} (relative {certificate.relative_error:.3g}, "
+              f"tolerance {certificate.tolerance:g}) in {certificate.dtype}, {certificate.seconds:.3f}s{peak}")
+    stages = [f"{key.removesuffix('_s')} {timings[key]:.3f}s" for key in ("widen_s", "compress_s") if key in timings]
+    print(f"  time: {', '.join(stages)}")
+
+
 def print_groups(groupset: Any, name: str, elapsed: float) -> None:
     """A table of the groups, then the totals and the time each pass took."""
     from rich.console import Console
@@ -189,7 +244,8 @@ def print_groups(groupset: Any, name: str, elapsed: float) -> None:
                       _shorten(group.consumers), _shorten(group.gate_sites))
     console = Console()
     console.print(table)
-    timings = {key.removesuffix("_s"): s for key, s in groupset.timings.items()} or {"analyze": elapsed}
+    timings = {key.removesuffix("_s"): s for key, s in groupset.timings.items()
+               if key in ("trace_s", "couple_s")} or {"analyze": elapsed}
     in_pipeline_order = sorted(timings, key=lambda k: PASS_ORDER.index(k) if k in PASS_ORDER else 99)
     times = ", ".join(f"{key} {timings[key]:.3f}s" for key in in_pipeline_order)
     console.print(f"{groupset.node_count} nodes, {len(groupset)} groups: "

@@ -55,17 +55,25 @@ def export_command(
     if tolerance <= 0:
         raise GraphMergeError(f"--tolerance must be positive, got {tolerance}.")
     loaded = _load(model, weights, input_shape)
-    check_positional_inputs(loaded, "export", "graphmerge.export_onnx takes positional example inputs only")
     console = Console()
     console.print(f"exporting [bold]{loaded.name}[/] to {out} ...")
-    report = export_onnx_report(
-        loaded.model,
-        loaded.example_inputs,
-        out,
-        dynamic_batch=not no_dynamic_batch,
-        opset=opset,
-        tolerance=tolerance,
-    )
+    if loaded.source.startswith("hf:") and loaded.example_kwargs:  # inputs named as the model's, sequence dynamic
+        from graphmerge.hf import export_hf_onnx
+
+        report = export_hf_onnx(loaded, out, opset=opset, tolerance=tolerance, dynamic=not no_dynamic_batch)
+        console.print(f"inputs {', '.join(report.input_names)}; dynamic axes "
+                      f"{', '.join(sorted({a for axes in report.dynamic_axes.values() for a in axes})) or 'none'}; "
+                      f"parity checked at shapes {', '.join(str(s) for s in report.checked_shapes)}")
+    else:
+        check_positional_inputs(loaded, "export", "graphmerge.export_onnx takes positional example inputs only")
+        report = export_onnx_report(
+            loaded.model,
+            loaded.example_inputs,
+            out,
+            dynamic_batch=not no_dynamic_batch,
+            opset=opset,
+            tolerance=tolerance,
+        )
     side = f" + side file {report.side_file.name}" if report.side_file else ""
     console.print(
         f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB{side}), exporter {report.exporter}, "
@@ -135,10 +143,16 @@ def bench_command(
     for arg in models:
         spec, weights = parse_model_arg(arg)
         item = _load(spec, weights, input_shape)
-        check_positional_inputs(item, "bench", "graphmerge.bench.benchmark runs each model on positional "
-                                               "example inputs only")
+        if item.source.startswith("hf:") and item.example_kwargs:  # input_ids, attention_mask as positional inputs
+            from graphmerge.hf import positional_model
+
+            module, inputs, _ = positional_model(item)
+        else:
+            check_positional_inputs(item, "bench", "graphmerge.bench.benchmark runs each model on positional "
+                                                   "example inputs only")
+            module, inputs = item.model, item.example_inputs
         label = item.name + (f"={weights.name}" if weights else "")
-        loaded[_unique(label, loaded)] = (item.model, item.example_inputs)
+        loaded[_unique(label, loaded)] = (module, inputs)
     rows = benchmark(
         loaded,
         batches=batches,

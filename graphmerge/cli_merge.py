@@ -23,7 +23,9 @@ from graphmerge.passes.util import check_teacher_count, eval_mode, one_line
 
 MODEL_HELP = "The model: path/to/model.py[:NAME], torchvision:NAME, timm:NAME, hf:PATH or examples:NAME."
 DATA_HELP = ("The data: sine, mnist1d, digits, path/to/data.py (train_data(), val_data()), "
-             "imagefolder:PATH[:SIZE] or cifar10:PATH.")
+             "imagefolder:PATH[:SIZE], cifar10:PATH, or for hf: models text:PATH (a .txt file or a folder of them).")
+BLOCK_SIZE_HELP = ("text: data: tokens per training block (default 128, at most the model's "
+                   "max_position_embeddings); the last tenth of the blocks validates.")
 SCHEDULES = ("quadratic", "linear", "constant")
 TRAINING_LIMITATION = ("training feeds the model only the positional batches of --data (graphmerge.merge and "
                        "graphmerge.train take no keyword inputs)")
@@ -59,56 +61,88 @@ COMPILE_HELP = ("Run the training steps through torch.compile (inductor; compile
                 "phase, seconds to minutes). Faster on some models, slower on others: see the README.")
 PRECISION_HELP = ("fp32, or bf16: forward and loss under torch.autocast(bfloat16), weights and optimiser in "
                   "float32.")
+OPTIMIZER_HELP = "The weights' optimiser in every weight phase: sgd (momentum 0.9) or adamw (betas 0.9, 0.999)."
+SCHEDULE_HELP = ("Learning-rate schedule of every weight phase: multistep (lr / 10 at 1/2 and 3/4, per epoch; "
+                 "the default, constant for the gate phase's weights), cosine, linear or constant (per step).")
+WARMUP_HELP = "Fraction of each weight phase's steps over which the lr rises linearly from 0 (needs --schedule)."
+WEIGHT_DECAY_HELP = ("Weight decay (never on the gates): on every weight, or with --optimizer/--schedule/--warmup/"
+                     "--clip only on those of 2+ dimensions (not on norms, biases).")
+CLIP_HELP = "Clip the weights' gradient norm (all of a phase's weights together) to this value."
+SHARD_HELP = ("Under torchrun: shard the gate phase's big student and the fine-tuned student over the processes "
+              "(FSDP2: each holds 1/K of the weights, gradients and optimiser state; the gates stay whole on "
+              "every process); checkpoints are sharded too.")
 
 
 def train_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
-    out: Path = typer.Option(..., "--out", help="Where to write the trained weights (.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the trained weights (.safetensors); for an hf: "
+                                                "model, the save_pretrained directory (config, weights, tokenizer)."),
+    block_size: int | None = typer.Option(None, "--block-size", min=2, help=BLOCK_SIZE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the data order."),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Global batch size."),
-    lr: float = typer.Option(0.01, "--lr", help="SGD learning rate (momentum 0.9).", min=0.0),
+    lr: float = typer.Option(0.01, "--lr", help="Learning rate (peak of the schedule).", min=0.0),
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint every epoch here."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --checkpoint-dir."),
     log_json: Path | None = typer.Option(None, "--log-json", help="Append one JSON record per epoch here."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N.", callback=_device_option),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help=WEIGHT_DECAY_HELP, min=0.0),
+    optimizer: str | None = typer.Option(None, "--optimizer", help=OPTIMIZER_HELP),
+    schedule: str | None = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
+    warmup: float | None = typer.Option(None, "--warmup", help=WARMUP_HELP),
+    clip: float | None = typer.Option(None, "--clip", help=CLIP_HELP),
 ) -> None:
     """Train one teacher from a seed (SGD, momentum 0.9, lr / 10 at half and 3/4 of training)."""
     import torch
 
-    from graphmerge import checkpoint, recipe
+    from graphmerge import checkpoint, hf, recipe
+    from graphmerge.optim import cli_optimizers
 
-    _check_output(out)
-    train_data, val_data, _, task = _load_data(data)
-    torch.manual_seed(seed)
-    loaded = _load_model(model)
-    check_positional_inputs(loaded, "train", TRAINING_LIMITATION)
-    _check_runs(loaded.model, train_data, model, data)
-    result = recipe.train(loaded.model, train_data, val_data=val_data, loss=_loss_for(task), epochs=epochs,
-                          batch_size=batch_size, lr=lr, seed=seed, checkpoint_dir=checkpoint_dir,
+    optimizers = cli_optimizers(optimizer, schedule, warmup, clip, weight_decay, {"optimizer": (lr, "multistep")})
+    optimizer_options = optimizers or {"lr": lr, "weight_decay": weight_decay}
+    hf_run = hf.prepare_train(model, data, out, block_size) if hf.is_hf_spec(model) else None
+    if hf_run is None:
+        _check_output(out)
+        train_data, val_data, _, task = _load_data(data)
+        torch.manual_seed(seed)
+        loaded = _load_model(model)
+        check_positional_inputs(loaded, "train", TRAINING_LIMITATION)
+        _check_runs(loaded.model, train_data, model, data)
+        network, loss = loaded.model, _loss_for(task)
+    else:
+        network, train_data, val_data, loss = hf_run.models[0], hf_run.train_data, hf_run.val_data, hf_run.loss
+    result = recipe.train(network, train_data, val_data=val_data, loss=loss, epochs=epochs,
+                          batch_size=batch_size, **optimizer_options, seed=seed, checkpoint_dir=checkpoint_dir,
                           resume=resume, log=_epoch_logger(log_json, resume), progress=True, device=device,
                           compile=compile, precision=precision)
     if _is_main():
-        checkpoint.save_weights(out, result.model, metadata={"seed": str(seed), "model": model, "data": data})
+        if hf_run is None:
+            checkpoint.save_weights(out, result.model, metadata={"seed": str(seed), "model": model, "data": data})
+        else:
+            hf_run.save(result.model)
+            result.metrics["perplexity"] = hf.perplexity(result.metrics["loss"])
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"wrote {out} ({metrics} on {'val' if val_data is not None else 'train'})")
 
 
 def merge_command(
-    model: str = typer.Argument(..., help=MODEL_HELP),
-    teacher: list[Path] = typer.Option(..., "--teacher", "-t", help="A teacher's weights; at least two."),
+    models: list[str] = typer.Argument(..., help=MODEL_HELP + " With -t, one spec; or two or more hf:DIR teachers "
+                                                             "(each a save_pretrained directory with its tokenizer)."),
+    teacher: list[Path] = typer.Option([], "--teacher", "-t", help="A teacher's weights; at least two."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
-    out: Path = typer.Option(Path("student.safetensors"), "--out", help="Where to write the student."),
+    block_size: int | None = typer.Option(None, "--block-size", min=2, help=BLOCK_SIZE_HELP),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the student (default student.safetensors; "
+                                                        "for hf: teachers a directory, default student/)."),
     gate_epochs: int = typer.Option(10, "--gate-epochs", min=0, help="Epochs learning the gates."),
     finetune_epochs: int = typer.Option(10, "--finetune-epochs", min=0, help="Fine-tuning epochs."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Global batch size."),
-    lr: float = typer.Option(0.01, "--lr", help="Weights' SGD learning rate in the gate phase.", min=0.0),
-    gate_lr: float = typer.Option(0.1, "--gate-lr", help="Gates' SGD learning rate.", min=0.0),
-    finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Fine-tuning SGD learning rate.", min=0.0),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay (never on gates).", min=0.0),
+    lr: float = typer.Option(0.01, "--lr", help="Weights' learning rate in the gate phase.", min=0.0),
+    gate_lr: float = typer.Option(1.0, "--gate-lr", help="Gates' SGD learning rate.", min=0.0),
+    finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Fine-tuning learning rate.", min=0.0),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help=WEIGHT_DECAY_HELP, min=0.0),
     gate_budget: str = typer.Option("projected", "--gate-budget",
                                     help="projected: the gates are held to a budget falling to 1/N (met on any "
                                          "number of gate epochs); penalty: the paper's lambda * L_half."),
@@ -151,44 +185,74 @@ def merge_command(
                                    help="Before any training, run the whole merge at toy scale on two samples "
                                         "(gates in train mode, compress by the gates, reload) so a model that "
                                         "cannot be merged fails in seconds, naming the stage."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help=OPTIMIZER_HELP),
+    schedule: str | None = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
+    warmup: float | None = typer.Option(None, "--warmup", help=WARMUP_HELP),
+    clip: float | None = typer.Option(None, "--clip", help=CLIP_HELP),
+    shard: bool = typer.Option(False, "--shard", help=SHARD_HELP),
 ) -> None:
     """Merge trained teachers into one student of the same size (widen, gates, compress, fine-tune)."""
-    from graphmerge import checkpoint, recipe
+    from graphmerge import checkpoint, hf, recipe
+    from graphmerge.sharding import check_strategy
 
-    check_teacher_count(len(teacher), f"pass --teacher A.safetensors --teacher B.safetensors (train them with "
-                                      f"`graphmerge train {model} --data {data} --seed S --out S.safetensors`).")
+    strategy = "fsdp" if shard else "ddp"
+    check_strategy(strategy, _world_size())  # before anything is read or written
+
+    hf_teachers, model = hf.teachers_form(models, teacher), models[0]  # hf:DIR teachers, or MODEL -t WEIGHTS
+    if not hf_teachers:
+        check_teacher_count(len(teacher), f"pass --teacher A.safetensors --teacher B.safetensors (train them with "
+                                          f"`graphmerge train {model} --data {data} --seed S --out S.safetensors`).")
     if lambda_schedule not in SCHEDULES:
         raise GraphMergeError(f"unknown --lambda-schedule {lambda_schedule!r}: use {', '.join(SCHEDULES)}.")
-    _check_output(out)
-    states = [checkpoint.read_state_dict(path) for path in teacher]  # the reader export --weights uses
-    train_data, val_data, _, task = _load_data(data)
-    loaded = _load_model(model)
-    check_positional_inputs(loaded, "merge", TRAINING_LIMITATION)
-    teachers = [checkpoint.load_weights(copy.deepcopy(loaded.model), state, name=str(path))
-                for path, state in zip(teacher, states, strict=True)]
-    _check_runs(teachers[0], train_data, model, data)
+    from graphmerge.optim import cli_optimizers
+
+    phase_lrs = {"weight_optimizer": (lr, "constant"), "finetune_optimizer": (finetune_lr, "multistep")}
+    optimizers = cli_optimizers(optimizer, schedule, warmup, clip, weight_decay, phase_lrs)
+    optimizer_options = optimizers or {"weight_lr": lr, "finetune_lr": finetune_lr, "weight_decay": weight_decay}
+    hf_run = hf.prepare_merge(models, data, out, block_size) if hf_teachers else None
+    if hf_run is None:
+        out = out or Path("student.safetensors")
+        _check_output(out)
+        states = [checkpoint.read_state_dict(path) for path in teacher]  # the reader export --weights uses
+        train_data, val_data, _, task = _load_data(data)
+        loaded = _load_model(model)
+        check_positional_inputs(loaded, "merge", TRAINING_LIMITATION)
+        teachers = [checkpoint.load_weights(copy.deepcopy(loaded.model), state, name=str(path))
+                    for path, state in zip(teacher, states, strict=True)]
+        _check_runs(teachers[0], train_data, model, data)
+        loss, names = _loss_for(task), [p.name for p in teacher]
+    else:
+        teachers, train_data, val_data, loss, out = (hf_run.models, hf_run.train_data, hf_run.val_data, hf_run.loss,
+                                                     hf_run.out)
+        names = hf_run.names
     distillation = {"distill": None if distill.lower() == "none" else distill}
     distillation.update({name: value for name, value in (("distill_weight", distill_weight),
                                                          ("temperature", temperature)) if value is not None})
     start = time.perf_counter()
     result = recipe.merge(
-        teachers, train_data, val_data=val_data, loss=_loss_for(task), gate_epochs=gate_epochs,
-        finetune_epochs=finetune_epochs, batch_size=batch_size, weight_lr=lr, gate_lr=gate_lr,
-        finetune_lr=finetune_lr, weight_decay=weight_decay, gate_budget=gate_budget, budget_ramp=budget_ramp,
+        teachers, train_data, val_data=val_data, loss=loss, gate_epochs=gate_epochs,
+        finetune_epochs=finetune_epochs, batch_size=batch_size, gate_lr=gate_lr, **optimizer_options,
+        gate_budget=gate_budget, budget_ramp=budget_ramp,
         budget_direction=budget_direction, decide_gates=decide_gates,
         lambda0=lambda0, lambda_schedule=lambda_schedule, **distillation,
         checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, log=_epoch_logger(log_json, resume),
         progress=True, device=device, compile=compile, precision=precision, preflight=preflight,
-        normalised_groups=normalised_groups)
+        normalised_groups=normalised_groups, strategy=strategy)
     if _is_main():
-        checkpoint.save_weights(out, result.student, metadata={"model": model, "data": data})
+        if hf_run is None:
+            checkpoint.save_weights(out, result.student, metadata={"model": model, "data": data})
+        else:
+            hf_run.save(result.student)
         print_gate_report(result)
-        print_summary(result, [p.name for p in teacher], time.perf_counter() - start)
+        print_summary(result, names, time.perf_counter() - start)
+        if hf_run is not None:
+            print(hf_run.perplexity_line(result.summary))
         print(f"wrote {out}")
 
 
 def demo_command() -> None:
-    """Train two MNIST-1D CNN teachers from two seeds, merge them, and print the comparison table."""
+    """Train two MNIST-1D CNN teachers from two seeds, merge them, and print the student beside what the
+    same extra training FLOPs give otherwise: the best teacher fine-tuned, the weight average fine-tuned."""
     from graphmerge import recipe
     from graphmerge.data import mnist1d
     from graphmerge.examples.mnist1d_cnn import build_model
@@ -200,12 +264,42 @@ def demo_command() -> None:
     result = recipe.merge(build_model, train_data, val_data=val_data, loss="cross_entropy",
                           **DEMO_SETTINGS, log=_epoch_logger(None, False), progress=True)
     print_gate_report(result)
-    budget = 2 * DEMO_SETTINGS["teacher_epochs"] + DEMO_SETTINGS["gate_epochs"] + DEMO_SETTINGS["finetune_epochs"]
-    torch.manual_seed(1002)
-    single = recipe.train(build_model(), train_data, val_data=val_data, epochs=budget,
-                          batch_size=DEMO_SETTINGS["batch_size"], seed=1002)
-    print_summary(result, ["seed 1000", "seed 1001"], time.perf_counter() - start,
-                  baseline=(f"one model, same {budget} epochs (seed 1002)", single.metrics))
+    rows = alternative_rows(result, train_data, val_data, DEMO_SETTINGS)
+    print_summary(result, ["seed 1000", "seed 1001"], time.perf_counter() - start, alternatives=rows)
+
+
+def alternative_rows(result: Any, train_data: Any, val_data: Any,
+                     s: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """The alternatives at the merge's extra training FLOPs (``s``'s gate phase + fine-tuning), each
+    trained with the fine-tuning settings: the best teacher on validation, and the weight average."""
+    from graphmerge import add_gates, widen
+    from graphmerge.alternatives import plan_budget, spend, train_flops_per_sample, weight_average
+    from graphmerge.data import first_example
+    from graphmerge.training import evaluate
+
+    teachers = [t.eval() for t in result.teachers]
+    batch = s["batch_size"]
+    small = train_flops_per_sample(teachers[0], train_data, batch_size=batch)
+    inputs, kwargs = first_example(train_data)
+    gated = train_flops_per_sample(add_gates(widen(teachers, inputs, example_kwargs=kwargs)), train_data,
+                                   batch_size=batch)
+    n = len(train_data)
+    extra = n * (s["gate_epochs"] * gated + s["finetune_epochs"] * small)
+    budget = plan_budget(extra, small, n)
+    options = {"batch_size": batch, "lr": 0.01, "val_data": None}
+    scores = result.summary["teachers"]
+    best = max(range(len(teachers)), key=lambda i: scores[i])
+    starts = {f"best teacher ({best}) fine-tuned": teachers[best],
+              "weight average (BN re-estimated) fine-tuned": weight_average(teachers, bn_data=train_data)}
+    rows = []
+    for name, model in starts.items():
+        trained = spend(model, train_data, budget, seed=s["seed"] + 7, **options)
+        epochs = f"{budget.epochs} x {budget.samples} samples" if budget else "no training"
+        rows.append((f"{name}, same extra FLOPs ({epochs})", evaluate(trained, val_data, "cross_entropy")))
+    print(f"extra training FLOPs of the merge: {extra:.3g} (gate phase {s['gate_epochs']} epochs of the gated big "
+          f"student at {gated / small:.1f}x a teacher's step, fine-tuning {s['finetune_epochs']} epochs); the "
+          f"alternatives spend the same.")
+    return rows
 
 
 # Short enough for about a minute or two on 2 CPU cores; the gate phase runs on the defaults (the
@@ -231,11 +325,9 @@ def format_record(record: dict[str, Any]) -> str:
 
 
 def print_summary(result: Any, teacher_names: Sequence[str], seconds: float,
-                  baseline: tuple[str, dict[str, float]] | None = None) -> None:
-    """The table the paper's comparison needs: teachers, big student, student before/after fine-tune.
-
-    ``baseline`` adds a row for a model trained with the same total epoch budget, for a fair reading.
-    """
+                  alternatives: Sequence[tuple[str, dict[str, float]]] = ()) -> None:
+    """The table the paper's comparison needs: teachers, big student, student before/after fine-tune,
+    and a row per ``alternatives`` entry (name, its evaluate() metrics) for a fair reading."""
     from rich.console import Console
     from rich.table import Table
 
@@ -255,10 +347,10 @@ def print_summary(result: Any, teacher_names: Sequence[str], seconds: float,
     table.add_row("big student (before gate phase)", f"{summary['big']:.4f}")
     table.add_row("student before fine-tuning", f"{summary['before_finetune']:.4f}")
     table.add_row("student after fine-tuning", f"{summary['after_finetune']:.4f}")
-    if baseline is not None and metric.removeprefix("val_") in baseline[1]:
-        table.add_row(baseline[0], f"{baseline[1][metric.removeprefix('val_')]:.4f}")
-    elif baseline is not None and metric in baseline[1]:
-        table.add_row(baseline[0], f"{baseline[1][metric]:.4f}")
+    for name, metrics in alternatives:
+        value = metrics.get(metric.removeprefix("val_"), metrics.get(metric))
+        if value is not None:
+            table.add_row(name, f"{value:.4f}")
     Console().print(table)
 
 
@@ -274,6 +366,11 @@ def print_gate_report(result: Any) -> None:
         share = result.teacher_share.get(group, [])
         table.add_row(str(group), f"{fraction:.3f}", " / ".join(str(c) for c in share))
     Console().print(table)
+    trace = result.gate_trace
+    if trace:
+        key = "val_acc" if "val_acc" in trace[0] else "val_loss"
+        points = ", ".join(f"{e['progress']:.0%} {e[key]:.3f}" for e in trace)
+        print(f"{key} through the gate phase (eval gates): big student {result.summary['big']:.3f}, {points}")
 
 
 def _epoch_logger(log_json: Path | None, resume: bool) -> Callable[[dict[str, Any]], None]:
@@ -344,3 +441,9 @@ def _is_main() -> bool:
     import os
 
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE") or 1)

@@ -15,6 +15,8 @@
   "regression"; inferred from the target dtype when absent).
 - ``imagefolder:PATH[:SIZE]``: ``PATH/train`` and ``PATH/val`` in torchvision ImageFolder layout.
 - ``cifar10:PATH``: CIFAR-10 from an existing local ``cifar-10-batches-py`` folder (no download).
+- ``text:PATH``: plain text for ``hf:`` language models, tokenised with the model's tokenizer
+  (``graphmerge/text_data.py``; the commands load it through ``graphmerge/hf.py``).
 
 ``task`` decides the default loss: cross-entropy for classification, MSE for regression.
 """
@@ -201,6 +203,10 @@ def load_data(spec: str) -> DataSplits:
         return {"sine": sine, "mnist1d": mnist1d, "digits": digits, "chars": chars}[spec]()
     if spec.startswith("imagefolder:"):
         return _image_folder_spec(spec[len("imagefolder:"):])
+    if spec.startswith("text:"):
+        raise GraphMergeError(f"--data {spec}: text is tokenised with a model's tokenizer, so text:PATH goes with "
+                              f"hf:DIR models (graphmerge train hf:DIR --data {spec} --out OUT); in Python use "
+                              f"graphmerge.text_dataset(path, tokenizer, block_size).")
     if spec.startswith("cifar10:"):
         root = spec[len("cifar10:"):]
         return cifar(root, train=True), cifar(root, train=False), None, CLASSIFICATION
@@ -291,6 +297,11 @@ def first_example(data: Dataset | DataLoader, count: int = 2) -> tuple[tuple, di
     else:
         batch = None
     if isinstance(batch, Mapping):
+        loose = [k for k, v in batch.items() if not isinstance(v, torch.Tensor)]
+        if loose:
+            raise GraphMergeError(f"the data's dict items hold {', '.join(loose)} as Python lists or numbers, which "
+                                  f"batch into lists of per-position tensors, not one tensor each. Give tensors: "
+                                  f"for a Hugging Face datasets.Dataset pass dataset.with_format('torch').")
         return (), {k: v[:count] for k, v in batch.items() if k != "labels"}
     return first_inputs(data, count), {}
 

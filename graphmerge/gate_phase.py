@@ -112,3 +112,35 @@ class GatePhase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_done, self.progress = int(state["steps_done"]), float(state["progress"])
+
+
+class PhaseTrace:
+    """Measurements at ``points`` evenly spaced fractions of a phase (1/points, 2/points, ..., 1).
+
+    Call it after every step with the fraction of the phase done; each time the fraction passes a
+    point, ``measure()`` runs and its dict is kept with the point as ``progress``. ``take()`` hands
+    over (and forgets) the entries since the last call, which is how the recipe puts each epoch's
+    share into that epoch's log record. ``resume_at(progress)`` skips the points a checkpoint passed.
+    Measurements run under a forked RNG, so a traced run draws what an untraced one draws.
+    """
+
+    def __init__(self, points: int, measure: Callable[[], dict[str, Any]]):
+        if not isinstance(points, int) or points < 0:
+            raise GraphMergeError(f"a phase trace needs a whole number of points >= 0, got {points!r}.")
+        self.measure = measure
+        self.pending = [k / points for k in range(1, points + 1)] if points else []
+        self.entries: list[dict[str, Any]] = []
+
+    def resume_at(self, progress: float) -> None:
+        self.pending = [p for p in self.pending if p > progress + 1e-9]
+
+    def __call__(self, progress: float) -> None:
+        while self.pending and progress >= self.pending[0] - 1e-9:
+            point = self.pending.pop(0)
+            with torch.random.fork_rng():  # a measurement must not move the phase's random draws
+                measured = self.measure()
+            self.entries.append({"progress": round(point, 6), **measured})
+
+    def take(self) -> list[dict[str, Any]]:
+        entries, self.entries = self.entries, []
+        return entries

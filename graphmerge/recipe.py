@@ -2,18 +2,25 @@
 fine-tune, resumable from a checkpoint after every epoch of every phase.
 
 Defaults follow the paper's reference code (SGD lr 0.01, momentum 0.9, in every phase; the gates'
-log-alphas have their own SGD, lr 0.1, momentum 0.9, never weight decay; fine-tuning uses
-MultiStepLR), except for how the gate phase meets its budget. The paper adds ``λ·Σ_groups L_half``
-with λ grown by ``λ ← λ + 0.05·√λ`` from ``λ₀ = 0.01`` once per epoch; that schedule assumes about
-150 gate epochs and leaves groups far above 1/N open on short phases (``gate_budget="penalty"``
-keeps it). The default, ``gate_budget="projected"``, treats "mean P[g > 0] ≤ budget" as a
-constraint: after every step each group's log-alphas are moved onto the budget along the mean's
-gradient (``budget_direction="gradient"``: undecided gates close first; "uniform" shifts them all
-by one constant), the budget falling linearly from 1 to 1/N over the first ``budget_ramp`` of the
-phase. Then (``decide_gates=True``) the gates are decided: the rest of the phase drives the
-channels compress would keep to eval gate 1 and the others to 0 (``decided_projection``), every
-group held at exactly 1/N open, so the weights train with the network compress will cut out. The
-budget is met, from both sides, on any number of gate epochs, with nothing to tune per task.
+log-alphas have their own SGD, momentum 0.9, never weight decay; fine-tuning uses MultiStepLR),
+except for the gates' learning rate and how the gate phase meets its budget. The gates learn at lr
+1.0, not the paper's 0.1: on gate phases of a few epochs (not the paper's 150), at 0.1 the gates
+barely move before the budget closes them, so the selection is made by the projection alone and the
+gated big student's validation accuracy collapses mid-phase (benchmarks/README.md, "gate phase").
+The paper adds ``λ·Σ_groups L_half`` with λ grown by ``λ ← λ + 0.05·√λ`` from ``λ₀ = 0.01`` once per
+epoch; that schedule assumes about 150 gate epochs and leaves groups far above 1/N open on short
+phases (``gate_budget="penalty"`` keeps it). The default, ``gate_budget="projected"``, treats "mean
+P[g > 0] ≤ budget" as a constraint: after every step each group's log-alphas are moved onto the
+budget along the mean's gradient (``budget_direction="gradient"``: undecided gates close first;
+"uniform" shifts them all by one constant), the budget falling linearly from 1 to 1/N over the first
+``budget_ramp`` of the phase. Then (``decide_gates=True``) the gates are decided: the rest of the
+phase drives the channels compress would keep to eval gate 1 and the others to 0
+(``decided_projection``), every group held at exactly 1/N open, so the weights train with the
+network compress will cut out. The budget is met, from both sides, on any number of gate epochs,
+with nothing to tune per task. ``teacher_optimizer`` / ``weight_optimizer`` / ``finetune_optimizer``
+replace a weight phase's SGD by a :class:`graphmerge.Optimizer` (AdamW, per-step warmup and
+cosine/linear decay, clipping; see graphmerge/optim.py); left None, the phase is bit for bit the SGD
+above.
 
 Distillation (``distill="big"`` or ``"teachers"``): fine-tuning minimises
 ``(1 − distill_weight)·task + distill_weight·distill``, where the distill term pulls the student's
@@ -61,9 +68,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import graphmerge
 from graphmerge import checkpoint as ckpt
+from graphmerge import sharding
 from graphmerge.data import first_example
 from graphmerge.errors import GraphMergeError
-from graphmerge.gate_phase import GatePhase
+from graphmerge.gate_phase import GatePhase, PhaseTrace
+from graphmerge.optim import LegacySGD, Optimizer, PhaseOptimizer, check_superseded, phase_optimizer, steps_per_epoch
 from graphmerge.passes.gate import NORMALISED_SELECTIONS
 from graphmerge.passes.util import check_teacher_count, eval_mode
 from graphmerge.pipeline import certify_pipeline
@@ -74,7 +83,6 @@ from graphmerge.training import (
     PhaseConfig,
     check_precision,
     cross_entropy,
-    default_milestones,
     distill_term,
     evaluate,
     fit,
@@ -94,6 +102,7 @@ GATE_BUDGETS = ("projected", "penalty")
 DISTILL_TARGETS = ("big", "teachers")
 #: The distillation settings: fingerprinted only when ``distill`` is on (see MergeSettings.fingerprint).
 DISTILL_SETTINGS = ("distill", "distill_weight", "temperature", "distill_loss")
+OPTIMIZER_SETTINGS = ("teacher_optimizer", "weight_optimizer", "finetune_optimizer")
 RANK_SEED_STRIDE = 7919  # rank r of a torchrun job draws its random numbers from seed + r * stride
 Data = Dataset | DataLoader
 LogSink = Callable[[dict[str, Any]], None] | str | Path | None
@@ -118,6 +127,12 @@ class MergeResult:
     open_fraction: dict[int, float] = field(default_factory=dict)
     teacher_share: dict[int, list[int]] = field(default_factory=dict)
 
+    @property
+    def gate_trace(self) -> list[dict[str, Any]]:
+        """The validation metrics (eval gates) at ``gate_trace`` evenly spaced points of the gate phase,
+        each with its ``progress`` (fraction of the phase); empty without validation data."""
+        return [entry for r in self.history if r.get("phase") == "gate" for entry in r.get("trace", [])]
+
 
 @dataclass
 class TrainResult:
@@ -133,7 +148,10 @@ class MergeSettings:
     """Every setting of one ``merge`` run, checked once when built (a bad value raises
     ``GraphMergeError`` naming the setting). Defaults follow the paper's reference code (see the
     module docstring). A checkpoint stores :meth:`fingerprint`, and ``resume=True`` refuses a
-    checkpoint whose fingerprint differs."""
+    checkpoint whose fingerprint differs. ``teacher_optimizer`` / ``weight_optimizer`` (the big
+    student's weights in the gate phase) / ``finetune_optimizer``: a :class:`graphmerge.Optimizer`
+    (AdamW, warmup, cosine, clipping), or None for the paper's SGD from the flat settings
+    (``teacher_lr``, ``weight_lr``, ``weight_momentum``, ``weight_decay``, ``finetune_*``)."""
 
     loss: str | LossFn = "cross_entropy"
     example_inputs: tuple | None = None
@@ -143,7 +161,7 @@ class MergeSettings:
     weight_lr: float = 0.01
     weight_momentum: float = 0.9
     weight_decay: float = 0.0
-    gate_lr: float = 0.1
+    gate_lr: float = 1.0
     gate_momentum: float = 0.9
     gate_budget: str = "projected"
     budget_ramp: float = 0.5
@@ -176,14 +194,20 @@ class MergeSettings:
     precision: str = "fp32"
     preflight: bool = True
     normalised_groups: str = "block"
+    gate_trace: int = 10
+    strategy: str = "ddp"  # "fsdp": shard the gate phase's big student and the student (graphmerge/sharding.py)
+    teacher_optimizer: Optimizer | None = None
+    weight_optimizer: Optimizer | None = None
+    finetune_optimizer: Optimizer | None = None
 
     #: Settings that may change between a run and its resumption (where and how it reports, whether
     #: the steps run compiled: the same computation, and whether the pipeline is checked first).
     NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("resume", "log", "progress", "checkpoint_dir", "device",
-                                                    "example_inputs", "compile", "preflight")
+                                                    "example_inputs", "compile", "preflight", "gate_trace")
 
     def __post_init__(self) -> None:
-        minimums = {"gate_epochs": 0, "finetune_epochs": 0, "batch_size": 1, "n_teachers": 2, "seed": None,
+        minimums = {"gate_trace": 0, "gate_epochs": 0, "finetune_epochs": 0, "batch_size": 1, "n_teachers": 2,
+                    "seed": None,
                     "teacher_epochs": 1}
         for name, minimum in minimums.items():
             value = getattr(self, name)
@@ -196,6 +220,7 @@ class MergeSettings:
         _check_sgd("finetune", self.finetune_lr, self.finetune_momentum)
         _check_sgd("teacher", self.teacher_lr)
         _check_number("finetune_gamma", self.finetune_gamma, positive=True)
+        check_superseded(self)
         if self.gate_budget not in GATE_BUDGETS:
             raise GraphMergeError(f"unknown gate_budget {self.gate_budget!r}: use 'projected' (the budget 1/N "
                                   f"is met by the end of any gate phase) or 'penalty' (the paper's λ·L_half).")
@@ -221,6 +246,7 @@ class MergeSettings:
             if not isinstance(getattr(self, name), bool):
                 raise GraphMergeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         check_precision(self.precision)
+        sharding.check_strategy(self.strategy)
         for name in ("finetune_milestones", "teacher_milestones", "teacher_seeds"):
             value = getattr(self, name)
             if value is not None:
@@ -274,11 +300,15 @@ class MergeSettings:
         # off (the behaviour before it existed) or without effect (penalty): older checkpoints resume
         skipped += ("decide_gates",) if not self.decide_gates or self.gate_budget != "projected" else ()
         skipped += ("normalised_groups",) if self.normalised_groups == "mixed" else ()  # the selection before it
+        skipped += ("strategy",) if self.strategy == "ddp" else ()  # fsdp checkpoints hold shards, not weights
+        skipped += tuple(n for n in OPTIMIZER_SETTINGS if getattr(self, n) is None)  # None: as before they existed
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in skipped}
 
 
 def _describe(value: Any) -> Any:
+    if isinstance(value, Optimizer):
+        return value.describe()
     return getattr(value, "__qualname__", type(value).__name__) if callable(value) else value
 
 
@@ -346,9 +376,15 @@ def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | N
           momentum: float = 0.9, weight_decay: float = 0.0, milestones: Sequence[int] | None = None,
           gamma: float = 0.1, seed: int = 0, checkpoint_dir: str | Path | None = None, resume: bool = False,
           log: LogSink = None, progress: bool = False, device: str = "cpu", compile: bool = False,
-          precision: str = "fp32") -> TrainResult:
+          precision: str = "fp32", optimizer: Optimizer | None = None,
+          distill_from: Sequence[nn.Module] | None = None, distill_weight: float = 0.5,
+          temperature: float = 1.0) -> TrainResult:
     """Train one model (a teacher) in place with the paper's SGD recipe; resumable like ``merge``.
-    ``compile`` / ``precision`` as in :class:`MergeSettings`."""
+    ``compile`` / ``precision`` as in :class:`MergeSettings`. ``optimizer``: a
+    :class:`graphmerge.Optimizer` instead of the SGD of ``lr`` .. ``gamma`` (then left at their defaults).
+    ``distill_from``: models whose mean output (their ensemble, eval mode, no gradient) the model is pulled
+    towards: the loss is ``(1 - distill_weight)·task + distill_weight·distill`` as in ``merge``'s
+    fine-tuning (Hinton's KL at ``temperature`` for cross-entropy, the MSE for ``loss="mse"``)."""
     _check_int("epochs", epochs, minimum=1)
     _check_int("batch_size", batch_size, minimum=1)
     _check_sgd("", lr, momentum, weight_decay)
@@ -361,35 +397,85 @@ def train(model: nn.Module, train_data: Data, *, epochs: int, val_data: Data | N
     check_precision(precision)
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
                 "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma, "seed": seed}
+    if optimizer is not None:
+        _check_train_optimizer(optimizer, settings)
+        settings["optimizer"] = optimizer.describe()
     if precision != "fp32":  # fp32 runs keep the fingerprint of checkpoints from before the setting
         settings["precision"] = precision
+    distill = _train_distillation(distill_from, distill_weight, temperature, loss, settings)
     state = store.load(settings) if resume else None
     model.to(ctx.device)
-    optimizer = sgd(model.parameters(), lr, momentum, weight_decay)
-    scheduler = _multistep(optimizer, milestones, gamma, epochs)
+    tools = phase_optimizer(optimizer, LegacySGD(lr, momentum, weight_decay, milestones, gamma), model.parameters(),
+                            epochs, lambda: steps_per_epoch(train_data, batch_size, ctx))
+    scheduler = tools.schedulers[0]
     history: list[dict[str, Any]] = []
     if state is None:
         _seed_everything(seed)
     else:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
+        tools.optimizer.load_state_dict(state["optim"])
         scheduler.load_state_dict(state["sched"])
         history = state["history"]
         ckpt.restore_rng(state["rng"])
 
     def save(epoch: int, record: dict[str, Any]) -> None:
         history.append(record)
-        store.save({"settings": settings, "model": model.state_dict(), "optim": optimizer.state_dict(),
+        store.save({"settings": settings, "model": model.state_dict(), "optim": tools.optimizer.state_dict(),
                     "sched": scheduler.state_dict(), "history": history, "rng": ckpt.capture_rng()})
         logger(record)
 
     phase = PhaseConfig(name="train", epochs=epochs, batch_size=batch_size, seed=seed,
-                        optimizers={"weights": optimizer}, schedulers=[scheduler], progress=progress,
-                        compile=compile, precision=precision)
+                        optimizers={"weights": tools.optimizer}, progress=progress, compile=compile,
+                        precision=precision, distill=distill, **tools.phase_options())
     fit(model, train_data, loss, phase, val_data=val_data, start_epoch=len(history), ctx=ctx,
         on_epoch_end=save)
     metrics = evaluate(model, val_data if val_data is not None else train_data, loss, ctx=ctx)
     return TrainResult(model=model, history=history, metrics=metrics)
+
+
+def _train_distillation(models: Sequence[nn.Module] | None, weight: float, temperature: float, loss: Any,
+                        settings: dict[str, Any]) -> Distillation | None:
+    """train()'s distillation term towards ``models``' ensemble (recorded in the checkpoint settings)."""
+    if models is None:
+        if weight != 0.5 or temperature != 1.0:
+            raise GraphMergeError("distill_weight / temperature are set but distill_from is None, so they would have "
+                                  "no effect: pass distill_from=[models] to distill from their ensemble.")
+        return None
+    models = list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise GraphMergeError("distill_from must be a non-empty list of modules (the models whose mean output the "
+                              "trained model is pulled towards).")
+    _check_number("distill_weight", weight)
+    if weight > 1:
+        raise GraphMergeError(f"distill_weight must lie in [0, 1], got {weight}.")
+    _check_number("temperature", temperature, positive=True)
+    settings["distill"] = {"models_sha256": _state_digest(models), "weight": weight, "temperature": temperature}
+    return Distillation(target=ensemble_target(models), term=distill_term(loss, temperature, None), weight=weight)
+
+
+def ensemble_target(models: Sequence[nn.Module]) -> Callable[..., torch.Tensor]:
+    """The mean of ``models``' outputs (their logits) on a batch, each run in eval mode."""
+    models = list(models)
+
+    def target(*inputs: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for model in models:
+            with eval_mode(model):
+                outputs.append(logits_of(model(*inputs, **kwargs)))
+        return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(dim=0)
+
+    return target
+
+
+def _check_train_optimizer(optimizer: Any, settings: Mapping[str, Any]) -> None:
+    """train(optimizer=...) replaces the SGD settings, which must then stay at their defaults."""
+    if not isinstance(optimizer, Optimizer):
+        raise GraphMergeError(f"optimizer must be a graphmerge.Optimizer or None, got {type(optimizer).__name__}.")
+    defaults = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "milestones": None, "gamma": 0.1}
+    changed = [name for name, value in defaults.items() if settings[name] != value]
+    if changed:
+        raise GraphMergeError(f"{changed[0]} is set, but optimizer is given, so it would have no effect: put it into "
+                              f"the Optimizer (graphmerge.Optimizer({changed[0]}=...)) or leave {changed[0]} out.")
 
 
 # --- the merge run -------------------------------------------------------------------------
@@ -402,6 +488,7 @@ class _MergeRun:
         self.train_data, self.val_data = train_data, val_data
         self.eval_data = val_data if val_data is not None else train_data
         self.ctx: DistContext = setup_distributed(settings.device)
+        sharding.check_strategy(settings.strategy, self.ctx.world_size)
         self.logger = _Logger(settings.log, self.ctx)
         self.store = _Store(settings.checkpoint_dir, CHECKPOINT_NAME, self.ctx)
         self.templates, self.factory = self._teacher_templates(teachers)
@@ -494,6 +581,22 @@ class _MergeRun:
         settings["data_sizes"] = [_size(d) for d in (self.train_data, self.val_data)]
         return settings
 
+    def _sharded(self, model: nn.Module, phase: str,
+                 replicated: Sequence[nn.Parameter] = ()) -> tuple[nn.Module, Callable[[], Any]]:
+        """The module a phase trains and what ends the phase: ``model`` itself, or under strategy="fsdp" its
+        sharded training copy, whose end writes the trained weights back into ``model`` (graphmerge/sharding.py;
+        the per-rank parameter memory goes into ``summary["sharding"]``)."""
+        if self.s.strategy != "fsdp":
+            return model, lambda: model
+        sharded = sharding.shard(model, self.ctx, replicated=replicated, example=self._example())
+        self.state["summary"].setdefault("sharding", {})[phase] = sharding.memory_report(sharded, self.ctx)
+        return sharded.module, sharded.finish
+
+    def _phase_optimizer(self, spec: Optimizer | None, legacy: LegacySGD, params: Any, epochs: int) -> PhaseOptimizer:
+        """A weight phase's optimiser and schedulers: ``spec``'s, or the paper's SGD when it is None."""
+        return phase_optimizer(spec, legacy, params, epochs,
+                               lambda: steps_per_epoch(self.train_data, self.s.batch_size, self.ctx))
+
     # -- phase 1: teachers
 
     def _teachers(self) -> list[nn.Module]:
@@ -512,22 +615,21 @@ class _MergeRun:
     def _train_teacher(self, index: int) -> nn.Module:
         teacher = self._fresh_teacher(index)
         epochs = self.s.teacher_epochs
-        optimizer = sgd(teacher.parameters(), self.s.teacher_lr, self.s.weight_momentum,
-                        self.s.weight_decay)
-        scheduler = _multistep(optimizer, self.s.teacher_milestones, 0.1, epochs)
-        start = self._restore_phase(teacher, {"weights": optimizer}, [scheduler], f"teacher{index}",
+        legacy = LegacySGD(self.s.teacher_lr, self.s.weight_momentum, self.s.weight_decay, self.s.teacher_milestones)
+        tools = self._phase_optimizer(self.s.teacher_optimizer, legacy, teacher.parameters(), epochs)
+        optimizers, schedulers = {"weights": tools.optimizer}, tools.schedulers
+        start = self._restore_phase(teacher, optimizers, schedulers, f"teacher{index}",
                                     fresh_seed=self._teacher_seeds()[index])
         phase = PhaseConfig(name=f"teacher{index}", epochs=epochs, batch_size=self.s.batch_size,
-                            seed=self._teacher_seeds()[index], optimizers={"weights": optimizer},
-                            schedulers=[scheduler], progress=self.s.progress, compile=self.s.compile,
-                            precision=self.s.precision)
+                            seed=self._teacher_seeds()[index], optimizers=optimizers, progress=self.s.progress,
+                            compile=self.s.compile, precision=self.s.precision, **tools.phase_options())
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             if epoch + 1 == epochs:
                 self.state["teachers"].append(teacher.state_dict())
                 last = index + 1 == self._n_teachers()
                 self.state.update(stage="gate" if last else "teachers", teacher=index + 1)
-            self._save(epoch, record, teacher, {"weights": optimizer}, [scheduler])
+            self._save(epoch, record, teacher, optimizers, schedulers)
 
         fit(teacher, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
@@ -558,35 +660,48 @@ class _MergeRun:
         if "big" not in summary:
             summary["big"] = _metric_value(evaluate(big, self.eval_data, self.s.loss, ctx=self.ctx))
         del big
-        optimizers = {
-            "weights": sgd(gated.weight_parameters(), self.s.weight_lr, self.s.weight_momentum,
-                           self.s.weight_decay),
-            "gates": sgd(gated.gate_parameters(), self.s.gate_lr, self.s.gate_momentum),
-        }
-        start = self._restore_phase(gated, optimizers, [], "gate", fresh_seed=self.s.seed + 2)
+        trained, finish = self._sharded(gated, "gate", replicated=list(gated.gate_parameters()))
         epochs = self.s.gate_epochs
+        legacy = LegacySGD(self.s.weight_lr, self.s.weight_momentum, self.s.weight_decay, scheduled=False)
+        tools = self._phase_optimizer(self.s.weight_optimizer, legacy, trained.weight_parameters(), epochs)
+        optimizers = {"weights": tools.optimizer,
+                      "gates": sgd(gated.gate_parameters(), self.s.gate_lr, self.s.gate_momentum)}
+        schedulers = tools.schedulers
+        start = self._restore_phase(trained, optimizers, schedulers, "gate", fresh_seed=self.s.seed + 2)
 
         projected = self.s.gate_budget == "projected"
         schedule = GatePhase(gated, max(1, epochs), budget=self.s.gate_budget, ramp=self.s.budget_ramp,
                              direction=self.s.budget_direction, decide=self.s.decide_gates, epochs=max(1, epochs),
                              lambda_at=self.lambda_at)
 
+        trace = PhaseTrace(self.s.gate_trace if self.val_data is not None else 0,
+                           lambda: {f"val_{k}": v for k, v in evaluate(trained, self.val_data, self.s.loss,
+                                                                       ctx=self.ctx).items()})
+        trace.resume_at(start / epochs if epochs else 1.0)
+
+        def after_step(progress: float) -> None:
+            if projected:
+                schedule.advance_to(progress)
+            trace(progress)
+
         def fields(epoch: int) -> dict[str, Any]:
             return schedule.fields((epoch + 1) / epochs) if projected else {"lambda": self.lambda_at(epoch)}
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             record.update(_gate_fields(gated))
+            record["trace"] = trace.take()
             if epoch + 1 == epochs:
                 self._finish_gate_phase(gated)
-            self._save(epoch, record, gated, optimizers, [])
+            self._save(epoch, record, trained, optimizers, schedulers)
 
         phase = PhaseConfig(name="gate", epochs=epochs, batch_size=self.s.batch_size, seed=self.s.seed,
                             optimizers=optimizers, progress=self.s.progress, epoch_fields=fields,
-                            after_step=schedule.advance_to if projected else None,
+                            after_step=after_step,
                             aux_loss=None if projected else schedule.penalty,
-                            compile=self.s.compile, precision=self.s.precision)
-        fit(gated, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
+                            compile=self.s.compile, precision=self.s.precision, **tools.phase_options())
+        fit(trained, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
+        finish()
         if epochs == 0 or start >= epochs:
             self._finish_gate_phase(gated)
         return gated
@@ -620,23 +735,24 @@ class _MergeRun:
                                                                 ctx=self.ctx))
         epochs = self.s.finetune_epochs
         distill, kept = self._distillation(teachers, gated) if epochs else (None, {})
-        optimizer = sgd(student.parameters(), self.s.finetune_lr, self.s.finetune_momentum,
-                        self.s.weight_decay)
-        scheduler = _multistep(optimizer, self.s.finetune_milestones, self.s.finetune_gamma, epochs)
-        start = self._restore_phase(student, {"weights": optimizer}, [scheduler], "finetune",
-                                    fresh_seed=self.s.seed + 1)
+        trained, finish = self._sharded(student, "finetune")
+        legacy = LegacySGD(self.s.finetune_lr, self.s.finetune_momentum, self.s.weight_decay,
+                           self.s.finetune_milestones, self.s.finetune_gamma)
+        tools = self._phase_optimizer(self.s.finetune_optimizer, legacy, trained.parameters(), epochs)
+        optimizers, schedulers = {"weights": tools.optimizer}, tools.schedulers
+        start = self._restore_phase(trained, optimizers, schedulers, "finetune", fresh_seed=self.s.seed + 1)
 
         def end_of_epoch(epoch: int, record: dict[str, Any]) -> None:
             if epoch + 1 == epochs:
                 self.state["stage"] = "done"
-            self._save(epoch, record, student, {"weights": optimizer}, [scheduler], extra=kept)
+            self._save(epoch, record, trained, optimizers, schedulers, extra=kept)
 
         phase = PhaseConfig(name="finetune", epochs=epochs, batch_size=self.s.batch_size,
-                            seed=self.s.seed + 1, optimizers={"weights": optimizer},
-                            schedulers=[scheduler], distill=distill, progress=self.s.progress,
-                            compile=self.s.compile, precision=self.s.precision)
-        fit(student, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
+                            seed=self.s.seed + 1, optimizers=optimizers, distill=distill, progress=self.s.progress,
+                            compile=self.s.compile, precision=self.s.precision, **tools.phase_options())
+        fit(trained, self.train_data, self.s.loss, phase, val_data=self.val_data, start_epoch=start,
             ctx=self.ctx, on_epoch_end=end_of_epoch)
+        finish()
         final = evaluate(student, self.eval_data, self.s.loss, ctx=self.ctx)
         summary["after_finetune"] = _metric_value(final)
         if self.s.distill is not None:
@@ -674,15 +790,8 @@ class _MergeRun:
             models = [gated]
             kept = {"distill_target": gated.state_dict()}
 
-        def target(*inputs: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-            outputs = []
-            for model in models:
-                with eval_mode(model):
-                    outputs.append(logits_of(model(*inputs, **kwargs)))
-            return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(dim=0)
-
         term = distill_term(self.s.loss, self.s.temperature, self.s.distill_loss)
-        return Distillation(target=target, term=term, weight=self.s.distill_weight), kept
+        return Distillation(target=ensemble_target(models), term=term, weight=self.s.distill_weight), kept
 
     # -- checkpoints
 
@@ -701,9 +810,7 @@ class _MergeRun:
             if fresh_seed is not None:
                 _seed_everything(fresh_seed + RANK_SEED_STRIDE * self.ctx.rank)
             return 0
-        model.load_state_dict(saved["model"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(saved["optim"][name])
+        sharding.restore_entries(model, optimizers, saved, self.s.checkpoint_dir)
         for scheduler, scheduler_state in zip(schedulers, saved["sched"], strict=True):
             scheduler.load_state_dict(scheduler_state)
         ckpt.restore_rng(saved["rng"][self.ctx.rank])
@@ -715,10 +822,12 @@ class _MergeRun:
         """Checkpoint after a finished epoch (main rank writes, all ranks wait), then log it.
         ``extra``: more top-level entries of the checkpoint (fine-tuning's distillation target)."""
         self.state["history"].append(record)
+        tag = f"{record['phase']}-{epoch + 1}"
+        weights = sharding.checkpoint_entries(model, optimizers, self.s.checkpoint_dir, tag)
         self.store.save({**self.state, **(extra or {}), "settings": self._fingerprint(), "phase": record["phase"],
-                         "epoch": epoch + 1, "model": model.state_dict(),
-                         "optim": {k: o.state_dict() for k, o in optimizers.items()},
+                         "epoch": epoch + 1, **weights,
                          "sched": [s.state_dict() for s in schedulers], "rng": self._rng_of_all_ranks()})
+        sharding.prune_sharded(self.s.checkpoint_dir, weights, self.ctx)
         self.logger(record)
 
     def _rng_of_all_ranks(self) -> list[dict[str, Any]]:
@@ -746,12 +855,6 @@ def _metric_name(metrics: Mapping[str, float], has_val: bool) -> str:
 
 def _metric_value(metrics: Mapping[str, float]) -> float:
     return metrics["acc"] if "acc" in metrics else metrics["loss"]
-
-
-def _multistep(optimizer: torch.optim.Optimizer, milestones: Sequence[int] | None, gamma: float,
-               epochs: int) -> torch.optim.lr_scheduler.MultiStepLR:
-    marks = default_milestones(epochs) if milestones is None else list(milestones)
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=marks, gamma=gamma)
 
 
 def _seed_everything(seed: int) -> None:

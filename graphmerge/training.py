@@ -19,6 +19,7 @@ BatchNorm (batch statistics per rank).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -29,14 +30,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset, default_collate
 
 from graphmerge.errors import GraphMergeError
 from graphmerge.passes.util import eval_mode
 
 __all__ = ["PRECISIONS", "DistContext", "Distillation", "TrainingDiverged", "autocast", "check_precision",
            "default_milestones", "distill_term", "evaluate",
-           "fit", "kd_kl", "lambda_schedule", "resolve_loss", "setup_distributed", "sgd"]
+           "fit", "kd_kl", "kd_kl_tokens", "lambda_schedule", "resolve_loss", "setup_distributed", "sgd"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,13 +100,24 @@ def setup_distributed(device: str | torch.device = "cpu") -> DistContext:
 
 
 def wrap_for_training(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """DDP-wrap ``model`` in a distributed run, so gradients (gates included) are averaged."""
-    if not ctx.distributed:
+    """DDP-wrap ``model`` in a distributed run, so gradients (gates included) are averaged. A model
+    sharded by ``graphmerge.sharding`` (FSDP2) is returned as it is: FSDP averages its gradients."""
+    if not ctx.distributed or is_fully_sharded(model):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module (``graphmerge.sharding.shard`` wraps the root): its forward
+    is then a collective that every rank must run the same number of times."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 # --- losses, optimisers, schedules ---------------------------------------------------------
@@ -173,6 +185,17 @@ def kd_kl(output: torch.Tensor, target_output: torch.Tensor, labels: torch.Tenso
 DistillTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def kd_kl_tokens(output: torch.Tensor, target_output: torch.Tensor, labels: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """:func:`kd_kl` for (B, T, V) language-model logits: the KL summed over the vocabulary at each
+    position, averaged over the positions whose label is not -100 (padding), times T²."""
+    log_student = F.log_softmax(output.float() / temperature, dim=-1)
+    log_target = F.log_softmax(target_output.float() / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_target, reduction="none", log_target=True).sum(dim=-1)
+    keep = (labels != -100).to(kl.dtype)
+    return (kl * keep).sum() / keep.sum().clamp(min=1) * temperature**2
+
+
 def distill_term(loss: str | LossFn, temperature: float = 1.0, custom: LossFn | None = None) -> DistillTerm:
     """-> ``(student output, target output, labels) -> scalar``, the distillation term for ``loss``.
 
@@ -185,12 +208,14 @@ def distill_term(loss: str | LossFn, temperature: float = 1.0, custom: LossFn | 
     loss_fn, _ = resolve_loss(loss)
     if loss_fn is cross_entropy:
         return lambda output, target_output, labels: kd_kl(output, target_output, labels, temperature)
+    if loss_fn is causal_lm:  # every position's next-token distribution; padded positions (-100) left out
+        return lambda output, target_output, labels: kd_kl_tokens(output, target_output, labels, temperature)
     if loss_fn is F.mse_loss:
         return lambda output, target_output, labels: F.mse_loss(output, target_output)
     raise GraphMergeError("distillation with a custom loss callable needs distill_loss too: a callable "
                           "(student_output, target_output) -> scalar tensor, since graphmerge cannot tell "
                           "whether the outputs are logits or values. The built-in terms are the temperature-"
-                          "scaled KL for loss='cross_entropy' and the MSE for loss='mse'.")
+                          "scaled KL for loss='cross_entropy' or 'causal_lm' and the MSE for loss='mse'.")
 
 
 @dataclass
@@ -278,16 +303,29 @@ def epoch_batches(data: Dataset | DataLoader, batch_size: int, *, seed: int, epo
                       generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def _eval_shard(data: Dataset | DataLoader, batch_size: int, ctx: DistContext) -> Iterable:
-    """Every sample exactly once over all ranks (rank r takes r, r + W, ...), no padding."""
+def _eval_shard(data: Dataset | DataLoader, batch_size: int, ctx: DistContext,
+                lockstep: bool = False) -> Iterable[tuple[Any, bool]]:
+    """Every sample exactly once over all ranks (rank r takes r, r + W, ...), no padding, as
+    ``(batch, counted)`` pairs. ``lockstep`` (a sharded model, whose forward is a collective): every
+    rank runs as many batches as rank 0, the extra ones a repeat of sample 0, not counted; an
+    IterableDataset then runs whole on every rank and counts on rank 0."""
     collate = None
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset):
-            return data if ctx.is_main else []
+            if lockstep:
+                return ((batch, ctx.is_main) for batch in data)
+            return ((batch, True) for batch in data) if ctx.is_main else []
         batch_size, collate, data = data.batch_size or batch_size, data.collate_fn, data.dataset
+    everything = data
     if ctx.distributed:
         data = Subset(data, range(ctx.rank, len(data), ctx.world_size))
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    batches: Iterable[tuple[Any, bool]] = ((batch, True) for batch in loader)
+    missing = math.ceil(math.ceil(len(everything) / ctx.world_size) / batch_size) - len(loader) if lockstep else 0
+    if missing > 0:  # collated here, not by a DataLoader, whose iterator would draw from torch's RNG
+        filler = (collate or default_collate)([everything[0]])
+        batches = itertools.chain(batches, [(filler, False)] * missing)
+    return batches
 
 
 @dataclass
@@ -342,9 +380,11 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, loss: str | LossFn, *
     loss_fn, with_accuracy = resolve_loss(loss)
     total_loss = correct = count = 0.0
     with eval_mode(model):
-        for batch in _eval_shard(data, batch_size, ctx):
+        for batch, counted in _eval_shard(data, batch_size, ctx, lockstep=is_fully_sharded(model)):
             step = _to_device(batch, ctx.device)
             output, target = logits_of(step.run(model)), step.target
+            if not counted:
+                continue
             n = len(target)
             total_loss += float(loss_fn(output, target)) * n
             if with_accuracy:
@@ -368,7 +408,9 @@ class PhaseConfig:
     batch_size: int
     seed: int
     optimizers: Mapping[str, torch.optim.Optimizer]
-    schedulers: Sequence[Any] = ()
+    schedulers: Sequence[Any] = ()  # stepped once per epoch (MultiStepLR)
+    step_schedulers: Sequence[Any] = ()  # stepped after every optimiser step (warmup, cosine: graphmerge.optim)
+    clip: Mapping[str, float] | None = None  # optimiser name -> max L2 norm of its parameters' gradients
     aux_loss: Callable[[int], torch.Tensor] | None = None  # epoch -> extra term of the loss
     epoch_fields: Callable[[int], dict[str, Any]] | None = None  # epoch -> extra record fields
     after_step: Callable[[float], None] | None = None  # fraction of the phase done -> (after each step)
@@ -442,8 +484,13 @@ def _train_one_epoch(model: nn.Module, batches: Iterable, loss_fn: LossFn, phase
         for optimizer in phase.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for name, max_norm in (phase.clip or {}).items():  # no GradScaler: bf16 autocast needs no unscaling
+            group_params = [p for group in phase.optimizers[name].param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(group_params, max_norm)
         for optimizer in phase.optimizers.values():
             optimizer.step()
+        for scheduler in phase.step_schedulers:
+            scheduler.step()
         if phase.after_step is not None:
             done = epoch + ((index + 1) / per_epoch if per_epoch else 0.0)
             phase.after_step(min(done, epoch + 1) / phase.epochs)

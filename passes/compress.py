@@ -45,15 +45,7 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
             scales = big.eval_gate_values()
     if ratio is not None:
         return _compress_to_ratio(graph_module, info, keep, scales, ratio)
-    kept = select_channels(info, keep)
-    with torch.no_grad():
-        state = _gather_state(graph_module.state_dict(), info, kept, scales)
-    # Tensors the traced graph never reads (an aux classifier skipped in eval mode) come from the
-    # kept teacher, or from teacher 0 when the channels are a mixture.
-    teacher_index = int(keep.split(":")[1]) if isinstance(keep, str) else 0
-    state.update(info.untraced[teacher_index] if info.untraced else {})
-    if isinstance(keep, str):
-        state.update(_teacher_counters(state, info, teacher_index))
+    state = student_state(graph_module, info, keep, scales)
     student = copy_structure(info.teacher)
     state = _keep_plain_attributes(state, student)
     state = _with_metadata(state, student)
@@ -64,6 +56,23 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
     _retie(student, info.teacher)
     student.train(graph_module.training)
     return student
+
+
+def student_state(graph_module: torch.fx.GraphModule, info: WidenInfo, keep: Keep, scales: dict[int, Any] | None,
+                  *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """The student's state_dict that ``compress`` loads into the teachers' class. ``copy=False``:
+    tensors kept whole or one teacher's block of them are views of the big student's (to compare
+    them, as the I2 certificate does, without a copy)."""
+    kept = select_channels(info, keep)
+    with torch.no_grad():
+        state = _gather_state(graph_module.state_dict(), info, kept, scales, copy=copy)
+    # Tensors the traced graph never reads (an aux classifier skipped in eval mode) come from the
+    # kept teacher, or from teacher 0 when the channels are a mixture.
+    teacher_index = int(keep.split(":")[1]) if isinstance(keep, str) else 0
+    state.update(info.untraced[teacher_index] if info.untraced else {})
+    if isinstance(keep, str):
+        state.update(_teacher_counters(state, info, teacher_index))
+    return state
 
 
 def _retie(student: nn.Module, teacher: nn.Module) -> None:
@@ -148,7 +157,7 @@ def _has_permuted_dims(info: WidenInfo) -> bool:
 
 
 def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dict[int, np.ndarray],
-                  scales: dict[int, Any] | None) -> dict[str, torch.Tensor]:
+                  scales: dict[int, Any] | None, *, copy: bool = True) -> dict[str, torch.Tensor]:
     layout = info.groups.layout
     widths, widened, n = info.widths, info.widened, info.n_teachers
     averaged = [g.id for g in info.groups if g.averaged]
@@ -163,7 +172,7 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
         tensor = big_state[canonical]
         dims = layout.params.get(canonical)
         if dims is None or tensor.ndim == 0:
-            out[name] = done[canonical] = tensor.clone()
+            out[name] = done[canonical] = tensor.clone() if copy else tensor
             continue
         if canonical in info.per_teacher:
             tensor = _one_of_stacked(tensor, info, info.per_teacher[canonical], kept)
@@ -174,12 +183,20 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
                 tensor = _mean_of_teacher_blocks(tensor, d, dim, info, averaged)
                 continue
             index = student_map(dim, n, widths, widened, kept)
-            if len(index) != tensor.shape[d] or not np.array_equal(index, np.arange(len(index))):
+            if len(index) and index[-1] - index[0] == len(index) - 1 and bool(np.all(np.diff(index) == 1)):
+                if len(index) != tensor.shape[d]:  # one teacher's block: a view, copied once below
+                    tensor = tensor.narrow(d, int(index[0]), len(index))
+            else:
                 tensor = tensor.index_select(d, torch.as_tensor(index))
             if scales is not None and d in layout.in_dims.get(canonical, ()):
                 tensor = tensor * _scale_vector(dim, info, kept, scales, tensor.ndim, d).to(tensor.dtype)
-        # a copy where nothing was sliced: training the student must never change the big student
-        out[name] = done[canonical] = tensor.clone() if tensor is big_state[canonical] else tensor.contiguous()
+        # a copy where nothing was sliced (or only narrowed): training the student must never change the big student
+        shares = tensor.untyped_storage().data_ptr() == big_state[canonical].untyped_storage().data_ptr()
+        if not copy:
+            out[name] = done[canonical] = tensor
+        else:
+            out[name] = done[canonical] = tensor.clone(memory_format=torch.contiguous_format) if shares \
+                else tensor.contiguous()
     return out
 
 

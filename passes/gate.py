@@ -33,6 +33,8 @@ from torch import nn
 
 GATES = "graphmerge_gates"
 GATHER_INDEX = "graphmerge_gate_gather_index"
+#: the gates' buffer of explicit training uniforms (None: drawn in the forward)
+UNIFORM = "uniform"
 
 
 class HardConcreteGates(nn.Module):
@@ -53,6 +55,10 @@ class HardConcreteGates(nn.Module):
         offsets = np.cumsum([0, *sizes.values()])
         self.offsets = {gid: int(o) for gid, o in zip(sizes, offsets[:-1], strict=True)}
         self.total = int(offsets[-1])
+        # None: a training forward draws its uniforms with torch.rand. A (rows x total) tensor: the
+        # uniforms it uses instead (a functional trainer passes one per stacked model through
+        # torch.func.functional_call; see GatedStudent.gate_noise_name)
+        self.register_buffer(UNIFORM, None, persistent=False)
 
     def all_log_alpha(self) -> torch.Tensor:
         if not self.group_ids:
@@ -60,23 +66,24 @@ class HardConcreteGates(nn.Module):
         return torch.cat([self.log_alpha[f"g{gid}"] for gid in self.group_ids])
 
     def forward(self, reference: torch.Tensor) -> torch.Tensor:
-        """Gate values for every channel plus a trailing 1 (for positions no gate covers)."""
+        """Gate values for every channel plus a trailing 1 (for positions no gate covers): in training
+        ``hard_concrete_sample`` of one realisation per row (per sample of ``reference``), in eval
+        the deterministic gate."""
         log_alpha = self.all_log_alpha()
         if self.training:
             rows = reference.shape[0] if reference.ndim else 1
-            u = torch.rand(rows, self.total, device=log_alpha.device, dtype=log_alpha.dtype)
-            # log u - log1p(-u), op for op as before but in place where no gradient flows: each
-            # (rows x channels) temporary is an allocation per step. Not noise.add_(log_alpha):
-            # under vmap log_alpha may be batched where the noise is not. (One hand-written autograd
-            # Function for the whole draw measured slower, not faster: 1.21 vs 1.16 x the widened
-            # step on mnist1d_cnn, 150 interleaved rounds.)
-            u.clamp_(1e-6, 1 - 1e-6)
-            noise = torch.log(u)
-            noise.sub_(u.neg_().log1p_())
-            s = torch.sigmoid(torch.add(noise, log_alpha).div_(self.beta))
+            uniform = getattr(self, UNIFORM)
+            if uniform is None:  # its own draw, clamped in place: one (rows x channels) allocation fewer
+                uniform = torch.rand(rows, self.total, device=log_alpha.device, dtype=log_alpha.dtype)
+                gates = _hard_concrete(log_alpha, uniform.clamp_(1e-6, 1 - 1e-6), self.beta, self.gamma, self.zeta)
+            elif tuple(uniform.shape) != (rows, self.total):
+                raise GraphMergeError(f"the gates' uniforms have shape {tuple(uniform.shape)}, but this forward "
+                                      f"needs ({rows}, {self.total}): one row per sample of the batch, one column "
+                                      "per gate. Pass uniforms drawn for this batch, or None to draw them here.")
+            else:
+                gates = hard_concrete_sample(log_alpha, uniform, beta=self.beta, gamma=self.gamma, zeta=self.zeta)
         else:
-            s = torch.sigmoid(log_alpha).unsqueeze(0)
-        gates = s.mul(self.zeta - self.gamma).add_(self.gamma).clamp(0, 1)
+            gates = torch.sigmoid(log_alpha).unsqueeze(0).mul(self.zeta - self.gamma).add_(self.gamma).clamp(0, 1)
         return torch.cat([gates, torch.ones(gates.shape[0], 1, dtype=gates.dtype, device=gates.device)], 1)
 
     def prob_open(self, gid: int) -> torch.Tensor:
@@ -97,32 +104,35 @@ class HardConcreteGates(nn.Module):
         return torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes, dtype=torch.long))
 
     @torch.no_grad()
-    def project_to_budget(self, target: float, direction: str = "gradient") -> None:
-        """Move each group's log-alphas so its mean P[g > 0] is at most ``target``: along the
-        mean's gradient (``direction="gradient"``: undecided gates close first, gates held open
-        stay open) or all by one constant (``"uniform"``: the order is kept). Only groups above
-        the budget move (see ``budget_projection``)."""
-        if not self.group_ids:
-            return
-        flat = self.all_log_alpha().detach()
-        shifted = budget_projection(flat, self.segments(), target, self.open_shift, direction=direction)
+    def set_all_log_alpha(self, flat: torch.Tensor) -> None:
+        """Copy ``flat`` (laid out as :meth:`all_log_alpha`) into the groups' parameters."""
         for gid in self.group_ids:
             param = self.log_alpha[f"g{gid}"]
             start = self.offsets[gid]
-            param.copy_(shifted[start:start + param.numel()])
+            param.copy_(flat[start:start + param.numel()])
 
 
-    @torch.no_grad()
-    def project_decided(self, target: float, kept: torch.Tensor, level: float, direction: str = "gradient") -> None:
-        """``decided_projection`` of all gates: ``kept`` is one bool per entry of :meth:`all_log_alpha`."""
-        if not self.group_ids:
-            return
-        flat = self.all_log_alpha().detach()
-        moved = decided_projection(flat, self.segments(), kept, level, target, self.open_shift, direction)
-        for gid in self.group_ids:
-            param = self.log_alpha[f"g{gid}"]
-            start = self.offsets[gid]
-            param.copy_(moved[start:start + param.numel()])
+def hard_concrete_sample(log_alpha: torch.Tensor, uniform: torch.Tensor, *, beta: float = 2 / 3,
+                         gamma: float = -0.1, zeta: float = 1.1) -> torch.Tensor:
+    """Hard-concrete gate values ``clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta) (zeta -
+    gamma) + gamma, 0, 1)``, ``u`` = ``uniform`` clamped to [1e-6, 1 - 1e-6]: one realisation per
+    row of ``uniform`` (rows x channels; not modified) for ``log_alpha`` (channels), differentiable
+    in ``log_alpha``. ``HardConcreteGates.forward`` draws with it (its own uniforms clamped in
+    place); so can a functional trainer (``torch.func.vmap`` over stacked models) with noise it
+    draws itself."""
+    return _hard_concrete(log_alpha, uniform.clamp(1e-6, 1 - 1e-6), beta, gamma, zeta)
+
+
+def _hard_concrete(log_alpha: torch.Tensor, u: torch.Tensor, beta: float, gamma: float, zeta: float) -> torch.Tensor:
+    """``hard_concrete_sample`` on clamped uniforms ``u``, which it overwrites."""
+    # log u - log1p(-u) in place on the temporaries, where no gradient flows (each one is a rows x
+    # channels allocation per step). Not noise.add_(log_alpha): under vmap log_alpha may be batched
+    # where the noise is not. (One hand-written autograd Function for the whole draw measured
+    # slower, not faster: 1.21 vs 1.16 x the widened step on mnist1d_cnn, 150 interleaved rounds.)
+    noise = torch.log(u)
+    noise.sub_(u.neg_().log1p_())
+    s = torch.sigmoid(torch.add(noise, log_alpha).div_(beta))
+    return s.mul(zeta - gamma).add_(gamma).clamp(0, 1)
 
 
 def budget_target(progress: float | torch.Tensor, n_teachers: int, ramp: float = 0.5) -> float | torch.Tensor:
@@ -262,7 +272,8 @@ def decided_projection(log_alpha: torch.Tensor, segments: torch.Tensor, kept: to
     at P ~1 and ``target`` = their share 1/N, almost none). The mean is reachable whenever the kept
     gates' own share is below ``target`` and the dropped ones could fill the rest (always for
     ``target`` = 1/N of the channels kept); otherwise the bisection ends at the nearer end.
-    Bisection on every segment at once, in float64; ``log_alpha`` and ``kept`` are ``(channels,)``.
+    Bisection on every segment (and leading batch row) at once, in float64; ``log_alpha`` and
+    ``kept`` are ``(..., channels)``, each leading row moved as it would be alone.
     """
     if direction not in ("uniform", "gradient"):
         raise GraphMergeError(f"budget direction must be 'uniform' or 'gradient', got {direction!r}.")
@@ -276,17 +287,18 @@ def decided_projection(log_alpha: torch.Tensor, segments: torch.Tensor, kept: to
     weight = torch.where(kept, torch.zeros_like(weight), weight)
 
     def mean_open(c: torch.Tensor) -> torch.Tensor:
-        q = torch.sigmoid(x + c[segments] * weight)
-        return torch.zeros(groups, dtype=x.dtype).index_add_(0, segments, q) / count
+        q = torch.sigmoid(x + c.index_select(-1, segments) * weight)
+        return torch.zeros(*x.shape[:-1], groups, dtype=x.dtype, device=x.device).index_add_(-1, segments, q) / count
 
-    reach = (x.abs().max() + 40.0) / weight[~kept].min() if bool((~kept).any()) else torch.zeros((), dtype=x.dtype)
-    low, high = torch.full((groups,), -float(reach), dtype=x.dtype), torch.full((groups,), float(reach), dtype=x.dtype)
+    free = torch.where(kept, torch.full_like(weight, torch.inf), weight).amin(-1, keepdim=True)  # inf: none free
+    reach = torch.where(free.isfinite(), (x.abs().amax(-1, keepdim=True) + 40.0) / free, torch.zeros_like(free))
+    low, high = (-reach).expand(*x.shape[:-1], groups), reach.expand(*x.shape[:-1], groups)
     for _ in range(iterations):
         mid = (low + high) / 2
         above = mean_open(mid) > target
         high = torch.where(above, mid, high)
         low = torch.where(above, low, mid)
-    return (value + ((low + high) / 2)[segments] * weight).to(log_alpha.dtype)
+    return (value + ((low + high) / 2).index_select(-1, segments) * weight).to(log_alpha.dtype)
 
 
 @torch.fx.wrap
@@ -388,9 +400,26 @@ class GatedStudent(nn.Module):
     def gate_parameters(self):
         return self.gates.parameters()
 
+    def gate_parameter_names(self) -> list[str]:
+        """The names, under this module, of the gates' log-alphas (one parameter per group), in the
+        order :meth:`flat_log_alpha` concatenates them."""
+        return [f"graph_module.{GATES}.log_alpha.g{gid}" for gid in self.gates.group_ids]
+
     def weight_parameters(self):
         gate_ids = {id(p) for p in self.gates.parameters()}
         return (p for p in self.parameters() if id(p) not in gate_ids)
+
+    @property
+    def gate_noise_name(self) -> str:
+        """The name, under this module, of the gates' buffer of explicit training uniforms: give it a
+        ``(batch, number of gates)`` tensor (``torch.func.functional_call(student, {name: u, ...}, x)``)
+        and the training forward uses those uniforms instead of drawing its own."""
+        return f"graph_module.{GATES}.{UNIFORM}"
+
+    def flat_log_alpha(self) -> torch.Tensor:
+        """Every gate's log-alpha in one vector, group after group (detached): the layout the functional
+        schedule (:meth:`projected_log_alpha`, :meth:`decided_log_alpha`) works on."""
+        return self.gates.all_log_alpha().detach()
 
     def gate_loss(self) -> torch.Tensor:
         """Σ over groups of (1/N − mean P[g > 0])², the paper's L_half for N teachers."""
@@ -400,20 +429,48 @@ class GatedStudent(nn.Module):
 
     def project_to_budget(self, target: float, direction: str = "gradient") -> None:
         """Bring every group's mean P[g > 0] down to ``target`` at most (see ``budget_projection``)."""
-        self.gates.project_to_budget(target, direction)
+        self.gates.set_all_log_alpha(self.projected_log_alpha(self.flat_log_alpha(), target, direction))
 
     def decide(self, target: float, strength: float, direction: str = "gradient") -> None:
         """Drive the gates ``strength`` (0..1) of the way to the channels compress keeps now (the
         top 1/N of each group by gate score, in whole units where a group is kept in units), every
         group's mean P[g > 0] held at exactly ``target`` (see ``decided_projection``)."""
-        _, info = widen_info(self)
-        kept = select_channels(info, self.gate_scores())
+        self.gates.set_all_log_alpha(self.decided_log_alpha(self.flat_log_alpha(), target, strength, direction))
+
+    # -- the same steps on log-alphas held elsewhere (``(..., gates)``: e.g. one row per stacked model)
+
+    def projected_log_alpha(self, log_alpha: torch.Tensor, target: float | torch.Tensor,
+                            direction: str = "gradient") -> torch.Tensor:
+        """``log_alpha`` (laid out as :meth:`flat_log_alpha`, any leading dims) after :meth:`project_to_budget`."""
+        if not self.gates.group_ids:
+            return log_alpha
+        return budget_projection(log_alpha.detach(), self.gates.segments().to(log_alpha.device), target,
+                                 self.gates.open_shift, direction=direction, groups=len(self.gates.group_ids))
+
+    def decision_mask(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """True for each gate whose channel compress would keep were ``log_alpha`` the gate scores
+        (``select_channels``), per leading row."""
         gates = self.gates
-        mask = torch.zeros(gates.total, dtype=torch.bool)
-        for gid in gates.group_ids:
-            mask[gates.offsets[gid] + torch.as_tensor(kept[gid], dtype=torch.long)] = True
+        if not gates.group_ids:
+            return torch.zeros(log_alpha.shape, dtype=torch.bool, device=log_alpha.device)
+        _, info = widen_info(self)
+        rows = log_alpha.detach().reshape(-1, gates.total)
+        mask = torch.zeros(rows.shape, dtype=torch.bool)
+        for scores, row in zip(rows, mask, strict=True):
+            kept = select_channels(info, {gid: scores[start:start + gates.log_alpha[f"g{gid}"].numel()]
+                                          for gid, start in gates.offsets.items()})
+            for gid in gates.group_ids:
+                row[gates.offsets[gid] + torch.as_tensor(kept[gid], dtype=torch.long)] = True
+        return mask.view(log_alpha.shape).to(log_alpha.device)
+
+    def decided_log_alpha(self, log_alpha: torch.Tensor, target: float, strength: float,
+                          direction: str = "gradient") -> torch.Tensor:
+        """``log_alpha`` (laid out as :meth:`flat_log_alpha`, any leading dims) after :meth:`decide`."""
+        if not self.gates.group_ids:
+            return log_alpha
         level = (2 * strength - 1) * DECISION_LEVEL
-        gates.project_decided(target, mask.to(gates.all_log_alpha().device), level, direction)
+        return decided_projection(log_alpha.detach(), self.gates.segments().to(log_alpha.device),
+                                  self.decision_mask(log_alpha), level, target, self.gates.open_shift, direction)
 
     def open_fraction(self) -> dict[int, float]:
         return {gid: float(self.gates.prob_open(gid).detach().mean()) for gid in self.gates.group_ids}

@@ -362,15 +362,13 @@ def node_expectations(groups: GroupSet, n: int) -> Any:
 
 
 def locate_divergence(groups: GroupSet, n: int) -> Any:
-    """A ``locate`` callback for ``certify.certify_mean``: names the first big node that differs."""
-    from graphmerge.passes.certify import first_divergence
+    """A ``locate`` callback for ``certify.certify_mean``: names the first big node that differs
+    (the big student's and the teachers' graphs streamed in lockstep, ``stream.first_divergence``)."""
     from graphmerge.passes.registry import describe
+    from graphmerge.passes.stream import first_divergence
 
-    def locate(big: torch.fx.GraphModule, teachers: list[nn.Module], inputs: tuple, kwargs: dict,
-               tolerance: float) -> str:
-        dtype = next((p.dtype for p in big.parameters() if p.is_floating_point()), torch.float32)
-        graphs = [teacher_graph(groups, t).to(dtype) for t in teachers]
-        return first_divergence(big, graphs, inputs, kwargs, tolerance, node_expectations(groups, n), describe)
+    def locate(big: Any, teachers: list[Any], inputs: list[Any], dtype: torch.dtype, tolerance: float) -> str:
+        return first_divergence(big, teachers, inputs, dtype, tolerance, node_expectations(groups, n), describe)
 
     return locate
 

@@ -110,53 +110,37 @@ def _gated_sine_students(runs: int) -> list[torch.nn.Module]:
             for i in range(runs)]
 
 
-def test_out_of_place_gate_noise_draws_the_same_values() -> None:
-    """The compiled trainer's gate forward (noise clamped out of place, which vmap batches) gives
-    exactly HardConcreteGates.forward's values for the same random state, in training and eval."""
-    gates = _gated_sine_students(1)[0].gated.gates
-    reference = torch.zeros(32, 1)
-    for training in (True, False):
-        gates.train(training)
-        torch.manual_seed(5)
-        expected = gates(reference)
-        torch.manual_seed(5)
-        assert torch.equal(common._gate_values(gates, reference), expected)
+def _gate_schedule(students: list[torch.nn.Module], steps: int):
+    """The library's default gate-phase schedule (budget ramp, projection, decision) as ``Phase.after_update``."""
+    import graphmerge
 
-
-def _projection_hook(gated: torch.nn.Module, iterations: int):
-    """The gate phase's budget projection as ``Phase.after_update`` (budget from 1 to 1/2 over the phase)."""
-    gates = gated.gated.gates
-    names = [f"gated.graph_module.graphmerge_gates.log_alpha.g{gid}" for gid in gates.group_ids]
-    segments = gates.segments()
-
-    def project(params: dict, progress: torch.Tensor) -> None:
-        common._project_gates([params[k] for k in names], segments, common.budget_target(progress, 2, 1.0),
-                              gates.open_shift, "gradient", iterations)
-
-    return project
+    gated = students[0].gated
+    schedule = graphmerge.GatePhase(gated, steps)
+    return common.gate_schedule(schedule, [f"gated.{name}" for name in gated.gate_parameter_names()])
 
 
 @pytest.mark.parametrize("noise", ["aten", "hash"])
 def test_compiled_gate_phase_step_equals_vmap(noise: str) -> None:
-    """A gated stack (λ·gate loss, gates' own lr, the budget projected after every update) trained
-    with mode "compile" ends where mode "vmap" ends, for either noise: aten's generator (Inductor's
-    fallback_random) or the hash (the same integer ops eager under vmap and compiled). Compiled,
-    the projection runs inside the step's graph with 6 Newton steps; eager it stops when converged."""
+    """A gated stack (λ·gate loss, gates' own lr, the library's schedule after every update) trained
+    with mode "compile" ends where mode "vmap" ends, for either noise: uniforms drawn per model
+    outside the step ("aten") or hashed inside it (the same integer ops eager under vmap and
+    compiled), every model's uniforms through the gated student's own forward."""
     x = torch.rand(80, 1)
     y = torch.sin(10 * x)
     stacks = {}
     for mode in ("vmap", "compile"):
         students = _gated_sine_students(3)
         stacks[mode] = common.Stack.of(students)
-        hook = _projection_hook(students[0], 6 if mode == "compile" else 24)
         common.train(stacks[mode], x, y, "regression",
                      common.Phase(0, 2, BATCH, lambda e: torch.full((3,), 0.01), gate_lr=0.1,
-                                  aux=lambda e: 0.01 * (e + 1), seed=SEED, after_update=hook, noise=noise), mode)
+                                  aux=lambda e: 0.01 * (e + 1), seed=SEED, after_update=_gate_schedule(students, 6),
+                                  noise=noise), mode)
     for name, tensor in stacks["vmap"].params.items():
         torch.testing.assert_close(stacks["compile"].params[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
-    gates = [k for k in stacks["vmap"].params if "log_alpha" in k]
-    open_mean = torch.sigmoid(stacks["compile"].params[gates[0]] - _gated_sine_students(1)[0].gated.gates.open_shift)
-    assert bool((open_mean.mean(-1) <= 0.5 + 1e-9).all())  # on the final budget 1/2
+    student = _gated_sine_students(1)[0].gated
+    gates = [f"gated.{name}" for name in student.gate_parameter_names()]
+    open_mean = torch.sigmoid(stacks["compile"].params[gates[0]] - student.gates.open_shift)
+    assert bool(((open_mean.mean(-1) - 0.5).abs() <= 1e-6).all())  # decided, on the final budget 1/2
 
 
 def test_hashed_uniforms_are_uniform_independent_and_reproducible() -> None:
@@ -181,42 +165,3 @@ def test_hashed_uniforms_are_uniform_independent_and_reproducible() -> None:
     compiled = torch.compile(lambda k: torch.vmap(lambda kk: common.hashed_uniform(kk, (3, 5)))(k))(keys)
     assert torch.equal(batched, eager) and torch.equal(compiled, eager)
     assert not torch.equal(eager[0], eager[2])  # the key's high bits count too
-
-
-def test_hashed_gate_values_follow_the_hard_concrete_formula() -> None:
-    """The compiled trainer's gate draw (1 / (1 + r^1.5 exp(-1.5 log_alpha)), r = (1 - u) / u) is
-    HardConcreteGates' sigmoid((log u - log(1 - u) + log_alpha) / beta), written out in float64 on
-    the same hashed uniforms, in value and in the gradient of log_alpha, also for another beta."""
-    for beta in (2 / 3, 0.5):
-        gates = common.HardConcreteGates({0: 5, 3: 7}, beta=beta, init_std=3.0,
-                                         generator=torch.Generator().manual_seed(2)).train()
-        common._gate_noise(gates, "hash")
-        gates.noise_key = torch.tensor(99)
-        out = gates(torch.zeros(6))
-        u = common.hashed_uniform(torch.tensor(99), (6, 12)).clamp(1e-6, 1 - 1e-6).double()
-        log_alpha = torch.cat([gates.log_alpha["g0"], gates.log_alpha["g3"]]).detach().double().requires_grad_()
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
-        expected = (s * (gates.zeta - gates.gamma) + gates.gamma).clamp(0, 1)
-        assert out.shape == (6, 13) and bool((out[:, 12] == 1).all())
-        torch.testing.assert_close(out[:, :12].double(), expected, rtol=0, atol=2e-6)
-        weight = torch.randn(6, 13, generator=torch.Generator().manual_seed(4))
-        (out * weight).sum().backward()
-        (expected * weight[:, :12].double()).sum().backward()
-        grad = torch.cat([gates.log_alpha["g0"].grad, gates.log_alpha["g3"].grad]).double()
-        torch.testing.assert_close(grad, log_alpha.grad, rtol=1e-4, atol=1e-5)
-
-
-def test_compiled_budget_projection_equals_eager() -> None:
-    """The gate phase's projection as the compiled step traces it (the target a tensor, the group
-    count given: one graph, no host sync) moves every run's log-alphas where eager
-    budget_projection, which stops Newton early, moves them."""
-    torch.manual_seed(1)
-    segments = torch.arange(2).repeat_interleave(torch.tensor([5, 7]))
-    start = [torch.randn(4, 5) + 2, torch.randn(4, 7) + 1]
-    for target in (0.9, 0.5, 0.99999):
-        eager, compiled = [t.clone() for t in start], [t.clone() for t in start]
-        common._project_gates(eager, segments, target, -1.6, "gradient")
-        traced = torch.compile(common._project_gates, fullgraph=True)
-        traced(compiled, segments, torch.tensor(target, dtype=torch.float64), -1.6, "gradient")
-        for a, b in zip(compiled, eager, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

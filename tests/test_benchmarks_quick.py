@@ -278,3 +278,25 @@ def test_gate_epochs_quick_projected_runs_end_at_one_over_n(tmp_path: Path) -> N
     markdown = (tmp_path / "gate_epochs.md").read_text()
     assert markdown.count("| sine |") == len(runs)
     assert "projected budget met (max |P - 1/N| <= 0.005) in 2 of 2 runs" in done.stdout
+
+
+@pytest.mark.slow
+def test_posthoc_quick_spends_one_budget_on_every_strategy(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "posthoc.py"), "--quick",
+                           "--tasks", "mnist1d", "--seeds", "2", "--budgets", "4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "posthoc.json").read_text())["results"][0]
+    for record in result["per_seed"]:
+        costs, spent = record["costs"], record["budgets"]["4.0"]["spent"]
+        budget = 4 * 1000 * costs["small"]  # 4 teacher-epochs of the 1 000 training samples
+        for name, plan in spent.items():
+            parts = list(plan.values()) if "finetune" in plan else [plan]  # gate phase or feature matching first
+            total = sum(p["flops"] for p in parts if p)
+            # none spends more than B, nor leaves more than one sample per epoch of its costliest step unspent
+            costliest = costs["gated"] + costs["small"] + 2 * costs["forward"]
+            assert budget - sum(p["epochs"] for p in parts if p) * costliest <= total <= budget, name
+        trace = record["budgets"]["4.0"]["gate_traces"]["graphmerge"]["trace"]
+        assert [e["progress"] for e in trace] == [k / 10 for k in range(1, 11)]
+    assert (tmp_path / "posthoc.png").stat().st_size > 0 and (tmp_path / "posthoc_gate_traces.png").stat().st_size > 0
+    assert "graphmerge minus each strategy" in done.stdout

@@ -177,7 +177,7 @@ def test_merge_settings_fingerprint_is_the_checkpoint_format():
     assert settings.fingerprint() == {
         "loss": "test_merge_settings_fingerprint_is_the_checkpoint_format.<locals>.my_loss",
         "gate_epochs": 10, "finetune_epochs": 10, "batch_size": 32, "weight_lr": 0.01, "weight_momentum": 0.9,
-        "weight_decay": 0.0, "gate_lr": 0.1, "gate_momentum": 0.9, "gate_budget": "projected", "budget_ramp": 0.5,
+        "weight_decay": 0.0, "gate_lr": 1.0, "gate_momentum": 0.9, "gate_budget": "projected", "budget_ramp": 0.5,
         "budget_direction": "gradient", "decide_gates": True,
         "lambda_schedule": "quadratic", "lambda0": 0.01,
         "lambda_growth": 0.05, "gate_options": None, "finetune_lr": 0.01, "finetune_momentum": 0.9,
