@@ -10,7 +10,7 @@ class GraphMergeError(Exception):
 
 
 class TraceError(GraphMergeError):
-    """The model could not be traced by torch.fx or run on its example inputs."""
+    """The model could not be captured by torch.export or run on its example inputs."""
 
 
 class ModelMismatchError(GraphMergeError):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.fx
 from graphmerge.passes.couple import DimLayout, Propagation
+from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.labels import NOT_A_CHANNEL, TensorLabels, factor_block
 from graphmerge.passes.util import getattr_path
 from torch import nn
@@ -262,6 +263,10 @@ class FunctionRule(OpRule):
 
     def __repr__(self) -> str:
         return f"FunctionRule({getattr(self._couple, '__name__', self._couple)})"
+
+
+class RegistrationError(GraphMergeError):
+    """A mistake in the built-in rule table (an op that is not ATen, or one registered twice)."""
 
 
 RULES: dict[Any, OpRule] = {}
@@ -1817,6 +1822,25 @@ def _rule(couple: Callable, rewrite: Callable | None = None, linear: bool = Fals
     return FunctionRule(couple, rewrite, linear=linear)
 
 
+def _aten(name: str) -> Any:
+    """The ATen op packet ``name``; a name that is none is a mistake in the built-in table, not a skip
+    (``tanhshrink``, ``softsign`` and ``lp_pool2d`` are not ATen ops: torch.export decomposes them)."""
+    op = getattr(aten, name, None)
+    if op is None:
+        raise RegistrationError(f"the built-in rule table names {name!r}, which is not an ATen op in torch "
+                                f"{torch.__version__}; remove it from passes/registry.py.")
+    return op
+
+
+def _builtin(op: Any, rule: OpRule) -> None:
+    """Register a built-in rule; registering one op twice is a mistake in the table (the later rule would
+    silently win)."""
+    if op in RULES:
+        raise RegistrationError(f"the built-in rule table registers {op} twice ({RULES[op]!r}, then {rule!r}); "
+                                f"keep one in passes/registry.py.")
+    RULES[op] = rule
+
+
 def _register_all() -> None:
     unary_linear = ["zero_", "fill_", "clone", "contiguous", "_to_copy", "to", "alias", "detach", "neg",
                     "lift_fresh_copy", "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
@@ -1826,92 +1850,85 @@ def _register_all() -> None:
              "elu_", "selu", "celu", "mish", "mish_", "softplus", "hardtanh", "hardtanh_", "relu6", "exp", "log",
              "log1p", "sqrt", "rsqrt", "abs", "erf", "sin", "cos", "square", "clamp", "clamp_", "clip",
              "clamp_min", "clamp_max", "reciprocal", "sign", "floor", "ceil", "round", "logical_not", "isnan",
-             "isinf", "nan_to_num", "pow", "rrelu", "log_sigmoid", "tanhshrink", "softsign", "exp2", "expm1",
+             "isinf", "nan_to_num", "pow", "rrelu", "log_sigmoid", "exp2", "expm1",
              "bitwise_not", "hardshrink", "softshrink", "threshold", "logit"]
     binary_linear = ["add", "add_", "sub", "sub_", "rsub"]
     products = ["mul", "div", "true_divide", "multiply", "divide"]
     binary = ["where", "maximum", "minimum", "masked_fill", "masked_fill_",
               "lerp", "addcmul", "addcdiv", "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or",
-              "bitwise_and", "bitwise_or", "fmod", "remainder", "floor_divide", "atan2", "copysign", "true_divide"]
+              "bitwise_and", "bitwise_or", "fmod", "remainder", "floor_divide", "atan2", "copysign"]
     def with_inplace(names: list[str]) -> list[str]:
         return sorted({v for n in names for v in (n, n + "_") if hasattr(aten, v)})
 
     unary_linear, unary = with_inplace(unary_linear), with_inplace(unary)
     binary_linear, binary = with_inplace(binary_linear), with_inplace(binary)
     for name in unary_linear:
-        if hasattr(aten, name):
-            register_rule(getattr(aten, name), _rule(identity, linear=True))
+        _builtin(_aten(name), _rule(identity, linear=True))
     for name in unary:
-        if hasattr(aten, name):
-            register_rule(getattr(aten, name), _rule(identity))
+        _builtin(_aten(name), _rule(identity))
     for name in binary_linear:
-        register_rule(getattr(aten, name), _rule(elementwise, linear=True))
+        _builtin(_aten(name), _rule(elementwise, linear=True))
     for name in binary:
-        if hasattr(aten, name):
-            register_rule(getattr(aten, name), _rule(elementwise))
+        _builtin(_aten(name), _rule(elementwise))
     for name in with_inplace(products):
-        register_rule(getattr(aten, name), ProductRule())
+        _builtin(_aten(name), ProductRule())
     sized = {"view": "size", "reshape": "shape", "_unsafe_view": "size", "unflatten": "sizes"}
     for name, arg_name in sized.items():
         rewrite = functools.partial(rewrite_size_list, name=arg_name)
-        register_rule(getattr(aten, name), _rule(reshape, rewrite, linear=True))
+        _builtin(_aten(name), _rule(reshape, rewrite, linear=True))
     for name in ("flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"):
-        register_rule(getattr(aten, name), _rule(reshape, linear=True))
-    register_rule(aten.expand, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
-    register_rule(aten.expand_as, _rule(expand_as, linear=True))
-    register_rule(aten.broadcast_to, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
-    register_rule(aten.repeat_interleave, _rule(repeat_interleave, rewrite_repeat_interleave, linear=True))
+        _builtin(_aten(name), _rule(reshape, linear=True))
+    _builtin(aten.expand, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
+    _builtin(aten.expand_as, _rule(expand_as, linear=True))
+    _builtin(aten.broadcast_to, _rule(expand, functools.partial(rewrite_size_list, name="size"), linear=True))
+    _builtin(aten.repeat_interleave, _rule(repeat_interleave, rewrite_repeat_interleave, linear=True))
     for name in ("permute", "transpose", "t", "movedim", "swapaxes", "swapdims", "numpy_T"):
-        register_rule(getattr(aten, name), _rule(permute, linear=True))
-    register_rule(aten.cat, _rule(cat, linear=True))
-    register_rule(aten.concat, _rule(cat, linear=True))
-    register_rule(aten.stack, _rule(stack, linear=True))
+        _builtin(_aten(name), _rule(permute, linear=True))
+    _builtin(aten.cat, _rule(cat, linear=True))
+    _builtin(aten.concat, _rule(cat, linear=True))
+    _builtin(aten.stack, _rule(stack, linear=True))
     for name in ("split", "split_with_sizes", "chunk", "unbind", "unsafe_split", "unsafe_chunk"):
-        register_rule(getattr(aten, name), _rule(split, rewrite_split, linear=True))
-    register_rule(aten.slice, _rule(slice_, rewrite_slice, linear=True))
-    register_rule(aten.select, _rule(select, linear=True))
-    register_rule(aten.narrow, _rule(narrow, rewrite_narrow, linear=True))
-    register_rule(aten.index, _rule(index_tensor, linear=True))
+        _builtin(_aten(name), _rule(split, rewrite_split, linear=True))
+    _builtin(aten.slice, _rule(slice_, rewrite_slice, linear=True))
+    _builtin(aten.select, _rule(select, linear=True))
+    _builtin(aten.narrow, _rule(narrow, rewrite_narrow, linear=True))
+    _builtin(aten.index, _rule(index_tensor, linear=True))
     for name in ("mean", "sum", "amax", "amin", "max", "min", "var", "std", "logsumexp", "prod", "var_mean",
                  "std_mean", "norm", "any", "all", "argmax", "argmin", "linalg_vector_norm"):
-        register_rule(getattr(aten, name), _rule(reduction, linear=name in ("mean", "sum")))
+        _builtin(_aten(name), _rule(reduction, linear=name in ("mean", "sum")))
     for name in ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"):
-        register_rule(getattr(aten, name), _rule(scan, linear=name == "cumsum"))
+        _builtin(_aten(name), _rule(scan, linear=name == "cumsum"))
     for name in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
-        register_rule(getattr(aten, name), _rule(softmax))
+        _builtin(_aten(name), _rule(softmax))
     for name in ("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                  "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "upsample_nearest1d", "upsample_nearest2d",
                  "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
                  "constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
                  "replication_pad2d", "roll", "pixel_shuffle", "pixel_unshuffle"):
-        if hasattr(aten, name):
-            register_rule(getattr(aten, name), _rule(spatial, linear=True))
+        _builtin(_aten(name), _rule(spatial, linear=True))
     for name in ("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-                 "adaptive_max_pool3d", "max_pool2d_with_indices", "lp_pool2d"):
-        if hasattr(aten, name):
-            register_rule(getattr(aten, name), _rule(spatial))
+                 "adaptive_max_pool3d", "max_pool2d_with_indices"):
+        _builtin(_aten(name), _rule(spatial))
     for name in ("batch_norm", "instance_norm", "prelu", "_prelu_kernel"):
-        if hasattr(aten, name):
-            register_rule(getattr(aten, name), _rule(per_channel))
-    register_rule(aten.group_norm, _rule(group_norm, rewrite_group_norm))
-    register_rule(aten.layer_norm, _rule(layer_norm))
+        _builtin(_aten(name), _rule(per_channel))
+    _builtin(aten.group_norm, _rule(group_norm, rewrite_group_norm))
+    _builtin(aten.layer_norm, _rule(layer_norm))
     for name in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
                  "conv_transpose3d"):
-        register_rule(getattr(aten, name), _rule(conv, rewrite_conv, linear=True))
-    register_rule(aten.linear, _rule(linear, linear=True))
-    register_rule(aten.addmm, _rule(addmm, linear=True))
-    register_rule(aten.embedding, _rule(embedding, linear=True))
-    register_rule(aten.scaled_dot_product_attention, _rule(attention))
-    register_rule(aten.einsum, _rule(einsum))
+        _builtin(_aten(name), _rule(conv, rewrite_conv, linear=True))
+    _builtin(aten.linear, _rule(linear, linear=True))
+    _builtin(aten.addmm, _rule(addmm, linear=True))
+    _builtin(aten.embedding, _rule(embedding, linear=True))
+    _builtin(aten.scaled_dot_product_attention, _rule(attention))
+    _builtin(aten.einsum, _rule(einsum))
     for name in ("matmul", "bmm", "mm"):
-        register_rule(getattr(aten, name), MatmulRule())
+        _builtin(_aten(name), MatmulRule())
     for name in ("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
                  "empty_like", "rand_like", "randn_like", "randint_like", "scalar_tensor", "arange"):
-        if hasattr(aten, name):
-            register_rule(getattr(aten, name), _rule(creation, linear=True))
+        _builtin(_aten(name), _rule(creation, linear=True))
     for name in ("max", "min"):  # max(a, b) is elementwise; max(x) and max(x, dim) reduce
-        register_rule(getattr(aten, name).other, _rule(elementwise))
-    register_rule(operator.getitem, _rule(getitem, linear=True))
+        _builtin(getattr(aten, name).other, _rule(elementwise))
+    _builtin(operator.getitem, _rule(getitem, linear=True))
 
 
 _register_all()

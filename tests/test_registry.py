@@ -85,3 +85,15 @@ def test_a_registered_rule_makes_the_merge_exact(monkeypatch: pytest.MonkeyPatch
     student = graphmerge.compress(big, "teacher:1")
     assert isinstance(student, ScaledNet)
     assert torch.equal(student.state_dict()["scale"], teachers[1].state_dict()["scale"])
+
+
+def test_the_builtin_table_is_strict():
+    """A built-in name that is not an ATen op, or an op registered twice, is a mistake, not a skip."""
+    import torch
+    from graphmerge.passes import registry
+
+    with pytest.raises(registry.RegistrationError, match="'tanhshrink', which is not an ATen op"):
+        registry._aten("tanhshrink")
+    with pytest.raises(registry.RegistrationError, match="registers aten.relu twice"):
+        registry._builtin(torch.ops.aten.relu, registry.RULES[torch.ops.aten.relu])
+    assert isinstance(registry.RULES[torch.ops.aten.true_divide], registry.ProductRule)  # one rule, the product's
