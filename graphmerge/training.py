@@ -356,6 +356,11 @@ def _to_device(batch: Any, device: torch.device) -> Batch:
         if "labels" not in batch:
             raise GraphMergeError(f"a dict batch needs a 'labels' entry (the target of the loss); this one has "
                                   f"{', '.join(map(str, batch))}.")
+        loose = [k for k, v in batch.items() if isinstance(v, list | tuple)]
+        if loose:
+            raise GraphMergeError(f"the data's dict items hold {', '.join(map(str, loose))} as Python lists, which "
+                                  f"batch into lists of per-position tensors, not one tensor each. Give tensors: "
+                                  f"for a Hugging Face datasets.Dataset pass dataset.with_format('torch').")
         kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
         return Batch((), kwargs, batch["labels"].to(device))
     inputs, target = batch[0], batch[1]

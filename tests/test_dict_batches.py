@@ -74,3 +74,20 @@ def test_hugging_face_teachers_merge_from_dict_batches(arch: str) -> None:
         logits = fresh(input_ids=batch["input_ids"][None], attention_mask=batch["attention_mask"][None]).logits
     assert torch.isfinite(logits).all()
     assert set(result.summary) >= {"teachers", "big", "before_finetune"}
+
+
+def test_train_refuses_dict_items_that_are_python_lists():
+    """A datasets.Dataset without .with_format('torch') yields lists; the collated batch is then lists of
+    per-position tensors, which graphmerge.train refuses in one paragraph instead of crashing inside torch."""
+    from graphmerge.errors import GraphMergeError
+    from graphmerge.recipe import train
+
+    class Lists(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": [1, 2, 3], "labels": [2, 3, 4]}
+
+    with pytest.raises(GraphMergeError, match=r"with_format\('torch'\)"):
+        train(torch.nn.Linear(3, 3), Lists(), epochs=1, batch_size=2)
