@@ -59,6 +59,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from graphmerge.pipeline import perturb
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The repository root instead of this script's folder: benchmarks/coverage.py must not shadow the
 # ``coverage`` package for any library that imports it.
@@ -139,18 +141,6 @@ def suite_models(suite: str) -> list[str]:
     return {"torchvision": torchvision_models, "timm": lambda: list(TIMM_MODELS), "hf": hf_models}[suite]()
 
 
-def _perturbed(model: nn.Module, seed: int) -> nn.Module:
-    """Every floating state tensor gets N(0, 0.05) noise: teachers differ everywhere, BN stats too."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.05)
-                if tensor.ndim == 1 and (tensor > 0).all():  # running_var stays positive
-                    tensor.abs_()
-    return model.eval()
-
-
 def model_spec(suite: str, name: str) -> tuple[Callable[[int], nn.Module], tuple, dict]:
     """(build(seed) -> eval-mode model, example inputs, example kwargs) of one model."""
     generator = torch.Generator().manual_seed(0)
@@ -163,7 +153,7 @@ def model_spec(suite: str, name: str) -> tuple[Callable[[int], nn.Module], tuple
             torch.manual_seed(seed)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return _perturbed(torchvision.models.get_model(name, weights=None), seed)
+                return perturb(torchvision.models.get_model(name, weights=None), seed)
 
         return build, (torch.randn(BATCH, 3, size, size, generator=generator),), {}
     if suite == "timm":
@@ -171,7 +161,7 @@ def model_spec(suite: str, name: str) -> tuple[Callable[[int], nn.Module], tuple
 
         def build(seed: int) -> nn.Module:
             torch.manual_seed(seed)
-            return _perturbed(timm.create_model(name, pretrained=False), seed)
+            return perturb(timm.create_model(name, pretrained=False), seed)
 
         with torch.device("meta"):
             size = tuple(timm.create_model(name, pretrained=False).pretrained_cfg["input_size"])
@@ -180,7 +170,7 @@ def model_spec(suite: str, name: str) -> tuple[Callable[[int], nn.Module], tuple
         from tests.hf_tiny import tiny_model
 
         def build(seed: int) -> nn.Module:
-            return _perturbed(tiny_model(name, seed), seed)
+            return perturb(tiny_model(name, seed), seed)
 
         if "Image" in name:
             return build, (torch.randn(BATCH, 3, 32, 32, generator=generator),), {}

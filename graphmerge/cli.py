@@ -199,14 +199,10 @@ def verify_merge(loaded: Any, groupset: Any) -> dict[str, Any]:
 
     import graphmerge
     from graphmerge.api import student_certificate
+    from graphmerge.pipeline import perturb
 
-    other = copy.deepcopy(loaded.model)
+    other = perturb(copy.deepcopy(loaded.model), seed=0)
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for tensor in other.state_dict().values():
-            if tensor.is_floating_point():
-                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-                tensor.mul_(torch.exp(0.05 * noise).to(tensor.dtype))
     with deferred_stderr():
         big = graphmerge.widen([loaded.model, other], loaded.example_inputs, example_kwargs=loaded.example_kwargs,
                                groups=groupset)

@@ -129,6 +129,22 @@ def certify_pipeline(teachers: Sequence[nn.Module], example_inputs: Any, *,
     return report
 
 
+def perturb(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    """Add N(0, scale²) noise from ``seed`` to every floating tensor of ``model`` (in place; returns it in
+    eval mode), BatchNorm statistics included, keeping all-positive vectors (running variances)
+    positive: a second teacher that differs from ``model`` everywhere, for certifying one model (the
+    CLI's ``trace --verify``, the coverage sweep, the tests)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                positive = tensor.ndim == 1 and bool((tensor > 0).all())
+                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * scale)
+                if positive:
+                    tensor.abs_()
+    return model.eval()
+
+
 def at_batch(value: Any, size: int) -> Any:
     """Every tensor of ``value`` with the example's batch at dim 0 grown or cut to ``size`` samples,
     repeating the example's samples in order."""

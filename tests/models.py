@@ -30,6 +30,7 @@ from torch import nn
 from graphmerge.examples.lenet import LeNet
 from graphmerge.examples.mlp import SineMLP
 from graphmerge.examples.resnet20 import ResNet20
+from graphmerge.pipeline import perturb
 
 NUM_CLASSES = 5
 
@@ -494,11 +495,4 @@ def clone_for_loading(teacher: nn.Module) -> nn.Module:
 
 def perturbed(model: nn.Module, seed: int) -> nn.Module:
     """Teachers differ in every tensor, BatchNorm statistics included (as trained teachers do)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.05)
-                if tensor.ndim == 1 and (tensor > 0).all():  # running_var stays positive
-                    tensor.abs_()
-    return model.eval()
+    return perturb(model, seed)
