@@ -23,7 +23,7 @@ differs. Budget (unit u, default 1 epoch): teachers 2u each (lr 0.1), gate phase
   (``FlopCounterMode``) the plain student pipeline's (``common.equal_compute``).
 - **ensemble (2x cost)**: A and B, their next-character probabilities averaged (2x inference).
 - **weight avg**: A and B averaged weight by weight, fine-tuned u.   **re-basin avg**: B aligned
-  to A by weight matching on the coupling groups first (``baselines.rebasin_average``).
+  to A by weight matching on the coupling groups first (``graphmerge.align.rebasin_average``).
 
 The full run trains on the corpus's first 100 000 characters (half the CLI's default) so that 5
 seeds fit in about 40 minutes on one shared core (measured: 1 322 s at unit 1); ``--merge-lr`` sets
@@ -47,7 +47,6 @@ from typing import Any
 
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: benchmarks/mnist1d.py must not shadow the package
 
-import baselines  # noqa: E402
 import common  # noqa: E402
 import compare  # noqa: E402
 import numpy as np  # noqa: E402
@@ -57,6 +56,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 import graphmerge  # noqa: E402
+from graphmerge.align import rebasin_average  # noqa: E402
+from graphmerge.alternatives import weight_average  # noqa: E402
 from graphmerge.data import chars  # noqa: E402
 from graphmerge.examples.tiny_gpt import TinyGPT  # noqa: E402
 from graphmerge.recipe import merge, train  # noqa: E402
@@ -210,8 +211,8 @@ def run_seed(seed: int, b: common.Budget, eq: common.EqualCompute, build: Callab
     log(f"  seed {seed}: teachers {out['teachers'][0]:.3f} {out['teachers'][1]:.3f}, one model "
         f"{out['test']['one model']:.3f}, ensemble {out['test']['ensemble (2x cost)']:.3f} bits/char")
     groups = graphmerge.analyze(teachers[0], (data["train"].tensors[0][:2],))
-    for name, combine in (("weight avg", lambda: baselines.average(teachers)),
-                          ("re-basin avg", lambda: baselines.rebasin_average(teachers, groups))):
+    for name, combine in (("weight avg", lambda: weight_average(teachers)),
+                          ("re-basin avg", lambda: rebasin_average(teachers, groups))):
         t0 = time.perf_counter()
         model = run.finetune(combine(), b.unit, args.merge_lr)
         out["test"][name], out["val"][name] = bits_per_char(model, test), bits_per_char(model, val)
@@ -227,6 +228,7 @@ def run_seed(seed: int, b: common.Budget, eq: common.EqualCompute, build: Callab
         out["merge"][name] = {"open_fraction": {str(k): float(v) for k, v in result.open_fraction.items()},
                               "teacher_share": {str(k): [int(c) for c in v] for k, v in result.teacher_share.items()},
                               "distill": result.summary.get("distill"),
+                              "gate_trace": result.gate_trace,
                               "val_accuracy": {k: result.summary[k] for k in ("teachers", "big", "before_finetune",
                                                                               "after_finetune")}}
         log(f"  seed {seed}: {name} {out['test'][name]:.3f} bits/char ({out['wall_s'][name]:.0f} s with teachers)")
@@ -259,6 +261,31 @@ def markdown_report(result: dict[str, Any], command: str) -> str:
         "Distillation in fine-tuning (same teachers and gate phase; distilled minus plain student):",
         compare.markdown(columns, distill_rows),
         f"Wall time {result['timings_s']['total_s']:.0f} s. {WALL_NOTE}"]) + "\n"
+
+
+def plot_gate_traces(result: dict[str, Any], path: Path) -> None:
+    """Validation bits per character of the gated big student (eval gates) through each merge's gate
+    phase (``MergeResult.gate_trace``), one line per seed and merge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for seed, merges in enumerate(result["merges"]):
+        for k, (name, merge_record) in enumerate(merges.items()):
+            trace = merge_record.get("gate_trace") or []
+            if trace:
+                ax.plot([e["progress"] for e in trace], [e["val_loss"] / math.log(2) for e in trace],
+                        color=f"C{k}", alpha=0.7, label=name if seed == 0 else None)
+    ax.set_xlabel("fraction of the gate phase")
+    ax.set_ylabel("validation bits/char, eval gates")
+    ax.set_title("the gated big student through the gate phase", fontsize=9)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -327,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compare.plot_paired(result, args.out / "chars_paired.png")
     compare.plot_paired(distill_view(result), args.out / "chars_distill_paired.png")
     compare.plot_cost(result, args.out / "chars_cost.png")
+    plot_gate_traces(result, args.out / "chars_gate_traces.png")
     return result
 
 

@@ -45,10 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "benchmarks"))  # appended: benchmarks/mnist1d.py must not shadow the package
 
-import baselines  # noqa: E402
 import compare  # noqa: E402
 
 import graphmerge  # noqa: E402
+from graphmerge.align import rebasin_average  # noqa: E402
+from graphmerge.alternatives import magnitude_scores, random_scores, weight_average  # noqa: E402
 from graphmerge.recipe import MergeSettings  # noqa: E402
 from graphmerge.training import cross_entropy, lambda_schedule  # noqa: E402
 
@@ -819,8 +820,13 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
     names = [f"gated.{name}" for name in gated[0].gate_parameter_names()]
     groups, open_shift = gated[0].gates.group_ids, gated[0].gates.open_shift
     history: dict[str, Any] = {"budget" if projected else "lambda": [], "open": {str(g): [] for g in groups}}
+    xv, yv = bench.data["val"]
+    # each run's validation metric with eval gates: before the phase (the big student), then per epoch
+    history["val"] = [metric(bench.task, predict(stack, xv), yv).tolist()]
 
     def record(epoch: int, st: Stack) -> None:
+        history["val"].append(metric(bench.task, predict(st, xv), yv).tolist())
+        st.template.train()  # predict left it in eval mode
         if projected:
             history["budget"].append(schedule.fields((epoch + 1) / b.unit)["budget"])
         else:
@@ -901,12 +907,12 @@ def _merges(run: int, pair: list[nn.Module], big: nn.Module, gated2: nn.Module, 
     return {
         "student": lambda: graphmerge.compress(gated2.eval(), "gates"),
         "student N=3": lambda: graphmerge.compress(gated3.eval(), "gates"),
-        "weight avg + BN": lambda: baselines.reestimate_bn(baselines.average(pair), bn_inputs),
-        "re-basin avg + BN": lambda: baselines.reestimate_bn(baselines.rebasin_average(pair, groups), bn_inputs),
-        "magnitude select": lambda: graphmerge.compress(big, baselines.magnitude_scores(big)),
-        "random select": lambda: graphmerge.compress(big, baselines.random_scores(big, seed=run)),
+        "weight avg + BN": lambda: weight_average(pair, bn_inputs, batch_size=512),
+        "re-basin avg + BN": lambda: rebasin_average(pair, groups, bn_inputs, batch_size=512),
+        "magnitude select": lambda: graphmerge.compress(big, magnitude_scores(big)),
+        "random select": lambda: graphmerge.compress(big, random_scores(big, seed=run)),
         "teacher A (teacher:0)": lambda: graphmerge.compress(big, "teacher:0"),
-        "magnitude after gate phase": lambda: graphmerge.compress(gated2, baselines.magnitude_scores(gated2)),
+        "magnitude after gate phase": lambda: graphmerge.compress(gated2, magnitude_scores(gated2)),
     }
 
 
@@ -1017,7 +1023,7 @@ def plot_common(result: dict[str, Any], out: Path, name: str) -> None:
     fig.savefig(out / f"{name}_box.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
     for tag, hist in result["gate_history"].items():
         if "lambda" in hist:  # penalty: λ per epoch
             axes[0].plot(hist["lambda"], marker=".", label=f"λ ({tag})")
@@ -1025,12 +1031,22 @@ def plot_common(result: dict[str, Any], out: Path, name: str) -> None:
             axes[1].plot(hist["budget"], color="black", ls="--", lw=0.8, label=f"budget ({tag})")
         for gid, values in hist["open"].items():
             axes[1].plot(values, marker=".", ms=3, label=f"{tag} group {gid}")
+        if hist.get("val"):  # per run, per epoch (0: the big student before the phase)
+            values = np.asarray(hist["val"])
+            lines = axes[2].plot(np.median(values, 1), marker=".", label=f"{tag}: median over runs")
+            axes[2].fill_between(range(len(values)), values.min(1), values.max(1), alpha=0.2,
+                                 color=lines[0].get_color())
     axes[0].set_xlabel("gate-phase epoch")
     axes[0].set_ylabel("λ (penalty budget)")
     if axes[0].lines:
         axes[0].legend()
     else:
         axes[0].set_title("no λ: the projected budget needs none", fontsize=9)
+    axes[2].set_xlabel("gate-phase epoch (0: the big student before it)")
+    axes[2].set_ylabel(f"validation {'accuracy' if result['higher_is_better'] else 'MSE'}, eval gates")
+    axes[2].set_title("the gated big student through the gate phase (band: min-max over runs)", fontsize=9)
+    if axes[2].lines:
+        axes[2].legend(fontsize=7)
     axes[1].axhline(0.5, color="grey", lw=0.5)
     axes[1].axhline(1 / 3, color="grey", lw=0.5)
     axes[1].set_xlabel("gate-phase epoch")
@@ -1043,12 +1059,9 @@ def plot_common(result: dict[str, Any], out: Path, name: str) -> None:
 
 def plot_first_layer(gated: nn.Module, weight_name: str, out: Path, name: str) -> None:
     """The first layer's filters of the big student, kept ones marked by the teacher they come from."""
-    from graphmerge.passes.gate import select_channels
-    from graphmerge.passes.widen import widen_info
-
-    _, info = widen_info(gated)
+    _, info = graphmerge.widen_info(gated)
     gid = next(g.id for g in info.groups.widened if any(k[0] == weight_name and k[1] == 0 for k in g.index_maps))
-    kept = set(select_channels(info, gated.gate_scores())[gid].tolist())
+    kept = set(graphmerge.kept_channels(gated)[gid].tolist())
     weight = dict(gated.graph_module.named_parameters())[weight_name].detach()
     width = info.widths[gid]
     filters = weight.reshape(weight.shape[0], -1).numpy()

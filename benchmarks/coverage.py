@@ -287,6 +287,7 @@ def graphmerge_row(row: dict[str, Any], suite: str, teachers: list[nn.Module], i
     """Fills ``row`` as it goes (a stage time limit keeps what was measured before it)."""
     import graphmerge
 
+    recertified = None
     try:
         big = graphmerge.widen(teachers, inputs, example_kwargs=kwargs)
     except graphmerge.CertificateError as error:
@@ -297,14 +298,14 @@ def graphmerge_row(row: dict[str, Any], suite: str, teachers: list[nn.Module], i
         big = graphmerge.widen(teachers, inputs, example_kwargs=kwargs, verify=False)
         if "(invariant I2)" in str(error):
             row["i2_cert_error"] = refusal
-            _recertify_i1(big, teachers)  # I1 held (widen checks it first); its numbers, for the table
+            recertified = _recertify_i1(big, teachers)  # I1 held (widen checks it first); its numbers
         else:
             row["i1_error"] = refusal
     except Exception as error:
         row.update(error_stage(teachers[0], inputs, kwargs, error))
         row["pipeline_not_run"] = f"widen refused ({row.get('error_stage', 'error')}): {row.get('error')}"
         return row
-    info = big.meta["graphmerge"]
+    info = graphmerge.widen_info(big)[1]
     groups = info.groups
     row.update(capture_ok=True, groups=len(groups.groups), widened=len(groups.widened),
                pinned=len(groups.pinned), internal_pinned=len(groups.internal_pinned),
@@ -312,7 +313,7 @@ def graphmerge_row(row: dict[str, Any], suite: str, teachers: list[nn.Module], i
                nodes=getattr(groups, "node_count", None))
     for key in ("trace_s", "couple_s", "widen_s", "certify_s"):
         row[key.replace("trace_s", "capture_s")] = groups.timings.get(key)
-    certificate = info.certificates.get("I1")
+    certificate = recertified or info.certificates.get("I1")
     if certificate is not None:
         row.update(i1_rel_error=None if certificate.skipped else certificate.relative_error,
                    i1_dtype=certificate.dtype, i1_skipped=certificate.skipped)
@@ -332,23 +333,23 @@ def graphmerge_row(row: dict[str, Any], suite: str, teachers: list[nn.Module], i
     return row
 
 
-def _recertify_i1(big: Any, teachers: list[nn.Module]) -> None:
-    """The I1 certificate of an unverified big student, stored where widen stores it."""
+def _recertify_i1(big: Any, teachers: list[nn.Module]) -> Any:
+    """The I1 certificate of an unverified big student (None if it cannot be computed)."""
     from graphmerge.passes.certify import certify_mean
 
-    info = big.meta["graphmerge"]
+    import graphmerge
+
+    info = graphmerge.widen_info(big)[1]
     try:
-        info.certificates["I1"] = certify_mean(big, teachers, info.example_inputs, info.example_kwargs,
-                                               class_kwargs=info.class_kwargs)
+        return certify_mean(big, teachers, info.example_inputs, info.example_kwargs, class_kwargs=info.class_kwargs)
     except Exception:  # widen checked I1 before I2, so this does not happen; the row then shows "-"
-        pass
+        return None
 
 
 def teacher_student_row(row: dict[str, Any], big: Any, teachers: list[nn.Module],
                         build: Callable) -> nn.Module | None:
     """``compress(big, "teacher:0")`` (timed, I3 included), I2 and I4; the student, or None."""
     import graphmerge
-    from graphmerge.api import student_certificate
 
     start = time.perf_counter()
     try:
@@ -357,7 +358,7 @@ def teacher_student_row(row: dict[str, Any], big: Any, teachers: list[nn.Module]
         row.update(compress_error=first_line(error), compress_s=time.perf_counter() - start)
         return None
     row["compress_s"] = time.perf_counter() - start
-    i3 = student_certificate(student)
+    i3 = graphmerge.student_certificate(student)
     if i3 is not None:
         row.update(i3_rel_error=None if i3.skipped else i3.relative_error, i3_skipped=i3.skipped)
     row.update(check_i2(student, teachers))

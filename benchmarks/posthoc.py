@@ -10,6 +10,10 @@ training set). Strategies, each through graphmerge's public API:
 - **weight avg + FT** / **re-basin avg + FT** / **zipit avg + FT**: the teachers averaged weight by
   weight; aligned first by weight matching (Git Re-Basin) or by activation correlation (ZipIt!-
   style) on graphmerge's coupling groups; BatchNorm statistics re-estimated; fine-tuned on B.
+- **zipit mosaic + FT**: the teachers aligned as for zipit, then ``graphmerge.align.mosaic``: each
+  unit (a row of a layer, with the norm entries of its channel) taken whole from the teacher whose
+  version of it the next layers weigh most, reading every aligned feature (no block-diagonal split
+  as in a selection from the concatenated teachers); BatchNorm re-estimated; fine-tuned on B.
 - **KD ensemble -> best**: the teachers' ensemble (mean logits) distilled into the best teacher.
 - **graphmerge**: ``graphmerge.merge`` (widen, gate phase, compress by the gates) on a share
   ``--gate-share`` of B (default half), fine-tuning on the rest; **graphmerge + KD** fine-tunes by distilling
@@ -50,7 +54,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-import baselines  # noqa: E402
 import compare  # noqa: E402
 import matplotlib  # noqa: E402
 
@@ -63,12 +66,12 @@ from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 import graphmerge  # noqa: E402
+from graphmerge.align import feature_matching, mosaic, rebasin_average, zipit_average  # noqa: E402
 from graphmerge.alternatives import (  # noqa: E402
     Plan,
     budget_subset,
     forward_flops_per_sample,
     plan_budget,
-    reestimate_batchnorm,
     spend,
     train_flops_per_sample,
     weight_average,
@@ -77,8 +80,8 @@ from graphmerge.data import chars, mnist1d  # noqa: E402
 from graphmerge.examples.mnist1d_cnn import MNIST1DCNN  # noqa: E402
 from graphmerge.examples.tiny_gpt import TinyGPT  # noqa: E402
 
-STRATEGIES = ["best teacher + FT", "weight avg + FT", "re-basin avg + FT", "zipit avg + FT", "KD ensemble -> best",
-              "graphmerge", "graphmerge + KD"]
+STRATEGIES = ["best teacher + FT", "weight avg + FT", "re-basin avg + FT", "zipit avg + FT", "zipit mosaic + FT",
+              "KD ensemble -> best", "graphmerge", "graphmerge + KD"]
 REFERENCE = "graphmerge"
 DISTILL_WEIGHT = 0.5
 
@@ -192,8 +195,14 @@ def finetune(task: Task, model: nn.Module, p: Plan | None, seed: int,
     return spend(model, task.data["train"], p, seed=seed, **options)
 
 
+def zipit_mosaic(teachers: Sequence[nn.Module], groups: Any, inputs: torch.Tensor) -> nn.Module:
+    """Every teacher aligned to the first by feature matching, then one mosaic of them."""
+    aligned = [teachers[0]] + [feature_matching(teachers[0], t, groups, inputs)[0] for t in teachers[1:]]
+    return mosaic(aligned, groups, bn_data=inputs)
+
+
 def run_budget(task: Task, teachers: list[nn.Module], budget: float, seed: int,
-               costs: dict[str, float], gate_share: float
+               costs: dict[str, float], gate_share: float, wanted: Sequence[str] = STRATEGIES
                ) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
     """Every strategy's test score at extra FLOPs ``budget`` (in teacher-epochs), and what each spent."""
     n = len(task.data["train"])
@@ -201,29 +210,36 @@ def run_budget(task: Task, teachers: list[nn.Module], budget: float, seed: int,
     n_teachers = len(teachers)
     best = max(teachers, key=task.val_score) if task.higher_is_better else min(teachers, key=task.val_score)
     scores, spent, traces = {}, {}, {}
-    p = plan_budget(flops, costs["small"], n)
-    scores["best teacher + FT"] = task.score(finetune(task, best, p, seed))
-    spent["best teacher + FT"] = p
+    if "best teacher + FT" in wanted:
+        p = plan_budget(flops, costs["small"], n)
+        scores["best teacher + FT"] = task.score(finetune(task, best, p, seed))
+        spent["best teacher + FT"] = p
 
     groups = graphmerge.analyze(teachers[0], task.example())
     x_train = task.data["train"].tensors[0][:512]
     bn_data = TensorDataset(x_train, task.data["train"].tensors[1][:512])
-    starts = {"weight avg + FT": weight_average(teachers, bn_data=bn_data),
-              "re-basin avg + FT": reestimate_batchnorm(baselines.rebasin_average(teachers, groups), bn_data),
-              "zipit avg + FT": baselines.zipit_average(teachers, groups, x_train)}
+    starts = {"weight avg + FT": lambda: weight_average(teachers, bn_data=bn_data),
+              "re-basin avg + FT": lambda: rebasin_average(teachers, groups, bn_data),
+              "zipit avg + FT": lambda: zipit_average(teachers, groups, x_train),
+              "zipit mosaic + FT": lambda: zipit_mosaic(teachers, groups, x_train)}
     for name, start in starts.items():
-        extra = n_teachers * costs["forward"] * len(x_train) if name == "zipit avg + FT" else 0.0
+        if name not in wanted:
+            continue
+        extra = n_teachers * costs["forward"] * len(x_train) if name.startswith("zipit") else 0.0
         p = plan_budget(flops - extra, costs["small"], n)
-        scores[name] = task.score(finetune(task, start, p, seed))
+        scores[name] = task.score(finetune(task, start(), p, seed))
         spent[name] = {"matching": Plan(epochs=1, samples=len(x_train), flops=extra), "finetune": p} if extra else p
 
     kd_cost = costs["small"] + n_teachers * costs["forward"]
-    p = plan_budget(flops, kd_cost, n)
-    scores["KD ensemble -> best"] = task.score(finetune(task, best, p, seed, distill_from=teachers))
-    spent["KD ensemble -> best"] = p
+    if "KD ensemble -> best" in wanted:
+        p = plan_budget(flops, kd_cost, n)
+        scores["KD ensemble -> best"] = task.score(finetune(task, best, p, seed, distill_from=teachers))
+        spent["KD ensemble -> best"] = p
 
     gate = plan_budget(gate_share * flops, costs["gated"], n)
     for name, distill in (("graphmerge", None), ("graphmerge + KD", teachers)):
+        if name not in wanted:
+            continue
         if gate is None:
             scores[name], spent[name] = float("nan"), None
             continue
@@ -268,7 +284,8 @@ def measure_costs(task: Task, teachers: list[nn.Module]) -> dict[str, float]:
 
 # --- the run --------------------------------------------------------------------------------------
 
-def run_task(task: Task, seeds: Sequence[int], budgets: Sequence[float], gate_share: float) -> dict[str, Any]:
+def run_task(task: Task, seeds: Sequence[int], budgets: Sequence[float], gate_share: float,
+             wanted: Sequence[str] = STRATEGIES, reference: str = REFERENCE) -> dict[str, Any]:
     x = task.data["train"].tensors[0]
     task.example = lambda: (x[:2],)
     per_seed: list[dict[str, Any]] = []
@@ -279,29 +296,38 @@ def run_task(task: Task, seeds: Sequence[int], budgets: Sequence[float], gate_sh
         record = {"seed": seed, "teachers": [task.score(t) for t in teachers],
                   "ensemble": task.ensemble_score(teachers), "costs": costs, "budgets": {}}
         for budget in budgets:
-            scores, spent, traces = run_budget(task, teachers, budget, seed, costs, gate_share)
+            scores, spent, traces = run_budget(task, teachers, budget, seed, costs, gate_share, wanted)
             record["budgets"][str(budget)] = {"scores": scores, "spent": spent, "gate_traces": traces}
             print(f"[{task.name}] seed {seed} B={budget}: " +
                   ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
         record["seconds"] = time.perf_counter() - started
         per_seed.append(record)
     return {"task": task.name, "metric": task.metric_name, "higher_is_better": task.higher_is_better,
-            "per_seed": per_seed, "verdicts": verdicts(per_seed, budgets, task.higher_is_better)}
+            "per_seed": per_seed, "verdicts": verdicts(per_seed, budgets, task.higher_is_better, reference)}
 
 
-def verdicts(per_seed: list[dict[str, Any]], budgets: Sequence[float], higher: bool) -> dict[str, Any]:
+def run_strategies(per_seed: list[dict[str, Any]]) -> list[str]:
+    """The strategies a run measured, in the table's order."""
+    measured = per_seed[0]["budgets"][next(iter(per_seed[0]["budgets"]))]["scores"]
+    return [s for s in STRATEGIES if s in measured]
+
+
+def verdicts(per_seed: list[dict[str, Any]], budgets: Sequence[float], higher: bool,
+             reference: str = REFERENCE) -> dict[str, Any]:
     """Per budget: each strategy's median, and the reference against each other strategy, paired by seed."""
     out: dict[str, Any] = {}
+    strategies = run_strategies(per_seed)
     for budget in budgets:
-        values = {s: [r["budgets"][str(budget)]["scores"][s] for r in per_seed] for s in STRATEGIES}
+        values = {s: [r["budgets"][str(budget)]["scores"][s] for r in per_seed] for s in strategies}
         best_teacher = [max(r["teachers"]) if higher else min(r["teachers"]) for r in per_seed]
         ensemble = [r["ensemble"] for r in per_seed]
         out[str(budget)] = {
             "median": {s: float(np.nanmedian(v)) for s, v in values.items()},
             "best teacher (no training)": float(np.median(best_teacher)),
             "ensemble (2x)": float(np.median(ensemble)),
-            "paired": {s: compare.paired(values[REFERENCE], values[s], higher) for s in STRATEGIES
-                       if s != REFERENCE and len(per_seed) > 1},
+            "reference": reference,
+            "paired": {s: compare.paired(values[reference], values[s], higher) for s in strategies
+                       if s != reference and len(per_seed) > 1},
         }
     return out
 
@@ -320,15 +346,17 @@ def markdown(results: list[dict[str, Any]], budgets: Sequence[float], command: s
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         v = result["verdicts"]
-        for s in STRATEGIES:
+        strategies = run_strategies(per_seed)
+        reference = v[str(budgets[0])]["reference"]
+        for s in strategies:
             lines.append(f"| {s} | " + " | ".join(f"{v[str(b)]['median'][s]:.4f}" for b in budgets) + " |")
         for extra in ("best teacher (no training)", "ensemble (2x)"):
             lines.append(f"| {extra} | " + " | ".join(f"{v[str(b)][extra]:.4f}" for b in budgets) + " |")
-        lines.append(f"\n{REFERENCE} minus each strategy (paired by seed; 95 % bootstrap interval; verdict):\n")
+        lines.append(f"\n{reference} minus each strategy (paired by seed; 95 % bootstrap interval; verdict):\n")
         lines.append("| vs | " + " | ".join(f"B={b}" for b in budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
-        for s in STRATEGIES:
-            if s == REFERENCE or not v[str(budgets[0])]["paired"]:
+        for s in strategies:
+            if s == reference or not v[str(budgets[0])]["paired"]:
                 continue
             cells = []
             for b in budgets:
@@ -342,7 +370,7 @@ def markdown(results: list[dict[str, Any]], budgets: Sequence[float], command: s
 def plot(results: list[dict[str, Any]], budgets: Sequence[float], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, result in zip(axes[0], results, strict=True):
-        for s in STRATEGIES:
+        for s in run_strategies(result["per_seed"]):
             ax.plot(budgets, [result["verdicts"][str(b)]["median"][s] for b in budgets], marker="o", label=s)
         ax.axhline(result["verdicts"][str(budgets[0])]["ensemble (2x)"], color="k", ls="--", label="ensemble (2x)")
         ax.set_xscale("log")
@@ -388,15 +416,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quick", action="store_true", help="tiny models and data (smoke test)")
     parser.add_argument("--set", nargs="*", default=[], metavar="SETTING=VALUE",
                         help="merge settings for the graphmerge strategies, e.g. gate_lr=1.0 budget_ramp=0.2")
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES, metavar="STRATEGY",
+                        help=f"a subset of: {', '.join(STRATEGIES)}")
+    parser.add_argument("--reference", default=REFERENCE, choices=STRATEGIES,
+                        help="the strategy compared with every other (paired by seed)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
+    if args.reference not in args.strategies:
+        parser.error(f"--reference {args.reference!r} is not among --strategies")
     torch.set_num_threads(1)
     results = []
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     for name in args.tasks:
         task = TASKS[name](args.quick)
         task.merge_options.update(overrides)
-        results.append(run_task(task, range(args.seeds), args.budgets, args.gate_share))
+        results.append(run_task(task, range(args.seeds), args.budgets, args.gate_share, args.strategies,
+                                args.reference))
     command = "python benchmarks/posthoc.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,

@@ -207,7 +207,6 @@ def run_pipeline(name: str, seq_len: int, threads: int) -> dict[str, Any]:
     import torch
 
     import graphmerge
-    from graphmerge.api import student_certificate
 
     torch.set_num_threads(threads)
     warm_up_s = warm_up()
@@ -219,7 +218,7 @@ def run_pipeline(name: str, seq_len: int, threads: int) -> dict[str, Any]:
     inputs = args if args else ()
     groups = stage(stages, "analyze", lambda: graphmerge.analyze(teachers[0], inputs, example_kwargs=kwargs))
     big = stage(stages, "widen", lambda: graphmerge.widen(teachers, inputs, example_kwargs=kwargs, groups=groups))
-    info = big.meta["graphmerge"]
+    info = graphmerge.widen_info(big)[1]
     generator = torch.Generator().manual_seed(0)
     scores = {g.id: torch.rand(info.n_teachers * g.width, generator=generator) for g in info.groups.gated}
     student = stage(stages, "compress", lambda: graphmerge.compress(big, scores))
@@ -227,7 +226,7 @@ def run_pipeline(name: str, seq_len: int, threads: int) -> dict[str, Any]:
     teacher_bytes = sum(state_bytes(t) for t in teachers)
     big_bytes = state_bytes(big)
     certificates = dict(info.certificates)
-    certificates["I3"] = student_certificate(student)
+    certificates["I3"] = graphmerge.student_certificate(student)
     record.update(
         dtype=str(dtype).replace("torch.", ""),
         params_per_teacher=sum(p.numel() for p in teachers[0].parameters()),

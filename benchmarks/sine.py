@@ -22,6 +22,7 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import graphmerge  # noqa: E402
 from graphmerge.data import sine  # noqa: E402
 from graphmerge.examples.mlp import SineMLP  # noqa: E402
 
@@ -62,12 +63,9 @@ def plot_hidden_units(gated, out: Path) -> None:
     """The first layer's features: each hidden unit is a ReLU kink at x = -b/w, slope w; kept
     units coloured by the teacher they come from (run 0)."""
     import matplotlib.pyplot as plt
-    from graphmerge.passes.gate import select_channels
-    from graphmerge.passes.widen import widen_info
-
-    _, info = widen_info(gated)
+    _, info = graphmerge.widen_info(gated)
     gid = info.groups.widened[0].id
-    kept = set(select_channels(info, gated.gate_scores())[gid].tolist())
+    kept = set(graphmerge.kept_channels(gated)[gid].tolist())
     params = dict(gated.graph_module.named_parameters())
     w = params["fc1.weight"].detach().squeeze(1).numpy()
     b = params["fc1.bias"].detach().numpy()

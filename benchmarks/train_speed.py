@@ -72,7 +72,6 @@ elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from graphmerge.passes.gate import budget_projection  # noqa: E402
-from graphmerge.passes.util import write_atomic  # noqa: E402
 
 import graphmerge  # noqa: E402
 
@@ -306,17 +305,15 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @torch.no_grad()
 def certificate_errors(teachers: list[nn.Module], big: nn.Module, inputs: tuple) -> dict[str, float]:
     """I1 and I3 as errors of the float32 and the bf16-autocast forward (eval mode), on ``inputs``."""
-    from graphmerge.passes.widen import widen_info
-
-    from graphmerge.api import _closed_gates_reference
-
     for module in (*teachers, big):
         module.eval()
     mean = torch.stack([t(*inputs).float() for t in teachers]).mean(0)
     gated = graphmerge.add_gates(big, seed=0).eval()
     student = graphmerge.compress(gated, "gates", verify=False).eval()
-    closed, _ = _closed_gates_reference(gated, widen_info(gated)[1], "gates", None, None)
-    closed_out = None if closed is None else closed.eval()(*inputs)  # dropped channels' gates closed
+    try:  # the gated big student with the dropped channels' gates closed: what I3 compares with
+        closed_out = graphmerge.closed_gates_reference(gated).eval()(*inputs)
+    except graphmerge.GraphMergeError:  # I3 cannot be exact for this model (a normalised mix, tied heads)
+        closed_out = None
     out = {}
     for precision, enabled in (("fp32", False), ("bf16", True)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
@@ -474,8 +471,11 @@ def markdown(rows: list[dict[str, Any]], report: dict[str, Any], machine: dict[s
 
 
 def write(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a killed run leaves the previous file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -22,37 +22,47 @@ __all__ = [
     "add_gates",
     "analyze",
     "certify_pipeline",
+    "closed_gates_reference",
     "compress",
     "export_onnx",
     "hard_concrete_sample",
+    "kept_channels",
     "merge",
+    "mosaic",
+    "rebasin_average",
     "register_rule",
+    "student_certificate",
     "text_dataset",
     "train",
+    "weight_average",
     "widen",
+    "widen_info",
+    "zipit_average",
 ]
 
 
+# Entry points that live elsewhere, imported on first use like every entry point here.
+_LAZY = {
+    "GatePhase": "graphmerge.gate_phase",  # the gate phase's schedule for your own training loop
+    "certify_pipeline": "graphmerge.pipeline",  # the whole merge at toy scale, before a long run
+    "Optimizer": "graphmerge.optim",  # a weight phase's optimiser: SGD/AdamW, schedule, warmup, clipping
+    "hard_concrete_sample": "graphmerge.passes.hard_concrete",  # the gates' training draw (vmapped trainers)
+    "widen_info": "graphmerge.passes.ir",  # a big or gated student's record: groups, widths, certificates
+    "student_certificate": "graphmerge.api",  # the I3 certificate compress recorded for a student
+    "closed_gates_reference": "graphmerge.api",  # what compress must equal: the gated model, dropped gates closed
+    "kept_channels": "graphmerge.api",  # per group, the big student's channels compress keeps
+    "mosaic": "graphmerge.align",  # a student built unit by unit from aligned teachers
+    "rebasin_average": "graphmerge.align",  # Git Re-Basin weight matching on the coupling groups, then average
+    "zipit_average": "graphmerge.align",  # ZipIt!-style feature matching on the coupling groups, then average
+    "weight_average": "graphmerge.alternatives",  # the element-wise mean, BatchNorm statistics recomputed
+}
+
+
 def __getattr__(name: str) -> Any:
-    """``GatePhase`` (the gate phase's schedule for your own loop), ``certify_pipeline`` (the whole
-    merge at toy scale) and ``Optimizer`` (a weight phase's optimiser), imported on first use like every
-    entry point here."""
-    if name == "GatePhase":
-        from graphmerge.gate_phase import GatePhase
+    if name in _LAZY:
+        import importlib
 
-        return GatePhase
-    if name == "certify_pipeline":
-        from graphmerge.pipeline import certify_pipeline
-
-        return certify_pipeline
-    if name == "Optimizer":  # the weights' optimiser of a phase: SGD/AdamW, schedule, warmup, clipping
-        from graphmerge.optim import Optimizer
-
-        return Optimizer
-    if name == "hard_concrete_sample":  # the gates' training draw, for a functional (vmapped) trainer
-        from graphmerge.passes.gate import hard_concrete_sample
-
-        return hard_concrete_sample
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'graphmerge' has no attribute {name!r}")
 
 

@@ -6,7 +6,8 @@ fine-tune the best teacher, or average the teachers' weights and fine-tune the a
 module prices those FLOPs (``torch.utils.flop_counter``: the forward, the loss and the backward of
 one training step, per sample) and spends them on each alternative, so that a merge's student is
 compared with what the same budget buys otherwise (``graphmerge demo`` prints that comparison;
-``benchmarks/posthoc.py`` sweeps it with more strategies).
+``benchmarks/posthoc.py`` sweeps it with more strategies). ``magnitude_scores`` and ``random_scores``
+replace the learned gates in ``graphmerge.compress(big, scores)``: is *learning* the selection what helps?
 
 A budget that buys ``S`` samples at a strategy's per-sample cost trains ``ceil(S / n)`` epochs over
 a seeded random subset of ``S / epochs`` of the ``n`` training samples, so every strategy spends
@@ -23,14 +24,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphmerge.errors import GraphMergeError
+from graphmerge.passes.ir import widen_info
+from graphmerge.passes.layout import teacher_maps
 from graphmerge.training import _to_device, logits_of, resolve_loss
 
-__all__ = ["Plan", "budget_subset", "forward_flops_per_sample", "plan_budget", "reestimate_batchnorm", "spend",
-           "train_flops_per_sample", "weight_average"]
+__all__ = ["Plan", "budget_subset", "forward_flops_per_sample", "magnitude_scores", "plan_budget", "random_scores",
+           "reestimate_batchnorm", "spend", "train_flops_per_sample", "weight_average"]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -107,7 +110,7 @@ def spend(model: nn.Module, train_data: Dataset, plan: Plan | None, *, seed: int
     return model.eval()
 
 
-def weight_average(models: Sequence[nn.Module], bn_data: Dataset | DataLoader | None = None,
+def weight_average(models: Sequence[nn.Module], bn_data: Dataset | DataLoader | torch.Tensor | None = None,
                    batch_size: int = 256) -> nn.Module:
     """A copy of ``models[0]`` holding the element-wise mean of every floating tensor; with ``bn_data``,
     every BatchNorm's running statistics recomputed on it (averaged statistics describe no network)."""
@@ -127,8 +130,10 @@ def weight_average(models: Sequence[nn.Module], bn_data: Dataset | DataLoader | 
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256) -> nn.Module:
-    """Reset and recompute every BatchNorm's running statistics over ``data`` (a cumulative average)."""
+def reestimate_batchnorm(model: nn.Module, data: Dataset | DataLoader | torch.Tensor,
+                         batch_size: int = 256) -> nn.Module:
+    """Reset and recompute every BatchNorm's running statistics over ``data`` (a cumulative average; with
+    one batch, that batch's mean and unbiased variance). ``data`` may be a bare tensor of inputs."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
@@ -138,6 +143,8 @@ def reestimate_batchnorm(model: nn.Module, data: Dataset | DataLoader, batch_siz
         m.momentum = None
     was_training = model.training
     model.train()
+    if isinstance(data, torch.Tensor):
+        data = TensorDataset(data, torch.zeros(len(data)))
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
     try:
         for raw in loader:
@@ -147,3 +154,39 @@ def reestimate_batchnorm(model: nn.Module, data: Dataset | DataLoader, batch_siz
             m.momentum = momentum
         model.train(was_training)
     return model
+
+
+# --- channel scores that replace the learned gates in compress ------------------------------------
+
+def magnitude_scores(big: nn.Module) -> dict[int, torch.Tensor]:
+    """Per widened group, per big channel: the L2 norm of its consumers' input weights.
+
+    A channel's consumers are the layers reading it (conv/linear inputs, where the gates sit);
+    the norm runs over every input-weight entry the channel owns in every consumer (all of its
+    run after a flatten). Channels numbered as ``compress`` expects: teacher-major, ``t·width + c``.
+    """
+    graph_module, info = widen_info(big)
+    layout = info.groups.layout
+    n, widths, widened = info.n_teachers, info.widths, info.widened
+    state = graph_module.state_dict()
+    squares = {gid: torch.zeros(n * widths[gid], dtype=torch.float64) for gid in widened}
+    for name, positions in layout.in_dims.items():
+        dims = layout.params.get(name) or []
+        for axis in positions:
+            in_dim = dims[axis] if axis < len(dims) else None
+            if in_dim is None or name not in state:
+                continue
+            _, maps = teacher_maps(in_dim, n, widths, widened)
+            per_position = state[name].double().movedim(axis, 0).pow(2).reshape(state[name].shape[axis], -1).sum(1)
+            for t in range(n):
+                for p, (g, c) in enumerate(zip(in_dim.group.tolist(), in_dim.channel.tolist(), strict=True)):
+                    if g in widened:
+                        squares[g][t * widths[g] + c] += per_position[int(maps[t][p])]
+    return {gid: s.sqrt() for gid, s in squares.items()}
+
+
+def random_scores(big: nn.Module, seed: int) -> dict[int, torch.Tensor]:
+    """Per widened group, uniformly random scores: a random choice of channels."""
+    _, info = widen_info(big)
+    generator = torch.Generator().manual_seed(seed)
+    return {g.id: torch.rand(info.n_teachers * g.width, generator=generator) for g in info.groups.widened}

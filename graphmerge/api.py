@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,11 +17,20 @@ import torch.fx
 from torch import nn
 
 from graphmerge.errors import CertificateError, GraphMergeError, ModelMismatchError, TraceError
-from graphmerge.passes.certify import Certificate
+from graphmerge.passes.batch import NO_BATCH
+from graphmerge.passes.capture import _cache_kwargs, capture
+from graphmerge.passes.certify import Certificate, as_captured, certify_equal, certify_mean, certify_recovery
+from graphmerge.passes.compress import compress as compress_pass
+from graphmerge.passes.compress import mixes_per_teacher_layers
 from graphmerge.passes.couple import couple
-from graphmerge.passes.groups import GroupSet
+from graphmerge.passes.gate import GATES, GatedStudent, add_gates
+from graphmerge.passes.ir import GroupSet, WidenInfo, attach_widen_info, widen_info
 from graphmerge.passes.layout import LayoutError
-from graphmerge.passes.util import check_teacher_count
+from graphmerge.passes.selection import select_channels
+from graphmerge.passes.stream import Streamed
+from graphmerge.passes.util import check_teacher_count, getattr_path
+from graphmerge.passes.widen import copy_structure, locate_divergence
+from graphmerge.passes.widen import widen as widen_pass
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -35,7 +45,6 @@ def analyze(model: nn.Module, example_inputs: Any, *, example_kwargs: dict[str, 
     they touch is pinned. (With torch.fx's symbolic_trace, retired, a leaf also got a model past
     code the tracer could not follow; torch.export follows such code itself.)
     """
-    from graphmerge.passes.capture import capture
 
     start = time.perf_counter()
     gm = capture(model, _as_tuple(example_inputs), example_kwargs)
@@ -106,13 +115,10 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs:
     With ``verify`` (the default) the big student is run on ``example_inputs`` against the mean of
     the teachers (invariant I1, in float64 where it fits in memory); a mismatch raises
     ``CertificateError`` naming the first graph node that diverges. The certificate is stored in
-    ``big.meta["graphmerge"].certificates["I1"]``, its time in ``groups.timings["certify_s"]``.
+    ``widen_info(big)[1].certificates["I1"]``, its time in ``groups.timings["certify_s"]``.
     Where the analysis pinned groups inside the network, I1 cannot hold and widen has already
     warned; the certificate then records the error without raising.
     """
-    from graphmerge.passes.certify import certify_mean
-    from graphmerge.passes.widen import locate_divergence
-    from graphmerge.passes.widen import widen as widen_pass
 
     teachers = list(teachers)
     check_same_architecture(teachers)
@@ -129,10 +135,9 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs:
                 "across a channel shuffle). Mark the submodule containing it a leaf (leaf_modules=[...]) so "
                 "its channels are pinned, or file an issue with the model.") from None
     groups.timings["widen_s"] = time.perf_counter() - start
-    info = big.meta["graphmerge"]
+    _, info = widen_info(big)
     info.example_inputs = _as_tuple(example_inputs)
     info.example_kwargs = dict(example_kwargs or {})
-    from graphmerge.passes.capture import _cache_kwargs
 
     info.class_kwargs = _cache_kwargs(teachers[0], info.example_inputs, info.example_kwargs)
     if verify:
@@ -161,7 +166,6 @@ def widen(teachers: Sequence[nn.Module], example_inputs: Any, *, example_kwargs:
 def _certify_recovery(big: torch.fx.GraphModule, teachers: list[nn.Module], pinned: list) -> Certificate:
     """I2 (see ``certify_recovery``): a ``CertificateError`` where it fails on a model without inside
     pins; where pins make it impossible, a warning that says what the student of ``teacher:t`` is."""
-    from graphmerge.passes.certify import certify_recovery
 
     certificate, differing = certify_recovery(big, teachers)
     if not differing:
@@ -193,10 +197,6 @@ def compress(big: nn.Module, keep: Any = "gates", *, scales: dict[int, Any] | No
     ``student_certificate(student)``, where I3 does not hold by construction: a normalisation
     spans a widened group and the kept channels mix teachers, or custom ``scales`` were given.
     """
-    from graphmerge.passes.certify import as_captured, certify_equal
-    from graphmerge.passes.compress import compress as compress_pass
-    from graphmerge.passes.stream import Streamed
-    from graphmerge.passes.widen import widen_info
 
     start = time.perf_counter()
     student = compress_pass(big, keep, scales=scales, ratio=ratio)
@@ -217,24 +217,55 @@ def compress(big: nn.Module, keep: Any = "gates", *, scales: dict[int, Any] | No
                                          "student computes with the dropped channels closed")
     info.groups.timings["certify_i3_s"] = certificate.seconds
     info.groups.timings["certify_i3_peak_mb"] = certificate.peak_bytes / 2**20
-    student.__dict__["_graphmerge_certificate"] = certificate
+    _STUDENT_CERTIFICATES[student] = certificate
     return student
 
 
-def student_certificate(student: nn.Module) -> Any:
-    """The I3 certificate compress attached to ``student`` (None when verify=False)."""
-    return student.__dict__.get("_graphmerge_certificate")
+# compress's I3 certificate of each student it returned, for as long as the student lives
+_STUDENT_CERTIFICATES: weakref.WeakKeyDictionary[nn.Module, Certificate] = weakref.WeakKeyDictionary()
 
 
-def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
+def student_certificate(student: nn.Module) -> Certificate | None:
+    """The I3 certificate compress recorded for ``student`` (None when verify=False)."""
+    return _STUDENT_CERTIFICATES.get(student)
+
+
+def kept_channels(big: nn.Module, keep: Any = "gates") -> dict[int, np.ndarray]:
+    """Per widened group, the big student's channels ``compress(big, keep)`` keeps (teacher-major:
+    channel ``c`` of teacher ``t`` is ``t * width + c``), sorted; ``keep`` as compress takes it."""
+    _, info = widen_info(big)
+    from_gates = isinstance(keep, str) and keep == "gates"
+    if from_gates and not isinstance(big, GatedStudent):
+        raise GraphMergeError("kept_channels(big, 'gates') needs a gated big student: call "
+                              "graphmerge.add_gates(big) and train its gates first, or pass keep='teacher:0' "
+                              "or per-group scores.")
+    scores = big.gate_scores() if from_gates else keep
+    return {gid: np.sort(np.asarray(k)) for gid, k in select_channels(info, scores).items()}
+
+
+def closed_gates_reference(gated: nn.Module, keep: Any = "gates") -> nn.Module:
+    """What ``compress(gated, keep)`` must compute (invariant I3): a copy of the gated big student
+    whose gates are closed on every channel compress drops and, on those it keeps, at the value
+    compress folds into the student (the gates' own eval value, or exactly 1 for other ``keep``).
+
+    Raises GraphMergeError where I3 cannot hold by construction (the reason compress's certificate
+    records as skipped: a normalisation over a mix of teachers, tied output heads, ...)."""
+    if not isinstance(gated, GatedStudent):
+        raise GraphMergeError("closed_gates_reference takes a gated big student (graphmerge.add_gates(big)).")
+    _, info = widen_info(gated)
+    reference, skipped = _closed_gates_reference(gated, info, keep, None, None)
+    if skipped:
+        raise GraphMergeError(f"compress cannot compute exactly what the gated big student computes here: {skipped}.")
+    closed = copy.deepcopy(gated)
+    closed.gates.load_state_dict(reference.module(GATES).state_dict())
+    return closed
+
+
+def _closed_gates_reference(big: nn.Module, info: WidenInfo, keep: Any, scales: Any,
                             ratio: float | None) -> tuple[Any, str | None]:
     """The gated big student with eval gates 0 where compress drops a channel and, where it keeps
     one, the scale compress folded in (the gates' own eval value, or exactly 1), as a
     ``stream.Streamed`` graph that reads the big student's own tensors (no copy of them)."""
-    from graphmerge.passes.compress import mixes_per_teacher_layers
-    from graphmerge.passes.gate import GATES, GatedStudent, select_channels
-    from graphmerge.passes.stream import Streamed
-    from graphmerge.passes.util import getattr_path
 
     gated = isinstance(big, GatedStudent)
     from_gates = isinstance(keep, str) and keep == "gates"
@@ -290,15 +321,12 @@ def _closed_gates_reference(big: nn.Module, info: Any, keep: Any, scales: Any,
     return Streamed(graph_module, fetch, modules={GATES: gates}, source_dtype=dtype), None
 
 
-def _gated_skeleton(big: torch.fx.GraphModule, info: Any) -> Any:
+def _gated_skeleton(big: torch.fx.GraphModule, info: WidenInfo) -> GatedStudent:
     """``add_gates(big)`` on a copy of its structure whose parameters are meta placeholders, so no
     tensor is copied. Its gates are only read in eval mode, one value for every sample, so the
     batch places a train-mode gate step needs are not located (no probe run)."""
-    from graphmerge.passes.batch import NO_BATCH
-    from graphmerge.passes.gate import add_gates
-    from graphmerge.passes.widen import copy_structure
 
     skeleton = copy_structure(big)
     places = {node.name: NO_BATCH for node in big.graph.nodes} | dict(info.batch_places)
-    skeleton.meta["graphmerge"] = dataclasses.replace(info, batch_places=places)
+    attach_widen_info(skeleton, dataclasses.replace(info, batch_places=places))
     return add_gates(skeleton)

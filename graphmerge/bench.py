@@ -36,14 +36,8 @@ import torch
 from torch import nn
 
 from graphmerge.errors import GraphMergeError
-from graphmerge.passes.export import (
-    batch_like,
-    export_onnx_report,
-    flatten_outputs,
-    import_onnxruntime,
-    normalize_inputs,
-    parity_error,
-)
+from graphmerge.passes.export import export_onnx_report, normalize_inputs
+from graphmerge.passes.onnx_checks import batch_like, flatten_outputs, import_onnxruntime, parity_error
 from graphmerge.passes.util import eval_mode, one_line, write_atomic
 
 __all__ = [

@@ -25,6 +25,7 @@ from typing import Any
 import typer
 
 from graphmerge import __version__
+from graphmerge.cli_average import average_command
 from graphmerge.cli_export import bench_command, export_command
 from graphmerge.cli_merge import merge_command, train_command
 from graphmerge.errors import GraphMergeError
@@ -199,6 +200,7 @@ def verify_merge(loaded: Any, groupset: Any) -> dict[str, Any]:
 
     import graphmerge
     from graphmerge.api import student_certificate
+    from graphmerge.passes.ir import widen_info
     from graphmerge.pipeline import perturb
 
     other = perturb(copy.deepcopy(loaded.model), seed=0)
@@ -206,7 +208,7 @@ def verify_merge(loaded: Any, groupset: Any) -> dict[str, Any]:
     with deferred_stderr():
         big = graphmerge.widen([loaded.model, other], loaded.example_inputs, example_kwargs=loaded.example_kwargs,
                                groups=groupset)
-        info = big.meta["graphmerge"]
+        _, info = widen_info(big)
         scores = {g.id: torch.rand(info.n_teachers * g.width, generator=generator) for g in info.groups.gated}
         student = graphmerge.compress(big, scores)
     return {**info.certificates, "I3": student_certificate(student)}
@@ -331,6 +333,7 @@ _register(export_command, "export")
 _register(bench_command, "bench")
 _register(merge_command, "merge")
 _register(train_command, "train")
+_register(average_command, "average")
 
 
 if __name__ == "__main__":

@@ -98,20 +98,21 @@ def train_command(
     """Train one teacher from a seed (SGD, momentum 0.9, lr / 10 at half and 3/4 of training)."""
     import torch
 
-    from graphmerge import checkpoint, hf, recipe
+    from graphmerge import checkpoint, hf, loading, recipe
+    from graphmerge import data as data_module
     from graphmerge.optim import cli_optimizers
 
     optimizers = cli_optimizers(optimizer, schedule, warmup, clip, weight_decay, {"optimizer": (lr, "multistep")})
     optimizer_options = optimizers or {"lr": lr, "weight_decay": weight_decay}
     hf_run = hf.prepare_train(model, data, out, block_size) if hf.is_hf_spec(model) else None
     if hf_run is None:
-        _check_output(out)
-        train_data, val_data, _, task = _load_data(data)
+        check_output(out)
+        train_data, val_data, _, task = data_module.load_data(data)
         torch.manual_seed(seed)
-        loaded = _load_model(model)
+        loaded = loading.load_model(model)
         check_positional_inputs(loaded, "train", TRAINING_LIMITATION)
-        _check_runs(loaded.model, train_data, model, data)
-        network, loss = loaded.model, _loss_for(task)
+        check_runs(loaded.model, train_data, model, data)
+        network, loss = loaded.model, loss_for(task)
     else:
         network, train_data, val_data, loss = hf_run.models[0], hf_run.train_data, hf_run.val_data, hf_run.loss
     result = recipe.train(network, train_data, val_data=val_data, loss=loss, epochs=epochs,
@@ -192,7 +193,8 @@ def merge_command(
     shard: bool = typer.Option(False, "--shard", help=SHARD_HELP),
 ) -> None:
     """Merge trained teachers into one student of the same size (widen, gates, compress, fine-tune)."""
-    from graphmerge import checkpoint, hf, recipe
+    from graphmerge import checkpoint, hf, loading, recipe
+    from graphmerge import data as data_module
     from graphmerge.sharding import check_strategy
 
     strategy = "fsdp" if shard else "ddp"
@@ -212,15 +214,15 @@ def merge_command(
     hf_run = hf.prepare_merge(models, data, out, block_size) if hf_teachers else None
     if hf_run is None:
         out = out or Path("student.safetensors")
-        _check_output(out)
+        check_output(out)
         states = [checkpoint.read_state_dict(path) for path in teacher]  # the reader export --weights uses
-        train_data, val_data, _, task = _load_data(data)
-        loaded = _load_model(model)
+        train_data, val_data, _, task = data_module.load_data(data)
+        loaded = loading.load_model(model)
         check_positional_inputs(loaded, "merge", TRAINING_LIMITATION)
         teachers = [checkpoint.load_weights(copy.deepcopy(loaded.model), state, name=str(path))
                     for path, state in zip(teacher, states, strict=True)]
-        _check_runs(teachers[0], train_data, model, data)
-        loss, names = _loss_for(task), [p.name for p in teacher]
+        check_runs(teachers[0], train_data, model, data)
+        loss, names = loss_for(task), [p.name for p in teacher]
     else:
         teachers, train_data, val_data, loss, out = (hf_run.models, hf_run.train_data, hf_run.val_data, hf_run.loss,
                                                      hf_run.out)
@@ -390,7 +392,7 @@ def _epoch_logger(log_json: Path | None, resume: bool) -> Callable[[dict[str, An
 
 # --- input checks --------------------------------------------------------------------------
 
-def _check_output(out: Path) -> None:
+def check_output(out: Path) -> None:
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise GraphMergeError(f"cannot write {out}: folder {folder} does not exist. Create it first or "
@@ -400,23 +402,11 @@ def _check_output(out: Path) -> None:
                               f"safetensors format).")
 
 
-def _load_data(spec: str) -> tuple:
-    from graphmerge.data import load_data
-
-    return load_data(spec)
-
-
-def _load_model(spec: str) -> Any:
-    from graphmerge.loading import load_model
-
-    return load_model(spec)
-
-
-def _loss_for(task: str) -> str:
+def loss_for(task: str) -> str:
     return "cross_entropy" if task == "classification" else "mse"
 
 
-def _check_runs(model: Any, train_data: Any, model_spec: str, data_spec: str) -> None:
+def check_runs(model: Any, train_data: Any, model_spec: str, data_spec: str) -> None:
     """Fail early, in one paragraph, when the model cannot take the data's inputs."""
     import torch
 

@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from graphmerge.errors import GraphMergeError
 
-__all__ = ["BUILTINS", "chars", "cifar", "digits", "image_folder", "infer_task", "load_data", "mnist1d", "sine"]
+__all__ = ["BUILTINS", "chars", "cifar", "digits", "first_inputs", "image_folder", "infer_task", "load_data", "mnist1d",
+           "sine"]
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from graphmerge.errors import GraphMergeError
-from graphmerge.passes.gate import GatedStudent, budget_target, decision_strength
+from graphmerge.passes.gate import GatedStudent
+from graphmerge.passes.gate_budget import budget_target, decision_strength
 
 BUDGETS = ("projected", "penalty")
 #: how far from 1/N a group's mean P[g > 0] may end for :attr:`GatePhase.done`

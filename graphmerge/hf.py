@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from graphmerge.errors import GraphMergeError
-from graphmerge.passes.export import BatchParity, ExportResult
+from graphmerge.passes.export import ExportResult
+from graphmerge.passes.onnx_checks import BatchParity
 from graphmerge.passes.util import check_teacher_count, eval_mode, one_line
 
 __all__ = ["HFExportResult", "HFRun", "PositionalModel", "config_differences", "export_hf_onnx", "load_tokenizer",
@@ -432,6 +433,7 @@ def export_hf_onnx(loaded: Any, path: str | Path, *, opset: int | None = None, t
     first row is right-padded (its last two mask entries 0); a max abs error over max(1, max|torch|) above
     ``tolerance`` raises, and nothing is left at ``path`` on any failure."""
     from graphmerge.passes import export as onnx_export
+    from graphmerge.passes import onnx_checks
 
     target = onnx_export._check_target(Path(path))
     wrapper, inputs, names = positional_model(loaded)
@@ -447,14 +449,14 @@ def export_hf_onnx(loaded: Any, path: str | Path, *, opset: int | None = None, t
             tmp_path = tmpdir / target.name
             _export_dynamo(wrapper, inputs, names, axes if dynamic else {}, limit, tmp_path, opset)
             side = onnx_export._side_file(tmp_path)
-            proto = onnx_export._validate(tmp_path)
+            proto = onnx_checks.validate(tmp_path)
             _check_axes_dynamic(proto, axes if dynamic else {})
             parity = _parity(wrapper, feeds, names, tmp_path, tolerance)
             size = tmp_path.stat().st_size + (side.stat().st_size if side else 0)
             final_side = onnx_export._commit(tmp_path, side, target)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
-    return HFExportResult(path=target, exporter="dynamo", opset=onnx_export._opset_of(proto), size_bytes=size,
+    return HFExportResult(path=target, exporter="dynamo", opset=onnx_checks.opset_of(proto), size_bytes=size,
                           dynamic_batch=dynamic, tolerance=tolerance, side_file=final_side, parity=parity,
                           input_names=names, dynamic_axes=axes if dynamic else {},
                           checked_shapes=[tuple(feed[0].shape) for feed in feeds])
@@ -463,7 +465,7 @@ def export_hf_onnx(loaded: Any, path: str | Path, *, opset: int | None = None, t
 def _longer_batch(inputs: tuple[torch.Tensor, ...], names: list[str], limit: int | None) -> tuple[torch.Tensor, ...]:
     """One more sample and, for tokens, five more positions (within ``limit``); the first row's last two
     attention-mask entries 0 (right padding), so the mask input is exercised."""
-    from graphmerge.passes.export import batch_like
+    from graphmerge.passes.onnx_checks import batch_like
 
     batch = inputs[0].shape[0] + 1
     if names[0] != "input_ids":
@@ -487,19 +489,19 @@ def _longer_batch(inputs: tuple[torch.Tensor, ...], names: list[str], limit: int
 
 def _export_dynamo(wrapper: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str],
                    axes: dict[str, list[str]], limit: int | None, tmp_path: Path, opset: int | None) -> None:
-    from graphmerge.passes import export as onnx_export
+    from graphmerge.passes import onnx_exporters
 
     dims = {"batch": torch.export.Dim("batch", min=1),
             "sequence": torch.export.Dim("sequence", min=1, max=limit) if limit else torch.export.Dim("sequence")}
     dynamic_shapes = ((tuple({i: dims[axis] for i, axis in enumerate(axes[n])} for n in names),) if axes else None)
     try:
-        with onnx_export._quiet():
+        with onnx_exporters.quiet():
             program = torch.onnx.export(wrapper, inputs, None, dynamo=True, verbose=False, opset_version=opset,
                                         dynamic_shapes=dynamic_shapes, input_names=names, output_names=["logits"],
                                         optimize=True)
             program.save(str(tmp_path), external_data=False)
     except Exception as exc:
-        raise GraphMergeError(f"ONNX export of the hf model failed: {onnx_export._summarize(exc)}. Try another "
+        raise GraphMergeError(f"ONNX export of the hf model failed: {onnx_exporters.summarize(exc)}. Try another "
                               f"--opset, or --no-dynamic-batch to fix the batch and sequence length to the "
                               f"example's (2, 8).") from exc
 
@@ -516,15 +518,15 @@ def _check_axes_dynamic(proto: Any, axes: dict[str, list[str]]) -> None:
 
 def _parity(wrapper: nn.Module, feeds: list[tuple[torch.Tensor, ...]], names: list[str], tmp_path: Path,
             tolerance: float) -> list[BatchParity]:
-    from graphmerge.passes import export as onnx_export
+    from graphmerge.passes import onnx_checks
 
-    session = onnx_export._ort_session(tmp_path)
+    session = onnx_checks.ort_session(tmp_path)
     results = []
     for feed in feeds:
         with torch.no_grad():
-            reference = onnx_export.flatten_outputs(wrapper(*feed))
+            reference = onnx_checks.flatten_outputs(wrapper(*feed))
         got = session.run(None, {n: x.numpy() for n, x in zip(names, feed, strict=True)})
-        max_abs, max_rel = onnx_export.parity_error(reference, got)
+        max_abs, max_rel = onnx_checks.parity_error(reference, got)
         results.append(BatchParity(batch=int(feed[0].shape[0]), max_abs=max_abs, max_rel=max_rel))
     worst = max(results, key=lambda p: p.max_rel)
     if not worst.max_rel <= tolerance:

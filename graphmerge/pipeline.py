@@ -74,8 +74,8 @@ def certify_pipeline(teachers: Sequence[nn.Module], example_inputs: Any, *,
     import graphmerge
     from graphmerge.api import _as_tuple, student_certificate
     from graphmerge.passes.export import export_onnx_report
-    from graphmerge.passes.gate import budget_target
-    from graphmerge.passes.widen import widen_info
+    from graphmerge.passes.gate_budget import budget_target
+    from graphmerge.passes.ir import widen_info
 
     inputs, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     report = PipelineReport()
@@ -213,7 +213,7 @@ def gates_follow_samples(gated: nn.Module, inputs: tuple, kwargs: dict[str, Any]
 
 def _shared_entries(gm: torch.fx.GraphModule) -> torch.Tensor:
     """The gate entries read by sites without a batch place (one realisation shared by the batch)."""
-    from graphmerge.passes.gate import apply_gate
+    from graphmerge.passes.gate_ops import apply_gate
 
     entries = [getattr(gm, node.args[2].target) for node in gm.graph.nodes
                if node.target is apply_gate and node.args[5] is None]

@@ -36,7 +36,7 @@ from graphmerge.errors import GraphMergeError
 from graphmerge.passes.util import eval_mode
 
 __all__ = ["PRECISIONS", "DistContext", "Distillation", "TrainingDiverged", "autocast", "check_precision",
-           "default_milestones", "distill_term", "evaluate",
+           "cross_entropy", "default_milestones", "distill_term", "evaluate",
            "fit", "kd_kl", "kd_kl_tokens", "lambda_schedule", "resolve_loss", "setup_distributed", "sgd"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -37,10 +37,11 @@ import torch
 import torch.fx
 from graphmerge.passes.compress import student_state
 from graphmerge.passes.errors import CertificateError
-from graphmerge.passes.groups import GroupSet
+from graphmerge.passes.ir import GroupSet, widen_info
+from graphmerge.passes.registry import describe
 from graphmerge.passes.stream import Meter, NodeFailed, Streamed, flat_inputs, give_back_freed_memory, run_outputs
 from graphmerge.passes.util import getattr_path, one_line
-from graphmerge.passes.widen import _teacher_tensor, tied_names, widen_info
+from graphmerge.passes.widen import _teacher_tensor, tied_names
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -140,8 +141,6 @@ def certify_mean(big: torch.fx.GraphModule, teachers: Sequence[nn.Module], examp
         if failed_teacher is not None:
             raise failed_teacher.error
     if isinstance(big_result, NodeFailed):
-        from graphmerge.passes.registry import describe
-
         node, error = big_result.node, big_result.error
         raise CertificateError(
             f"widen built a big student that fails to run on the example inputs: at {describe(node)}: "

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-from graphmerge.passes.couple import DimLayout
 from graphmerge.passes.errors import GraphMergeError
-from graphmerge.passes.gate import GatedStudent, Keep, select_channels
+from graphmerge.passes.gate import GatedStudent
+from graphmerge.passes.ir import DimLayout, WidenInfo, widen_info
 from graphmerge.passes.layout import LayoutError, pieces, student_map, teacher_maps
+from graphmerge.passes.selection import Keep, select_channels
 from graphmerge.passes.util import getattr_path
-from graphmerge.passes.widen import WidenInfo, copy_structure, rewrite_aten_sizes, set_tensor, tied_names, widen_info
+from graphmerge.passes.widen import copy_structure, rewrite_aten_sizes, set_tensor, tied_names
 from torch import nn
 
 
@@ -174,8 +175,8 @@ def _gather_state(big_state: dict[str, torch.Tensor], info: WidenInfo, kept: dic
         if dims is None or tensor.ndim == 0:
             out[name] = done[canonical] = tensor.clone() if copy else tensor
             continue
-        if canonical in info.per_teacher:
-            tensor = _one_of_stacked(tensor, info, info.per_teacher[canonical], kept)
+        if canonical in info.stacked_params:
+            tensor = _one_of_stacked(tensor, info, info.stacked_params[canonical], kept)
         for d, dim in enumerate(dims):
             if dim is None:
                 continue
@@ -232,7 +233,7 @@ def _one_of_stacked(stacked: torch.Tensor, info: WidenInfo, group_ids: list[int]
 def mixes_per_teacher_layers(info: WidenInfo, kept: dict[int, np.ndarray]) -> list[str]:
     """The stacked per-teacher parameters whose groups keep channels of more than one teacher."""
     mixed = []
-    for name, group_ids in info.per_teacher.items():
+    for name, group_ids in info.stacked_params.items():
         owners = {int(c) // info.widths[g] for g in group_ids for c in np.asarray(kept[g])}
         if len(owners) > 1:
             mixed.append(name)

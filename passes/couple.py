@@ -12,264 +12,26 @@ in one group only if every such run that holds one holds the other right after i
 
 Anything a rule does not understand pins the ids it touches, with the op and the reason: a
 pinned group keeps its width. Pinning is always safe; guessing is not.
+
+The rules record what they find in a ``Propagation`` (``graphmerge.passes.propagation``); this
+module runs them over the graph and solves what they recorded into groups (``Group``) and a ``Layout``
+(``graphmerge.passes.ir``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.fx
-from graphmerge.passes.groups import BOUNDARY_REASONS, Group, GroupSet
-from graphmerge.passes.labels import NOT_A_CHANNEL, TensorLabels
+from graphmerge.passes.ir import DimLayout, Group, GroupSet, Layout, Pin, PinReason, display_name
+from graphmerge.passes.labels import TensorLabels
+from graphmerge.passes.propagation import Propagation
+from graphmerge.passes.registry import pin_all, propagate_node
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-
-
-@dataclass
-class ParamUse:
-    """How one parameter or buffer's dims are labelled, and which dim writes its op's output."""
-
-    dims: list[np.ndarray | None]
-    out_dim: int | None
-    in_dims: tuple[int, ...] = ()
-    op_dims: list[np.ndarray | None] | None = None  # the ids its op gave it, position by position
-
-
-class GateSite(NamedTuple):
-    """Where a gate multiplies: argument ``arg_index`` of node ``node``, along activation dim ``dim``;
-    ``param`` is the consumer's weight, whose input dim says which channels sit there."""
-
-    node: str
-    arg_index: int
-    dim: int
-    param: str
-
-
-@dataclass
-class DimLayout:
-    """A labelled dimension in group coordinates: per position, its group and channel index.
-
-    ``group[p] == -1`` marks positions that are not channels of any group (kernel taps, ...).
-    """
-
-    group: np.ndarray
-    channel: np.ndarray
-    start: np.ndarray | None = None  # where a run the graph cuts at begins (a split piece)
-
-
-@dataclass
-class Layout:
-    """What widen, gate and compress need beyond the groups themselves."""
-
-    params: dict[str, list[DimLayout | None]] = field(default_factory=dict)
-    out_dims: dict[str, int | None] = field(default_factory=dict)
-    in_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    nodes: dict[str, list[DimLayout | None]] = field(default_factory=dict)
-    gate_sites: list[GateSite] = field(default_factory=list)
-    across_norm: dict[int, str] = field(default_factory=dict)
-    # the groups each normalisation spans together (one tuple per norm): a selection that keeps one
-    # teacher's block must keep the same teacher in all of them, or the student's norm mixes blocks
-    norm_spans: list[tuple[int, ...]] = field(default_factory=list)
-    literal_nodes: set[str] = field(default_factory=set)
-    # reductions and softmax over a channel dim (node name -> dim): widen runs them per teacher block
-    blockwise: dict[str, int] = field(default_factory=dict)
-    # nodes holding a joint block of widened channels that no per-dim layout describes (a shuffle)
-    permuted_nodes: set[str] = field(default_factory=set)
-    # linear layers over a non-channel axis (token-mixing): node name -> (the input's dims that
-    # may carry channels, weight, bias). Where one of those dims is widened and the weight is not,
-    # widen gives the layer one weight per teacher and applies each to its teacher's block.
-    per_teacher: dict[str, tuple[tuple[int, ...], str, str | None]] = field(default_factory=dict)
-    # parameters with no channel dim broadcast against channels in an elementwise op (StarReLU's
-    # scale, a learnable affine scalar): (node name, argument position) -> (parameter, output dim
-    # of the channels). Where that dim is widened, widen stacks the teachers' values and gives
-    # each position its own teacher's.
-    per_teacher_operands: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
-
-
-class Propagation:
-    """The state of one analysis: id allocation, equalities, pins, and what each node carries."""
-
-    def __init__(self, gm: torch.fx.GraphModule):
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
-        self.next_id = 0
-        self.edges: list[tuple[np.ndarray, np.ndarray]] = []
-        self.pins: list[tuple[np.ndarray, str]] = []
-        self.runs: list[np.ndarray] = []
-        self.roles: list[tuple[str, str, np.ndarray]] = []
-        self.params: dict[str, ParamUse] = {}
-        self.units: list[tuple[np.ndarray, int]] = []
-        self.across_norm: list[tuple[np.ndarray, str]] = []
-        self.gate_sites: list[GateSite] = []
-        self.discarded: list[np.ndarray] = []
-        self.input_ranges: list[tuple[int, int]] = []
-        self.blockwise: dict[str, int] = {}
-        self.per_teacher: dict[str, tuple[tuple[int, ...], str, str | None]] = {}
-        self.per_teacher_operands: dict[tuple[str, int], tuple[str, int]] = {}
-        self.not_channel: list[np.ndarray] = []
-        self.fresh_param_dims: dict[str, list[np.ndarray | None]] = {}
-        self.literal_nodes: set[str] = set()
-        self.nonlinear: list[tuple[str, np.ndarray]] = []
-        self.labels: dict[torch.fx.Node, Any] = {}
-        # Channels that an attention op found on head_dim alone (one head, or one key/value head
-        # repeated): the analysis runs again with them in ``hinted``, and a reshape that splits
-        # them off keeps the size-1 or repeated heads axis in their block, where widen adds heads.
-        self.head_hints: set[int] = set()
-        self.cut_nodes: set[str] = set()  # nodes a split cuts into pieces (their layouts mark runs)
-        # strided slices inside joint blocks (block ids, sliced axis, the op): checked after solving
-        self.strided: list[tuple[np.ndarray, int, str]] = []
-        self.hinted: frozenset[int] = frozenset()
-
-    # -- building blocks for op rules -------------------------------------------------------
-
-    def fresh(self, n: int, *, run: bool = True) -> np.ndarray:
-        """``n`` new channel ids, recorded as one run (a space made by one op) unless ``run=False``."""
-        ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
-        self.next_id += n
-        if run:
-            self.runs.append(ids)
-        return ids
-
-    def run(self, ids: np.ndarray) -> None:
-        """Record that ``ids`` sit side by side in this order (a cat output, a split piece)."""
-        ids = np.asarray(ids)
-        if ids.size and np.all(ids >= 0):
-            self.runs.append(ids)
-
-    def unify(self, a: np.ndarray, b: np.ndarray, where: str) -> None:
-        """Positions of ``a`` and ``b`` are the same channels. A channel meeting a non-channel pins."""
-        a, b = np.asarray(a, np.int64).ravel(), np.asarray(b, np.int64).ravel()
-        if a.shape != b.shape:
-            self.pin(a, f"{where}: mismatched sizes {a.size} and {b.size}")
-            self.pin(b, f"{where}: mismatched sizes {a.size} and {b.size}")
-            return
-        both = (a >= 0) & (b >= 0)
-        if both.any():
-            self.edges.append((a[both], b[both]))
-        lonely = (a >= 0) ^ (b >= 0)
-        if lonely.any():
-            self.pin(np.where(a >= 0, a, b)[lonely], f"not a channel: {where} aligns it with a spatial or batch axis")
-
-    def pin(self, ids: np.ndarray, reason: str) -> None:
-        ids = np.asarray(ids, np.int64).ravel()
-        ids = ids[ids >= 0]
-        if ids.size:
-            self.pins.append((ids, reason))
-
-    def pin_labels(self, value: Any, reason: str) -> None:
-        for labels in _tensor_labels_in(value):
-            self.pin(labels.all_ids(), reason)
-
-    def role(self, node: torch.fx.Node, role: str, ids: np.ndarray | None) -> None:
-        if ids is not None and not (node.op == "get_attr" and _is_aten_node_graph(node)):
-            ids = np.asarray(ids).ravel()
-            ids = ids[ids >= 0]
-            if ids.size:
-                self.roles.append((display_name(node), role, ids))
-
-    def use_param(self, name: str, dims: list[np.ndarray | None], *, out_dim: int | None,
-                  in_dims: tuple[int, ...] = ()) -> None:
-        """Label parameter ``name``; a second use (weight sharing) must agree with the first."""
-        dims = [None if d is None else np.asarray(d, np.int64) for d in dims]
-        seen = self.params.get(name)
-        if seen is None:
-            self.params[name] = ParamUse(dims, out_dim, in_dims)
-            return
-        if seen.op_dims is None:
-            seen.op_dims = dims
-        for old, new in zip(seen.dims, dims, strict=True):
-            if old is not None and new is not None:
-                self.unify(old, new, f"parameter {name} used twice")
-            elif (old is None) != (new is None):
-                self.pin(old if new is None else new, f"parameter {name} used twice with different roles")
-        if seen.out_dim is None:  # first seen through get_attr; the op using it knows its roles
-            seen.out_dim = out_dim
-        if not seen.in_dims:
-            seen.in_dims = in_dims
-
-    def input_ids(self, n: int) -> np.ndarray:
-        """Fresh ids for a graph input's dim (token positions, image channels), remembered as such."""
-        ids = self.fresh(n)
-        self.input_ranges.append((int(ids[0]), int(ids[-1]) + 1) if n else (0, 0))
-        return ids
-
-    def mark_not_channel(self, ids: np.ndarray, reason: str) -> None:
-        """Pin ids that label an axis which is not a channel (token positions a linear mixes)."""
-        ids = np.asarray(ids, np.int64).ravel()
-        self.pin(ids, reason)
-        self.not_channel.append(ids[ids >= 0])
-
-    def is_not_channel(self, ids: np.ndarray) -> bool:
-        """Whether every position of ``ids`` is a non-channel axis (no id, or one marked so)."""
-        ids = np.asarray(ids, np.int64).ravel()
-        ids = ids[ids >= 0]
-        if not ids.size:
-            return True
-        marked = np.concatenate(self.not_channel) if self.not_channel else np.zeros(0, np.int64)
-        return bool(np.isin(ids, marked).all())
-
-    def from_input(self, ids: np.ndarray) -> bool:
-        """Whether every channel id in ``ids`` is a position of a graph input's dim."""
-        ids = np.asarray(ids).ravel()
-        ids = ids[ids >= 0]
-        if not ids.size:
-            return False
-        inside = np.zeros(ids.shape, dtype=bool)
-        for low, high in self.input_ranges:
-            inside |= (ids >= low) & (ids < high)
-        return bool(inside.all())
-
-    def discard(self, ids: np.ndarray) -> None:
-        """These ids turned out not to be channels (a parameter's kernel dim): they form no group."""
-        self.discarded.append(np.asarray(ids, np.int64).ravel())
-
-    def gate_site(self, node: torch.fx.Node, arg_index: int, dim: int, param: str) -> None:
-        """A consumer's input: gates of the groups it reads multiply argument ``arg_index`` there."""
-        self.gate_sites.append(GateSite(node.name, arg_index, dim, param))
-
-    def unit(self, ids: np.ndarray, size: int) -> None:
-        """Channels must be selected in whole consecutive units of ``size`` (conv groups, heads)."""
-        if size > 1:
-            self.units.append((np.asarray(ids, np.int64), size))
-
-    def strided_slice(self, block: np.ndarray, axis: int, what: str) -> None:
-        """A slice with a step along ``axis`` of a joint block (the interleaved pairs of rotary
-        embeddings, ``x[..., 1::2]`` over heads x head_dim). The big student runs the same slice, which
-        is exact only where that axis keeps the teacher's positions (a head's head_dim, once the head
-        is one channel); which axes the big student widens is known after solving, so it is checked
-        there (``_check_strided_slices``) and pins what it would break."""
-        self.strided.append((np.asarray(block, np.int64), axis, what))
-
-    def normalised_across(self, ids: np.ndarray, what: str) -> None:
-        """A normalisation spans these channels: dropping some changes the others (I3 inexact)."""
-        self.across_norm.append((np.asarray(ids, np.int64).ravel(), what))
-
-    def param_labels(self, name: str, tensor: torch.Tensor, *, runs: bool = True) -> list[np.ndarray]:
-        """Fresh labels for a parameter seen through ``get_attr``: every dim of size > 1 a space.
-
-        With ``runs=False`` the labels say nothing about channel order: the ops that read the
-        parameter do (a conv's weight rows follow its output channels, whatever order they have).
-        """
-        dims = []
-        for size in tensor.shape:
-            dims.append(self.fresh(size, run=runs) if size > 1 else np.full(size, NOT_A_CHANNEL, np.int64))
-        return dims
-
-
-def _tensor_labels_in(value: Any):
-    if isinstance(value, TensorLabels):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensor_labels_in(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensor_labels_in(item)
 
 
 def couple(gm: torch.fx.GraphModule, *, leaf_modules: tuple[str, ...] = ()) -> GroupSet:
@@ -277,8 +39,6 @@ def couple(gm: torch.fx.GraphModule, *, leaf_modules: tuple[str, ...] = ()) -> G
 
     ``gm`` is not modified.
     """
-    from graphmerge.passes.registry import pin_all, propagate_node
-
     start = time.perf_counter()
     hinted: frozenset[int] = frozenset()
     for _ in range(4):  # hints found in one run can expose more (attn @ v after q @ k^T)
@@ -287,7 +47,8 @@ def couple(gm: torch.fx.GraphModule, *, leaf_modules: tuple[str, ...] = ()) -> G
         for node in gm.graph.nodes:
             leaf = _inside_leaf(node, leaf_modules)
             if leaf is not None and node.op in ("call_function", "call_module"):
-                prop.labels[node] = pin_all(prop, node, f"inside leaf module '{leaf}' (kept opaque on request)")
+                prop.labels[node] = pin_all(prop, node, f"inside leaf module '{leaf}' (kept opaque on request)",
+                                            reason=PinReason.LEAF_MODULE)
             else:
                 prop.labels[node] = propagate_node(prop, node)
         if prop.head_hints <= hinted:
@@ -300,7 +61,7 @@ def couple(gm: torch.fx.GraphModule, *, leaf_modules: tuple[str, ...] = ()) -> G
 
 def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
     component = _components(prop)
-    pinned_reason = _pinned_components(prop, component)
+    component_pins = _pinned_components(prop, component)
     chains = _chains(prop, component)
 
     discarded = set(component[np.concatenate(prop.discarded)].tolist()) if prop.discarded else set()
@@ -310,16 +71,18 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
             if ids is not None:
                 param_components.update(component[ids[ids >= 0]].tolist())
 
-    group_of = np.full(len(pinned_reason) + 1, -1, np.int64)
-    channel_of = np.full(len(pinned_reason) + 1, -1, np.int64)
+    group_of = np.full(len(component_pins) + 1, -1, np.int64)
+    channel_of = np.full(len(component_pins) + 1, -1, np.int64)
     groups: list[Group] = []
     for chain in chains:
         if not any(c in param_components for c in chain) or all(c in discarded for c in chain):
             continue
         gid = len(groups)
-        reasons = [pinned_reason[c] for c in chain if pinned_reason[c] is not None]
-        groups.append(Group(id=gid, width=len(chain), pinned=bool(reasons),
-                            reason=_first_reason(reasons)))
+        pins = [component_pins[c] for c in chain if component_pins[c] is not None]
+        first = _first_pin(pins)
+        groups.append(Group(id=gid, width=len(chain), pinned=first is not None,
+                            reason=None if first is None else first.message,
+                            pin_reason=None if first is None else first.reason))
         group_of[chain] = gid
         channel_of[chain] = np.arange(len(chain))
 
@@ -374,14 +137,13 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
         if len(spanned) > 1 and spanned not in layout.norm_spans:
             layout.norm_spans.append(spanned)
     layout.literal_nodes = set(prop.literal_nodes)
-    layout.blockwise = dict(prop.blockwise)
-    layout.per_teacher = dict(prop.per_teacher)
+    layout.reduce_per_block = dict(prop.reduce_per_block)
+    layout.token_mixing = dict(prop.token_mixing)
     layout.per_teacher_operands = dict(prop.per_teacher_operands)
     _flag_nonlinear_heads(prop, groups, component, group_of)
     for group in groups:
         if group.width % group.unit:
-            group.pinned = True
-            group.reason = group.reason or f"selection unit {group.unit} does not divide width {group.width}"
+            group.pin(PinReason.UNIT_ORDER, f"selection unit {group.unit} does not divide width {group.width}")
     _check_strided_slices(prop, groups, component, group_of, channel_of)
     live = np.array([not g.pinned for g in groups] + [False], dtype=bool)
     for node, value in prop.labels.items():
@@ -403,32 +165,6 @@ def _solve(prop: Propagation) -> tuple[list[Group], Layout]:
                 if not groups[gid].pinned and shown not in groups[gid].gate_sites:
                     groups[gid].gate_sites.append(shown)
     return groups, layout
-
-
-def display_name(node: torch.fx.Node) -> str:
-    """How reports name an op: the module that owns its parameters (``layer1.0.conv1``), else the
-    innermost module whose forward made it, else the graph node's name."""
-    if node.op != "call_function" and not (node.op == "call_module" and "_graphmerge_modes" in str(node.target)):
-        return node.name
-    for value in (*node.args, *node.kwargs.values()):
-        if isinstance(value, torch.fx.Node) and value.op == "get_attr" and "." in str(value.target):
-            return str(value.target).rpartition(".")[0]
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        path = str(list(stack.values())[-1][0])
-        for prefix in ("L['self'].", "L__self__."):
-            path = path.removeprefix(prefix)
-        if path and path != "L['self']":
-            return path
-    return node.name
-
-
-def _is_aten_node_graph(node: torch.fx.Node) -> bool:
-    return "val" in node.meta
-
-
-def _is_aten_graph(gm: torch.fx.GraphModule) -> bool:
-    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
 
 
 def _inside_leaf(node: torch.fx.Node, leaf_modules: tuple[str, ...]) -> str | None:
@@ -492,13 +228,14 @@ def _flag_nonlinear_heads(prop: Propagation, groups: list[Group], component: np.
     for node_name, ids in prop.nonlinear:
         for gid in _groups_of(ids, component, group_of):
             group = groups[gid]
-            if not (group.pinned and group.reason == "graph output"):
+            if not (group.pinned and group.pin_reason is PinReason.GRAPH_OUTPUT):
                 continue
             if not group.consumers:
                 group.pinned, group.averaged = False, True
                 group.reason = (f"graph output after the non-linear op {node_name}: the big student keeps each "
                                 "teacher's block and averages them at the output")
             else:
+                group.pin_reason = PinReason.NONLINEAR_OUTPUT
                 group.reason = (f"non-linear op {node_name} after the layer that averages the teachers into "
                                 "this graph output: the big student cannot compute the teachers' mean (I1)")
 
@@ -525,10 +262,9 @@ def _check_unit_alignment(groups: list[Group], ids: np.ndarray, size: int, compo
             and np.array_equal(np.sort(block_channels), np.arange(first, first + size))
         if not aligned:
             for g in np.unique(block_groups).tolist():
-                groups[g].pinned = True
-                groups[g].reason = groups[g].reason or (
+                groups[g].pin(PinReason.UNIT_ORDER, (
                     f"units of {size} channels (a grouped conv, GroupNorm or attention heads) are not whole "
-                    "units of the group's channel order: a channel permutation (shuffle) lies between them")
+                    "units of the group's channel order: a channel permutation (shuffle) lies between them"))
             return
 
 
@@ -560,16 +296,15 @@ def _check_strided_slices(prop: Propagation, groups: list[Group], component: np.
         else:
             continue
         for gid in live:
-            groups[gid].pinned = True
-            groups[gid].reason = groups[gid].reason or f"{what}: strided slice of a reshaped channel block: {why}"
+            groups[gid].pin(PinReason.STRIDED_SLICE, f"{what}: strided slice of a reshaped channel block: {why}")
 
 
-def _first_reason(reasons: list[str]) -> str | None:
-    """Prefer a reason from inside the graph over the graph boundary: it is the one to fix."""
-    if not reasons:
+def _first_pin(pins: list[Pin]) -> Pin | None:
+    """Prefer a pin from inside the graph over the graph boundary: it is the one to fix."""
+    if not pins:
         return None
-    inner = [r for r in reasons if not r.startswith(BOUNDARY_REASONS)]
-    return (inner or reasons)[0]
+    inner = [pin for pin in pins if not pin.reason.boundary]
+    return (inner or pins)[0]
 
 
 def _groups_of(ids: np.ndarray, component: np.ndarray, group_of: np.ndarray) -> list[int]:
@@ -590,15 +325,14 @@ def _components(prop: Propagation) -> np.ndarray:
     return component.astype(np.int64)
 
 
-def _pinned_components(prop: Propagation, component: np.ndarray) -> list[str | None]:
+def _pinned_components(prop: Propagation, component: np.ndarray) -> list[Pin | None]:
     count = int(component.max()) + 1 if component.size else 0
-    reasons: list[str | None] = [None] * count
-    for ids, reason in prop.pins:
+    reasons: list[Pin | None] = [None] * count
+    for ids, pin in prop.pins:
         for comp in np.unique(component[ids]).tolist():
             current = reasons[comp]
-            if current is None or (current.startswith(BOUNDARY_REASONS)
-                                   and not reason.startswith(BOUNDARY_REASONS)):
-                reasons[comp] = reason
+            if current is None or (current.reason.boundary and not pin.reason.boundary):
+                reasons[comp] = pin
     return reasons
 
 
@@ -665,13 +399,11 @@ def _add_index_map(groups: list[Group], name: str, dim: int, dim_layout: DimLayo
         order = np.argsort(channels, kind="stable")
         width = groups[gid].width
         if positions.size % width:
-            groups[gid].pinned = True
-            groups[gid].reason = groups[gid].reason or f"{name} dim {dim}: uneven runs of channels"
+            groups[gid].pin(PinReason.UNEVEN_RUNS, f"{name} dim {dim}: uneven runs of channels")
             continue
         run = positions.size // width
         counts = np.bincount(channels, minlength=width)
         if not np.all(counts == run):
-            groups[gid].pinned = True
-            groups[gid].reason = groups[gid].reason or f"{name} dim {dim}: channels used unevenly"
+            groups[gid].pin(PinReason.UNEVEN_RUNS, f"{name} dim {dim}: channels used unevenly")
             continue
         groups[gid].index_maps[(name, dim)] = positions[order].reshape(width, run)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from graphmerge.passes.couple import DimLayout
+from graphmerge.passes.ir import DimLayout
 
 
 @dataclass

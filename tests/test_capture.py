@@ -9,16 +9,9 @@ import warnings
 
 import pytest
 import torch
-from graphmerge.passes.capture import (
-    CaptureWarning,
-    ModeBatchNorm,
-    ModeOp,
-    capture,
-    node_shape,
-    node_shapes,
-    source_line,
-)
+from graphmerge.passes.capture import CaptureWarning, capture, node_shape, node_shapes, source_line
 from graphmerge.passes.errors import TraceError
+from graphmerge.passes.mode_ops import ModeBatchNorm, ModeOp
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 

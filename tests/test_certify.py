@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from graphmerge.passes import registry
+from graphmerge.passes.ir import widen_info
+from graphmerge.passes.rules import elementwise
 from torch import nn
 
 import graphmerge
@@ -93,7 +95,7 @@ def test_former_silent_failures_are_exact(cls: type[nn.Module]) -> None:
         expected = torch.stack([_output(t(*INPUTS)) for t in teachers]).mean(0)
         big = graphmerge.widen(teachers, INPUTS)
         assert_close_scaled(_output(big.eval()(*INPUTS)), expected, f"I1 on {cls.__name__}")
-    certificate = big.meta["graphmerge"].certificates["I1"]
+    certificate = widen_info(big)[1].certificates["I1"]
     assert certificate.dtype == "float64" and certificate.skipped is None
     assert certificate.max_error <= 1e-6 * certificate.scale
     student = graphmerge.compress(big, "teacher:1")
@@ -112,7 +114,7 @@ def test_dict_output_keeps_the_logits_width() -> None:
 
 def test_a_wrong_rule_is_refused_naming_the_node_and_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend flip were a per-channel op: on the big student it would swap the teachers' blocks."""
-    monkeypatch.setitem(registry.RULES, torch.ops.aten.flip, registry.FunctionRule(registry.identity))
+    monkeypatch.setitem(registry.RULES, torch.ops.aten.flip, registry.FunctionRule(elementwise.identity))
     teachers = _teachers(ChannelFlip)
     with pytest.raises(graphmerge.CertificateError) as caught:
         graphmerge.widen(teachers, INPUTS)
@@ -123,17 +125,17 @@ def test_a_wrong_rule_is_refused_naming_the_node_and_line(monkeypatch: pytest.Mo
 
 
 def test_verify_false_skips_the_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(registry.RULES, torch.ops.aten.flip, registry.FunctionRule(registry.identity))
+    monkeypatch.setitem(registry.RULES, torch.ops.aten.flip, registry.FunctionRule(elementwise.identity))
     big = graphmerge.widen(_teachers(ChannelFlip), INPUTS, verify=False)
-    assert "I1" not in big.meta["graphmerge"].certificates
-    assert "certify_s" not in big.meta["graphmerge"].groups.timings
+    assert "I1" not in widen_info(big)[1].certificates
+    assert "certify_s" not in widen_info(big)[1].groups.timings
 
 
 def test_certificate_time_is_reported() -> None:
     big = graphmerge.widen(_teachers(UnevenChunk), INPUTS)
-    timings = big.meta["graphmerge"].groups.timings
+    timings = widen_info(big)[1].groups.timings
     assert timings["certify_s"] > 0
-    assert big.meta["graphmerge"].certificates["I1"].to_dict()["relative_error"] <= 1e-6
+    assert widen_info(big)[1].certificates["I1"].to_dict()["relative_error"] <= 1e-6
 
 
 def test_compress_certificate_catches_a_wrong_student(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,7 +203,7 @@ def test_recovery_certificate_catches_a_wrong_teacher_map(monkeypatch: pytest.Mo
     teachers = _teachers(TwoLayer)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
     certified = graphmerge.widen(teachers, x)
-    i2 = certified.meta["graphmerge"].certificates["I2"]
+    i2 = widen_info(certified)[1].certificates["I2"]
     assert i2.max_error == 0.0 and i2.skipped is None
     original = widen_module.teacher_maps
 

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.fx
-from graphmerge.passes.groups import Group, GroupSet
+from graphmerge.passes.ir import Group, GroupSet, PinReason
 from torch import nn
 
 from graphmerge.cli import PALETTE, PINNED_COLOUR, graph_to_dot
@@ -334,9 +334,10 @@ def stand_in_groups() -> GroupSet:
     """Groups of a 4 -> 7 -> 3 MLP written by hand: what the coupling pass should report."""
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3)))
     return GroupSet([
-        Group(0, 4, pinned=True, reason="graph input", consumers=["_0"]),
+        Group(0, 4, pinned=True, reason="graph input", pin_reason=PinReason.GRAPH_INPUT, consumers=["_0"]),
         Group(1, 7, producers=["_0"], consumers=["_2"], members=["_1"]),
-        Group(2, 3, pinned=True, reason="graph output", producers=["_2"], members=["output"]),
+        Group(2, 3, pinned=True, reason="graph output", pin_reason=PinReason.GRAPH_OUTPUT, producers=["_2"],
+              members=["output"]),
     ], gm)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from graphmerge.passes.groups import Group, GroupSet
+from graphmerge.passes.ir import Group, GroupSet
 from torch import nn
 
 import graphmerge

@@ -6,7 +6,8 @@ import os
 import pathlib
 import warnings
 
-import graphmerge.passes.export as export_mod
+import graphmerge.passes.onnx_checks as onnx_checks
+import graphmerge.passes.onnx_exporters as onnx_exporters
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -192,13 +193,13 @@ def test_parity_failure_reports_numbers_and_leaves_no_file(tmp_path: pathlib.Pat
 
 def test_parity_failure_at_second_batch_only(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Corrupt what onnxruntime returns at the second batch size: the check must still fire."""
-    real = export_mod._run_ort
+    real = onnx_checks._run_ort
 
     def corrupt(session, feed, batch):
         out = real(session, feed, batch)
         return [o + 0.5 for o in out] if batch == 3 else out
 
-    monkeypatch.setattr(export_mod, "_run_ort", corrupt)
+    monkeypatch.setattr(onnx_checks, "_run_ort", corrupt)
     with pytest.raises(GraphMergeError, match=r"batch 3: max abs 0.5"):
         export_onnx(mlp(), torch.randn(2, 10), tmp_path / "m.onnx")
     assert _only(tmp_path) == []
@@ -221,7 +222,7 @@ def test_fallback_to_torchscript_warns_and_is_recorded(
     def broken(*args, **kwargs):
         raise RuntimeError("simulated torch.export failure")
 
-    monkeypatch.setattr(export_mod, "_export_dynamo", broken)
+    monkeypatch.setattr(onnx_exporters, "_export_dynamo", broken)
     model = _bn_stats(ConvNet())
     with pytest.warns(UserWarning, match="TorchScript exporter"):
         report = export_onnx_report(model, torch.randn(2, 3, 8, 8), tmp_path / "ts.onnx")
@@ -240,9 +241,9 @@ def test_non_tensor_inputs_are_refused(tmp_path: pathlib.Path) -> None:
 
 def test_parity_error_is_relative_to_output_scale() -> None:
     ref = [torch.tensor([100.0, 0.0])]
-    max_abs, max_rel = export_mod.parity_error(ref, [np.array([101.0, 0.5])])
+    max_abs, max_rel = onnx_checks.parity_error(ref, [np.array([101.0, 0.5])])
     assert max_abs == pytest.approx(1.0) and max_rel == pytest.approx(0.01)
-    max_abs, max_rel = export_mod.parity_error([torch.tensor([0.1])], [np.array([0.3])])
+    max_abs, max_rel = onnx_checks.parity_error([torch.tensor([0.1])], [np.array([0.3])])
     assert max_abs == pytest.approx(0.2) and max_rel == pytest.approx(0.2)  # scale floor 1
 
 

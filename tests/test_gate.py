@@ -7,18 +7,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from graphmerge.passes.couple import display_name
-from graphmerge.passes.gate import (
+from graphmerge.passes.gate import GATES
+from graphmerge.passes.gate_budget import (
     DECISION_LEVEL,
-    GATES,
-    HardConcreteGates,
-    apply_gate,
     budget_projection,
     budget_target,
     decided_projection,
     decision_strength,
-    gather_gate_values,
 )
+from graphmerge.passes.gate_ops import apply_gate, gather_gate_values
+from graphmerge.passes.hard_concrete import HardConcreteGates
+from graphmerge.passes.ir import display_name, widen_info
 
 import graphmerge
 from graphmerge.examples.resnet20 import build_model as resnet20
@@ -90,7 +89,7 @@ def test_one_realisation_per_forward_shared_by_every_site_of_a_group(big):
     gated(x)
     handle.remove()
     assert len(calls) == 1 and calls[0].shape[0] == x.shape[0]
-    info = model.meta["graphmerge"]
+    info = widen_info(model)[1]
     stream = max(info.groups.widened, key=lambda g: len(g.gate_sites))  # a residual stream
     assert len(stream.gate_sites) >= 3
     offset = gated.gates.offsets[stream.id]
@@ -142,7 +141,7 @@ def test_all_gates_open_at_full_ratio_reproduces_the_big_student(big):
 def test_half_ratio_of_one_teachers_gates_equals_compressing_to_that_teacher(big):
     model, x = big
     gated = graphmerge.add_gates(model).eval()
-    info = model.meta["graphmerge"]
+    info = widen_info(model)[1]
     gated.set_gates({g.id: torch.arange(2 * g.width) >= g.width for g in info.groups.widened})
     half = graphmerge.compress(gated, "gates", ratio=0.5).eval()
     teacher_one = graphmerge.compress(model, "teacher:1").eval()
@@ -155,7 +154,7 @@ def test_half_ratio_of_one_teachers_gates_equals_compressing_to_that_teacher(big
 def test_teacher_share_counts_kept_channels_per_teacher(big):
     model, _ = big
     gated = graphmerge.add_gates(model)
-    info = model.meta["graphmerge"]
+    info = widen_info(model)[1]
     gated.set_gates({g.id: torch.arange(2 * g.width) < g.width for g in info.groups.widened})
     assert all(share == [g.width, 0] for g in info.groups.widened
                for share in [gated.teacher_share()[g.id]])
@@ -204,7 +203,7 @@ def test_gate_phase_reaches_half_open_and_compression_matches_the_gated_student(
         weights.step()
         gates.step()
     gated.eval()
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     masks = {}
     for group in info.groups.widened:
         assert abs(gated.expected_open()[group.id] - group.width) <= 1.0

@@ -187,15 +187,15 @@ def test_a_static_batch_shares_one_realisation_and_says_where() -> None:
 
 def test_a_gate_on_a_parameter_operand_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rule naming the wrong argument (addmm's bias, the bug GPT-2 hit) is refused at add_gates."""
-    from graphmerge.passes import registry
+    from graphmerge.passes.rules import layers
 
-    original = registry._matrix_product
+    original = layers.matrix_product
 
     def wrong(*args, **kwargs):
         kwargs["input_index"] = 0
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "_matrix_product", wrong)
+    monkeypatch.setattr(layers, "matrix_product", wrong)
     teachers = _teachers(ParameterOperand)
     x = torch.randn(2, 8, IN)
     big = graphmerge.widen(teachers, x)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from graphmerge.passes.groups import GroupSet
+from graphmerge.passes.ir import GroupSet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphmerge.passes.ir import widen_info
 from torch import nn
 
 import graphmerge
@@ -41,7 +42,7 @@ def _setup(selection: str):
     teachers = [PreNorm().eval() for _ in range(2)]
     x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1))
     big = graphmerge.widen(teachers, x)
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     info.normalised_selection = selection
     gated = graphmerge.add_gates(big, seed=0)
     generator = torch.Generator().manual_seed(4)
@@ -112,7 +113,7 @@ def test_groups_one_norm_spans_keep_the_same_teacher() -> None:
     teachers = [NormOverCat().eval() for _ in range(2)]
     x = torch.randn(3, 4)
     big = graphmerge.widen(teachers, x)
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     small, wide = sorted(info.groups.gated, key=lambda g: g.width)[:2]
     assert (small.width, wide.width) == (3, 5)
     assert tuple(sorted((small.id, wide.id))) in info.groups.layout.norm_spans

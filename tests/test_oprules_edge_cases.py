@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from graphmerge.passes.ir import widen_info
 from torch import nn
 
 import graphmerge
@@ -249,7 +250,7 @@ def test_attention_widens_exactly_and_selects_whole_heads():
     assert torch.equal(student.state_dict()["attention.in_proj_weight"],
                        teachers[1].state_dict()["attention.in_proj_weight"])
     gated = graphmerge.add_gates(big).eval()
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     masks = {}
     for group in info.groups.widened:
         mask = torch.zeros(2 * group.width, dtype=torch.bool)

@@ -81,7 +81,7 @@ def test_without_an_optimizer_the_flat_weight_decay_still_decays_every_parameter
 def test_gates_are_neither_decayed_nor_clipped_in_the_gate_phase(monkeypatch):
     """The gate phase's weight optimiser holds the big student's weights only, and clipping touches
     exactly those; the gates' log-alphas stay in their own SGD without decay."""
-    from graphmerge.recipe import _MergeRun
+    from graphmerge.merge_run import MergeRun
 
     clipped: list[set[int]] = []
     original = torch.nn.utils.clip_grad_norm_
@@ -96,7 +96,7 @@ def test_gates_are_neither_decayed_nor_clipped_in_the_gate_phase(monkeypatch):
     settings = MergeSettings(loss="mse", gate_epochs=1, finetune_epochs=0, batch_size=32,
                              weight_optimizer=Optimizer("adamw", lr=1e-3, weight_decay=0.1, schedule="constant",
                                                         clip=0.5))
-    gated = _MergeRun(two_teachers(), train_data, None, settings)._gate_phase(two_teachers())
+    gated = MergeRun(two_teachers(), train_data, None, settings)._gate_phase(two_teachers())
     weights = {id(p) for p in gated.weight_parameters()}
     gates = {id(p) for p in gated.gate_parameters()}
     assert gates and len(clipped) == 3  # 96 samples / 32

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphmerge.passes.ir import widen_info
 from torch import nn
 
 import graphmerge
@@ -82,7 +83,7 @@ def test_keeping_one_teachers_channels_gives_back_its_scalars() -> None:
 def test_a_student_mixing_teachers_gets_the_share_weighted_scalar_and_no_i3_claim() -> None:
     teachers = _teachers(2)
     big = graphmerge.widen(teachers, INPUTS)
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     scores = {}
     for group in info.groups.widened:  # teacher 0's first channel, then teacher 1's others
         score = torch.zeros(2 * group.width)

@@ -263,7 +263,7 @@ def test_short_gate_phase_ends_decided_on_the_budget_and_compresses_exactly(deci
     dropped one's <= 0.01, and the compressed student equals the gated big student (I3).
     decide_gates=False gives the old end state: on the budget, but every gate half open."""
     import graphmerge
-    from graphmerge.recipe import _MergeRun
+    from graphmerge.merge_run import MergeRun
 
     train_data, _ = small_sine(n_train=256)
     teachers = []
@@ -272,7 +272,7 @@ def test_short_gate_phase_ends_decided_on_the_budget_and_compresses_exactly(deci
         teachers.append(train(build_mlp(), train_data, loss="mse", epochs=3, seed=seed).model.eval())
     records = []
     settings = MergeSettings(loss="mse", gate_epochs=3, finetune_epochs=0, decide_gates=decide, log=records.append)
-    gated = _MergeRun(teachers, train_data, None, settings)._gate_phase(teachers)
+    gated = MergeRun(teachers, train_data, None, settings)._gate_phase(teachers)
     beta, gamma, zeta = 2 / 3, -0.1, 1.1
     for name, param in gated.gates.log_alpha.items():
         log_alpha = param.detach().double()
@@ -298,11 +298,12 @@ def test_short_gate_phase_ends_decided_on_the_budget_and_compresses_exactly(deci
 
 def _gated_after_gate_phase(teachers, data, gate_epochs, budget, log):
     """The gated student at the end of the recipe's gate phase (merge returns only the student)."""
-    from graphmerge.recipe import MergeSettings, _MergeRun
+    from graphmerge.merge_run import MergeRun
+    from graphmerge.recipe import MergeSettings
 
     settings = MergeSettings(loss="cross_entropy", gate_epochs=gate_epochs, finetune_epochs=0, batch_size=64,
                              gate_budget=budget, log=log)
-    return _MergeRun(teachers, data, None, settings)._gate_phase([t.eval() for t in teachers])
+    return MergeRun(teachers, data, None, settings)._gate_phase([t.eval() for t in teachers])
 
 
 # --- resume --------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_an_op_without_a_rule_pins_and_names_itself() -> None:
 
 
 def test_a_registered_rule_makes_the_merge_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "RULES", dict(registry.RULES))
+    monkeypatch.setitem(registry.RULES, torch.ops.graphmerge_test.channel_scale, None)  # removed again after
     graphmerge.register_rule(torch.ops.graphmerge_test.channel_scale, channel_scale_rule, linear=True)
     teachers = _teachers()
     groups = graphmerge.analyze(teachers[0], INPUTS)
@@ -88,12 +88,17 @@ def test_a_registered_rule_makes_the_merge_exact(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_builtin_table_is_strict():
-    """A built-in name that is not an ATen op, or an op registered twice, is a mistake, not a skip."""
-    import torch
-    from graphmerge.passes import registry
+    """A rule registered for a name that is not an ATen op, or for an op that already has one, is a
+    mistake, not a skip (the later rule would silently win)."""
+    from graphmerge.passes.rules import elementwise
 
     with pytest.raises(registry.RegistrationError, match="'tanhshrink', which is not an ATen op"):
-        registry._aten("tanhshrink")
+        registry.register("tanhshrink")
+    with pytest.raises(registry.RegistrationError, match="which is not an ATen op"):
+        registry.register(len)
     with pytest.raises(registry.RegistrationError, match="registers aten.relu twice"):
-        registry._builtin(torch.ops.aten.relu, registry.RULES[torch.ops.aten.relu])
-    assert isinstance(registry.RULES[torch.ops.aten.true_divide], registry.ProductRule)  # one rule, the product's
+        registry.register(torch.ops.aten.relu)(elementwise.identity)
+    with pytest.raises(registry.RegistrationError, match="registers aten.relu_ twice"):
+        registry.register(torch.ops.graphmerge_test.channel_scale, "relu_")(channel_scale_rule)
+    assert registry.rule_for(torch.ops.graphmerge_test.channel_scale) is None  # nothing registered by halves
+    assert isinstance(registry.RULES[torch.ops.aten.true_divide], elementwise.ProductRule)  # one rule, the product's

@@ -31,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from graphmerge.passes.certify import in_dtype
+from graphmerge.passes.ir import widen_info
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -164,7 +165,7 @@ def _check(teachers: list[nn.Module], inputs: tuple, head: str, kwargs: dict | N
     """
     kwargs = kwargs or {}
     big = graphmerge.widen(teachers, inputs, example_kwargs=kwargs)
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     assert not info.groups.internal_pinned, [g.reason for g in info.groups.internal_pinned][:3]
     teachers64 = [copy.deepcopy(t).double() for t in teachers]
     big64 = in_dtype(big, torch.float64).eval()

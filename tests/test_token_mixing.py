@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from graphmerge.passes.ir import widen_info
 from torch import nn
 
 import graphmerge
@@ -51,9 +52,9 @@ X = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch
 def test_big_student_applies_each_teachers_token_weights_to_its_channels(n: int) -> None:
     teachers = _teachers(n)
     big = graphmerge.widen(teachers, (X,))
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     assert not info.groups.internal_pinned
-    assert set(info.per_teacher) == {"token_fc1.weight", "token_fc1.bias", "token_fc2.weight", "token_fc2.bias"}
+    assert set(info.stacked_params) == {"token_fc1.weight", "token_fc1.bias", "token_fc2.weight", "token_fc2.bias"}
     with torch.no_grad():
         expected = torch.stack([t(X) for t in teachers]).mean(0)
         assert torch.allclose(big(X), expected, atol=1e-12, rtol=0)
@@ -80,7 +81,7 @@ def test_keeping_one_teachers_channels_gives_back_its_token_weights() -> None:
 def test_a_student_mixing_teachers_gets_the_share_weighted_token_weights_and_no_i3_claim() -> None:
     teachers = _teachers(2, norm=False)  # a LayerNorm would be the first reason I3 cannot hold
     big = graphmerge.widen(teachers, (X,))
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     scores = {}
     for group in info.groups.widened:  # keep the first 3/4 of teacher 0's channels, then teacher 1's
         score = torch.zeros(2 * group.width)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from graphmerge.passes.widen import widen_info
+from graphmerge.passes.ir import widen_info
 
 import graphmerge
 from tests.models import make_teachers

@@ -20,6 +20,7 @@ import copy
 import pytest
 import torch
 from graphmerge.passes.certify import in_dtype
+from graphmerge.passes.ir import widen_info
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -69,7 +70,7 @@ def _leaves(output) -> list[torch.Tensor]:
 def _check(teachers: list[nn.Module], inputs: tuple, kwargs: dict) -> None:
     n = len(teachers)
     big = graphmerge.widen(teachers, inputs, example_kwargs=kwargs)
-    info = big.meta["graphmerge"]
+    info = widen_info(big)[1]
     assert not info.groups.internal_pinned, [g.reason for g in info.groups.internal_pinned][:3]
     class_kwargs = info.class_kwargs
     # I1 in float64, against the teachers' own outputs

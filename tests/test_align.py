@@ -1,4 +1,4 @@
-"""The benchmark baselines against independent computations.
+"""Channel alignment (``graphmerge.align``) and the alternatives' baselines against independent computations.
 
 Weight matching must undo a hand-made permutation of a teacher's hidden channels exactly; the
 permutation is written out per layer here (not through the coupling groups) so the test does
@@ -11,9 +11,7 @@ alone, and zipit averaging must beat plain averaging of two independently traine
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import baselines  # noqa: E402
-
-import graphmerge  # noqa: E402
+import graphmerge
+from graphmerge import align
+from graphmerge.alternatives import magnitude_scores, random_scores, reestimate_batchnorm, weight_average
+from graphmerge.errors import GraphMergeError
 from graphmerge.examples.mlp import SineMLP  # noqa: E402
 from graphmerge.examples.mnist1d_cnn import MNIST1DCNN  # noqa: E402
 from graphmerge.examples.tiny_gpt import TinyGPT  # noqa: E402
@@ -93,7 +90,7 @@ def test_weight_matching_recovers_a_permuted_mlp() -> None:
     x = torch.rand(32, 1)
     torch.testing.assert_close(b(x), a(x))  # the hand permutation keeps the function
     groups = graphmerge.analyze(a, (x,))
-    aligned, perms = baselines.weight_matching(a, b, groups)
+    aligned, perms = align.weight_matching(a, b, groups)
     _assert_same_state(aligned, a)
     assert len(perms) == 1
 
@@ -105,7 +102,7 @@ def test_weight_matching_recovers_a_permuted_residual_cnn() -> None:
     x = torch.randn(4, 1, 40)
     torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-5)
     groups = graphmerge.analyze(a, (x,))
-    aligned, perms = baselines.weight_matching(a, b, groups)
+    aligned, perms = align.weight_matching(a, b, groups)
     _assert_same_state(aligned, a)
     assert sorted(len(p) for p in perms.values()) == [32, 32, 48]
 
@@ -114,7 +111,7 @@ def test_rebasin_average_of_a_model_and_its_permutation_is_the_model() -> None:
     torch.manual_seed(2)
     a = SineMLP()
     b = _permute_mlp(a, torch.randperm(100))
-    merged = baselines.rebasin_average([a, b], graphmerge.analyze(a, (torch.rand(4, 1),)))
+    merged = align.rebasin_average([a, b], graphmerge.analyze(a, (torch.rand(4, 1),)))
     for key, value in a.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[key], value)
 
@@ -122,7 +119,7 @@ def test_rebasin_average_of_a_model_and_its_permutation_is_the_model() -> None:
 def test_average_is_the_elementwise_mean() -> None:
     torch.manual_seed(3)
     a, b = SineMLP(), SineMLP()
-    merged = baselines.average([a, b])
+    merged = weight_average([a, b])
     torch.testing.assert_close(merged.fc1.weight, (a.fc1.weight + b.fc1.weight) / 2)
     torch.testing.assert_close(merged.fc2.bias, (a.fc2.bias + b.fc2.bias) / 2)
 
@@ -131,7 +128,7 @@ def test_bn_reestimation_gives_the_batch_statistics() -> None:
     torch.manual_seed(4)
     model = _randomise_bn(MNIST1DCNN(), 4).eval()
     x = torch.randn(64, 1, 40)
-    baselines.reestimate_bn(model, x, batch_size=64)
+    reestimate_batchnorm(model, x, batch_size=64)
     with torch.no_grad():
         pre_bn = model.stem(x)  # the first BatchNorm's input, computed by hand
     torch.testing.assert_close(model.bn.running_mean, pre_bn.mean(dim=(0, 2)))
@@ -143,7 +140,7 @@ def test_magnitude_scores_are_consumer_input_norms() -> None:
     torch.manual_seed(5)
     teachers = [SineMLP(), SineMLP()]
     big = graphmerge.widen(teachers, (torch.rand(4, 1),))
-    scores = baselines.magnitude_scores(big)
+    scores = magnitude_scores(big)
     (gid, got), = scores.items()
     expected = torch.cat([t.fc2.weight[0].abs() for t in teachers]) / 2  # the head holds weight / N
     torch.testing.assert_close(got.float(), expected.detach())
@@ -153,7 +150,7 @@ def test_magnitude_scores_sum_a_flatten_run() -> None:
     torch.manual_seed(6)
     teachers = [MNIST1DCNN(), MNIST1DCNN()]
     big = graphmerge.widen([t.eval() for t in teachers], (torch.randn(2, 1, 40),))
-    scores = baselines.magnitude_scores(big)
+    scores = magnitude_scores(big)
     head = next(s for s in scores.values() if len(s) == 96)
     expected = torch.cat([t.fc.weight.view(10, 48, 10).pow(2).sum(dim=(0, 2)).sqrt() / 2 for t in teachers])
     torch.testing.assert_close(head.float(), expected.detach())
@@ -162,7 +159,7 @@ def test_magnitude_scores_sum_a_flatten_run() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_scores_pick_width_channels(seed: int) -> None:
     big = graphmerge.widen([SineMLP(), SineMLP()], (torch.rand(4, 1),))
-    student = graphmerge.compress(big, baselines.random_scores(big, seed))
+    student = graphmerge.compress(big, random_scores(big, seed))
     assert isinstance(student, SineMLP) and student.fc1.weight.shape == (100, 1)
 
 
@@ -221,7 +218,7 @@ def _draw_permutations(groups: object, seed: int) -> dict[int, np.ndarray]:
     """A random non-identity permutation for every permutable group."""
     rng = np.random.default_rng(seed)
     perms = {}
-    for group in baselines.permutable_groups(groups):
+    for group in align.permutable_groups(groups):
         perm = rng.permutation(group.width)
         while np.array_equal(perm, np.arange(group.width)):
             perm = rng.permutation(group.width)
@@ -231,7 +228,7 @@ def _draw_permutations(groups: object, seed: int) -> dict[int, np.ndarray]:
 
 def _permuted_copy(model: nn.Module, groups: object, perms: dict[int, np.ndarray]) -> nn.Module:
     other = copy.deepcopy(model)
-    other.load_state_dict(baselines.apply_permutations(model.state_dict(), groups, perms))
+    other.load_state_dict(align.permute_channels(model.state_dict(), groups, perms))
     return other
 
 
@@ -260,7 +257,7 @@ def test_feature_matching_recovers_drawn_permutations(build: Callable[[], tuple[
         torch.testing.assert_close(other(x), model(x), rtol=0, atol=1e-5 * float(scale))  # same function
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in other.state_dict().items())
 
-    aligned, found = baselines.feature_matching(model, other, groups, x)
+    aligned, found = align.feature_matching(model, other, groups, x)
 
     assert found.keys() == perms.keys()
     for gid, perm in perms.items():
@@ -277,7 +274,7 @@ def test_zipit_average_of_one_model_and_its_copies_is_the_model() -> None:
     permuted = _permuted_copy(model, groups, _draw_permutations(groups, seed=8))
     x = 1.5 * torch.randn(64, 1, 40) + 0.2  # not the data the model's statistics were measured on
 
-    merged = baselines.zipit_average([model, copy.deepcopy(model), permuted], groups, x)
+    merged = align.zipit_average([model, copy.deepcopy(model), permuted], groups, x)
 
     # the BatchNorm statistics are recomputed on x: torch's own BatchNorm, one batch, cumulative mean
     expected = copy.deepcopy(model)
@@ -297,8 +294,8 @@ def test_zipit_average_of_one_model_and_its_copies_is_the_model() -> None:
 
 def test_zipit_average_needs_two_models() -> None:
     model, x = _token_mlp()
-    with pytest.raises(ValueError, match="two or more"):
-        baselines.zipit_average([model], graphmerge.analyze(model, (x[:2],)), x)
+    with pytest.raises(GraphMergeError, match="two or more"):
+        align.zipit_average([model], graphmerge.analyze(model, (x[:2],)), x)
 
 
 class DigitsBNNet(nn.Module):
@@ -343,9 +340,60 @@ def test_zipit_average_beats_plain_averaging_of_trained_networks() -> None:
         return evaluate(model, test_data, "cross_entropy")["acc"]
 
     teacher_accuracy = [accuracy(t) for t in teachers]
-    plain = accuracy(baselines.average(teachers))
-    plain_bn = accuracy(baselines.reestimate_bn(baselines.average(teachers), x_train))
-    zipit = accuracy(baselines.zipit_average(teachers, groups, x_train))
+    plain = accuracy(weight_average(teachers))
+    plain_bn = accuracy(reestimate_batchnorm(weight_average(teachers), x_train))
+    zipit = accuracy(align.zipit_average(teachers, groups, x_train))
     print(f"teachers {teacher_accuracy}, average {plain:.3f}, average + BN {plain_bn:.3f}, zipit {zipit:.3f}")
     assert min(teacher_accuracy) > 0.9  # the teachers did learn
     assert zipit >= max(plain, plain_bn) + 0.10
+
+
+# --- mosaic of aligned models ------------------------------------------------------------------------
+
+def test_mosaic_takes_each_unit_from_its_chosen_model() -> None:
+    """fc1's rows and fc1's bias from the model chosen per hidden unit, fc2's columns likewise (the
+    output is no chosen group), fc2's bias (no group at all) averaged: written out here per layer."""
+    torch.manual_seed(11)
+    a, b = SineMLP(6), SineMLP(6)
+    groups = graphmerge.analyze(a, (torch.rand(4, 1),))
+    (hidden,) = align.permutable_groups(groups)
+    pick = np.array([0, 1, 1, 0, 1, 0])
+    merged = align.mosaic([a, b], groups, {hidden.id: pick})
+    rows = torch.as_tensor(pick == 1)
+    torch.testing.assert_close(merged.fc1.weight, torch.where(rows[:, None], b.fc1.weight, a.fc1.weight))
+    torch.testing.assert_close(merged.fc1.bias, torch.where(rows, b.fc1.bias, a.fc1.bias))
+    torch.testing.assert_close(merged.fc2.weight, torch.where(rows[None, :], b.fc2.weight, a.fc2.weight))
+    torch.testing.assert_close(merged.fc2.bias, (a.fc2.bias + b.fc2.bias) / 2)
+
+
+def test_mosaic_of_a_model_and_its_aligned_permutation_is_the_model() -> None:
+    """A residual CNN with BatchNorm and a flatten, permuted by hand and aligned back by weight
+    matching: whatever each channel's choice, every entry is the original's."""
+    torch.manual_seed(12)
+    model = _randomise_bn(MNIST1DCNN().eval(), 3)
+    generator = torch.Generator().manual_seed(4)
+    perms = [torch.randperm(n, generator=generator) for n in (model.stem.out_channels, model.block.conv1.out_channels,
+                                                               model.conv.out_channels)]
+    other = _permute_cnn(model, *perms).eval()
+    groups = graphmerge.analyze(model, (torch.randn(2, 1, 40),))
+    aligned, _ = align.weight_matching(model, other, groups)
+    rng = np.random.default_rng(0)
+    choice = {g.id: rng.integers(0, 2, g.width) for g in align.permutable_groups(groups)}
+    _assert_close_state(align.mosaic([model, aligned], groups, choice), model)
+
+
+def test_channel_choice_prefers_the_heavier_consumer_weights() -> None:
+    torch.manual_seed(13)
+    a, b = SineMLP(4), SineMLP(4)
+    with torch.no_grad():
+        b.fc2.weight.copy_(a.fc2.weight * torch.tensor([[2.0, 0.5, 3.0, 0.1]]))
+    groups = graphmerge.analyze(a, (torch.rand(4, 1),))
+    (choice,) = align.channel_choice([a, b], groups).values()
+    assert choice.tolist() == [1, 0, 1, 0]
+
+
+def _assert_close_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], msg=key)

@@ -1,22 +1,19 @@
-"""Merge baselines the paper's method is compared against, written once for any architecture.
+"""Channel alignment on coupling groups: Git Re-Basin's weight matching and ZipIt!-style feature
+matching, for any architecture ``graphmerge.analyze`` captures.
 
-- ``average`` + ``reestimate_bn``: plain weight averaging of N teachers, then BatchNorm running
-  statistics recomputed on training data (averaged running statistics describe no network).
-- ``weight_matching``: Git Re-Basin's weight matching (Ainsworth et al. 2023), coordinate descent
-  over one permutation per *coupling group* found by ``graphmerge.analyze``. A group's permutation
-  is applied through the group's ``index_maps`` to every parameter dimension it touches (rows,
-  columns, runs of a flatten, BatchNorm vectors and statistics), so no per-architecture code.
-  ``rebasin_average`` aligns every teacher to the first this way, then averages.
-- ``feature_matching`` + ``zipit_average``: ZipIt!-style activation matching (Stoica et al. 2024;
-  Git Re-Basin's activation matching). Each teacher's captured graph is run on data; at the sites
-  where the gates would sit (every input activation of a layer reading a group's channels) each
-  group's channels are standardised and correlated across the two teachers, summed over the
-  group's sites, and matched by ``linear_sum_assignment`` (maximum total correlation). Matches are
-  across teachers only (ZipIt!'s within-model merges and partial zipping are left out), so the
-  result is a permutation per group, applied like weight matching's; ``zipit_average`` averages
-  the aligned teachers and re-estimates BatchNorm statistics on the same data.
-- ``magnitude_scores`` / ``random_scores``: channel scores for ``graphmerge.compress(big, scores)``
-  that replace the learned gates: is *learning* the selection what helps?
+Two independently trained networks compute similar features in different channel orders, so the
+element-wise mean of their weights mixes unrelated channels. Both methods find one permutation per
+*coupling group* (the channels that must move together: a residual stream, a BatchNorm's inputs,
+the runs of a flatten, heads) and apply it through the group's ``index_maps`` to every parameter
+and buffer dimension the group touches, so there is no per-architecture code.
+
+- ``weight_matching`` (Ainsworth et al. 2023): coordinate descent over groups, each step a linear
+  assignment maximising the inner products of the weights the group touches.
+- ``feature_matching`` (Stoica et al. 2024, across models only: no within-model merges, no partial
+  zipping): the graph runs on data; at each group's gate sites (the inputs of the layers reading
+  it) channels are correlated across the two models and matched by maximum total correlation.
+- ``rebasin_average`` / ``zipit_average``: align every model to the first, then average
+  (``graphmerge.alternatives.weight_average``, BatchNorm statistics recomputed on data).
 """
 
 from __future__ import annotations
@@ -27,36 +24,21 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.fx
-from graphmerge.passes.couple import DimLayout
-from graphmerge.passes.groups import Group, GroupSet
-from graphmerge.passes.layout import teacher_maps
-from graphmerge.passes.widen import widen_info
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
-from graphmerge.alternatives import reestimate_batchnorm
+from graphmerge.alternatives import reestimate_batchnorm, weight_average
+from graphmerge.errors import GraphMergeError
+from graphmerge.passes.ir import DimLayout, Group, GroupSet
 
-
-def average(models: Sequence[nn.Module]) -> nn.Module:
-    """A copy of ``models[0]`` holding the element-wise mean of every floating tensor."""
-    merged = copy.deepcopy(models[0])
-    states = [m.state_dict() for m in models]
-    mean = {}
-    for name, tensor in states[0].items():
-        if tensor.is_floating_point():
-            mean[name] = torch.stack([s[name] for s in states]).mean(0)
-        else:
-            mean[name] = tensor.clone()
-    merged.load_state_dict(mean)
-    return merged
+__all__ = ["channel_choice", "feature_correlations", "feature_matching", "mosaic", "permutable_groups",
+           "permute_channels", "rebasin_average", "weight_matching", "zipit_average"]
 
 
-def reestimate_bn(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> nn.Module:
-    """Recompute every BatchNorm's running statistics on ``inputs`` (in place; returns ``model``):
-    ``graphmerge.alternatives.reestimate_batchnorm`` on the bare input tensor. Statistics are reset and
-    accumulated as a cumulative average, so with one batch they are that batch's mean and unbiased variance."""
-    return reestimate_batchnorm(model, TensorDataset(inputs, torch.zeros(len(inputs))), batch_size)
+def _need_two(models: Sequence[nn.Module], what: str) -> None:
+    if len(models) < 2:
+        raise GraphMergeError(f"{what} merges two or more models, got {len(models)}: pass every teacher.")
 
 
 # --- weight matching on coupling groups ---------------------------------------------------------
@@ -67,7 +49,7 @@ def permutable_groups(groups: GroupSet) -> list[Group]:
     return [g for g in groups if not g.pinned and not g.averaged and g.unit == 1]
 
 
-def apply_permutations(state: dict[str, torch.Tensor], groups: GroupSet,
+def permute_channels(state: dict[str, torch.Tensor], groups: GroupSet,
                        perms: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
     """``state`` with channel ``c`` of every group ``g`` taken from channel ``perms[g][c]``.
 
@@ -117,7 +99,7 @@ def weight_matching(reference: nn.Module, other: nn.Module, groups: GroupSet, *,
         for g in rng.permutation(len(candidates)):
             group = candidates[g]
             others = {k: v for k, v in perms.items() if k != group.id}
-            aligned = apply_permutations(other_state, groups, others)
+            aligned = permute_channels(other_state, groups, others)
             cost = np.zeros((group.width, group.width))
             for (name, dim), index_map in group.index_maps.items():
                 if name in params:
@@ -134,14 +116,17 @@ def weight_matching(reference: nn.Module, other: nn.Module, groups: GroupSet, *,
         if not changed:
             break
     result = copy.deepcopy(other)
-    result.load_state_dict(apply_permutations(other_state, groups, perms))
+    result.load_state_dict(permute_channels(other_state, groups, perms))
     return result, perms
 
 
-def rebasin_average(models: Sequence[nn.Module], groups: GroupSet) -> nn.Module:
-    """Align every model to ``models[0]`` by weight matching, then average."""
+def rebasin_average(models: Sequence[nn.Module], groups: GroupSet,
+                    bn_data: Dataset | DataLoader | torch.Tensor | None = None, *, batch_size: int = 256) -> nn.Module:
+    """Align every model to ``models[0]`` by weight matching, then average (``weight_average``; with
+    ``bn_data`` the BatchNorm statistics are recomputed on it)."""
+    _need_two(models, "rebasin_average")
     aligned = [models[0]] + [weight_matching(models[0], m, groups)[0] for m in models[1:]]
-    return average(aligned)
+    return weight_average(aligned, bn_data, batch_size)
 
 
 # --- activation (feature) matching on coupling groups ----------------------------------------------
@@ -232,7 +217,7 @@ def _graph_of(model: nn.Module, groups: GroupSet) -> torch.fx.GraphModule:
     graph_module = copy.deepcopy(groups.graph_module)
     result = graph_module.load_state_dict(model.state_dict(), strict=False)
     if result.unexpected_keys:
-        raise ValueError(
+        raise GraphMergeError(
             f"the model has state {result.unexpected_keys[:3]} that the analysed graph lacks: the groups come "
             "from a different architecture. Analyse the reference model with graphmerge.analyze and pass "
             "teachers of that same architecture.")
@@ -321,7 +306,7 @@ def feature_matching(reference: nn.Module, other: nn.Module, groups: GroupSet, i
     correlations = feature_correlations(reference, other, groups, inputs, batch_size=batch_size)
     perms = {gid: linear_sum_assignment(corr, maximize=True)[1] for gid, corr in correlations.items()}
     result = copy.deepcopy(other)
-    result.load_state_dict(apply_permutations(other.state_dict(), groups, perms))
+    result.load_state_dict(permute_channels(other.state_dict(), groups, perms))
     return result, perms
 
 
@@ -329,44 +314,86 @@ def zipit_average(models: Sequence[nn.Module], groups: GroupSet, inputs: torch.T
                   batch_size: int = 256) -> nn.Module:
     """Align every model to ``models[0]`` by feature matching on ``inputs``, average, then recompute
     the BatchNorm statistics on ``inputs``."""
-    if len(models) < 2:
-        raise ValueError(f"zipit_average merges two or more models, got {len(models)}: pass every teacher.")
+    _need_two(models, "zipit_average")
     aligned = [models[0]] + [feature_matching(models[0], m, groups, inputs, batch_size=batch_size)[0]
                              for m in models[1:]]
-    return reestimate_bn(average(aligned), inputs, batch_size=batch_size)
+    return weight_average(aligned, inputs, batch_size=batch_size)
 
 
-# --- selection scores for compress ----------------------------------------------------------------
+# --- a mosaic of aligned models ----------------------------------------------------------------------
 
-def magnitude_scores(big: nn.Module) -> dict[int, torch.Tensor]:
-    """Per widened group, per big channel: the L2 norm of its consumers' input weights.
+def channel_choice(models: Sequence[nn.Module], groups: GroupSet) -> dict[int, np.ndarray]:
+    """Per permutable group, per channel: the model whose version of the channel its consumers weigh
+    most (the largest norm of the input weights reading it, summed over every layer that reads it).
 
-    A channel's consumers are the layers reading it (conv/linear inputs, where the gates sit);
-    the norm runs over every input-weight entry the channel owns in every consumer (all of its
-    run after a flatten). Channels numbered as ``compress`` expects: teacher-major, ``t·width + c``.
+    ``models`` must be aligned (``feature_matching`` / ``weight_matching``), so that channel ``c`` is
+    one feature in all of them. A group no layer reads is scored by the weights that write it."""
+    states = [m.state_dict() for m in models]
+    layout = groups.layout
+    choice = {}
+    for group in permutable_groups(groups):
+        scores = np.zeros((len(models), group.width))
+        for use in ("in", "out"):
+            for (name, dim), index_map in group.index_maps.items():
+                reads = dim in (layout.in_dims.get(name) or ())
+                writes = layout.out_dims.get(name) == dim
+                if name not in states[0] or not (reads if use == "in" else writes):
+                    continue
+                for t, state in enumerate(states):
+                    scores[t] += _channel_rows(state[name], dim, index_map).pow(2).sum(1).numpy()
+            if scores.any():
+                break
+        choice[group.id] = scores.argmax(0)
+    return choice
+
+
+def _owner_dim(maps: dict[int, list[tuple[int, np.ndarray]]], out_dim: int | None) -> int | None:
+    if out_dim in maps:
+        return out_dim
+    return min(maps) if maps else None
+
+
+def mosaic(models: Sequence[nn.Module], groups: GroupSet, choice: dict[int, np.ndarray] | None = None, *,
+           bn_data: Dataset | DataLoader | torch.Tensor | None = None, batch_size: int = 256) -> nn.Module:
+    """One model of the same architecture built from aligned ``models`` channel by channel.
+
+    ``choice[g][c]`` names the model that supplies channel ``c`` of group ``g`` (default:
+    ``channel_choice``). Every parameter entry comes from the model chosen for its channel along the
+    parameter's output dimension (the rows of a linear or conv weight, a norm's vector), or along its
+    first chosen dimension where the output is not chosen (a classifier's columns): a kept unit keeps
+    all of its own input weights, read in the aligned channel order, so unlike a selection from the
+    concatenated models (block-diagonal across teachers) every unit reads every feature. Entries no
+    chosen group owns (a classifier's bias, an input layer's taps) are averaged. With ``bn_data`` the
+    BatchNorm statistics are recomputed on it.
     """
-    graph_module, info = widen_info(big)
-    layout = info.groups.layout
-    n, widths, widened = info.n_teachers, info.widths, info.widened
-    state = graph_module.state_dict()
-    squares = {gid: torch.zeros(n * widths[gid], dtype=torch.float64) for gid in widened}
-    for name, positions in layout.in_dims.items():
-        dims = layout.params.get(name) or []
-        for axis in positions:
-            in_dim = dims[axis] if axis < len(dims) else None
-            if in_dim is None or name not in state:
-                continue
-            _, maps = teacher_maps(in_dim, n, widths, widened)
-            per_position = state[name].double().movedim(axis, 0).pow(2).reshape(state[name].shape[axis], -1).sum(1)
-            for t in range(n):
-                for p, (g, c) in enumerate(zip(in_dim.group.tolist(), in_dim.channel.tolist(), strict=True)):
-                    if g in widened:
-                        squares[g][t * widths[g] + c] += per_position[int(maps[t][p])]
-    return {gid: s.sqrt() for gid, s in squares.items()}
-
-
-def random_scores(big: nn.Module, seed: int) -> dict[int, torch.Tensor]:
-    """Per widened group, uniformly random scores: a random choice of channels."""
-    _, info = widen_info(big)
-    generator = torch.Generator().manual_seed(seed)
-    return {g.id: torch.rand(info.n_teachers * g.width, generator=generator) for g in info.groups.widened}
+    _need_two(models, "mosaic")
+    if choice is None:
+        choice = channel_choice(models, groups)
+    states = [m.state_dict() for m in models]
+    owners: dict[str, dict[int, list[tuple[int, np.ndarray]]]] = {}
+    for group in groups:
+        if group.id not in choice:
+            continue
+        for (name, dim), index_map in group.index_maps.items():
+            owners.setdefault(name, {}).setdefault(dim, []).append((group.id, index_map))
+    merged = {}
+    for name, tensor in states[0].items():
+        if not tensor.is_floating_point():
+            merged[name] = tensor.clone()
+            continue
+        stacked = torch.stack([s[name] for s in states])
+        value = stacked.mean(0)
+        dim = _owner_dim(owners.get(name, {}), groups.layout.out_dims.get(name))
+        if dim is not None:
+            source = np.full(tensor.shape[dim], -1)
+            for gid, index_map in owners[name][dim]:
+                source[index_map.reshape(len(choice[gid]), -1)] = np.asarray(choice[gid])[:, None]
+            for t in range(len(models)):
+                positions = torch.as_tensor(np.flatnonzero(source == t))
+                value.index_copy_(dim, positions, stacked[t].index_select(dim, positions))
+        merged[name] = value
+    result = copy.deepcopy(models[0])
+    result.load_state_dict(merged)
+    if bn_data is not None:
+        reestimate_batchnorm(result, bn_data, batch_size)
+    return result.eval()
