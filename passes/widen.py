@@ -68,7 +68,7 @@ def widen(groups: GroupSet, teachers: list[nn.Module]) -> torch.fx.GraphModule:
     _each_rule(big, lambda rule, node: rule.widen(node, ctx))
     rewrite_aten_sizes(big, groups, lambda dim: teacher_maps(dim, n, widths, widened)[0], widened, ctx.aliases)
     _rewrite_permutations(big, groups, n, widths, widened)
-    _average_outputs(big, groups, n, widths, widened)
+    _average_outputs(big, groups, n, widths, widened, ctx.aliases)
     big.recompile()
     # tensors the graph never reads (an aux classifier skipped in eval mode) come back per teacher
     unread = {name for name, canonical in tied_names(groups).items() if canonical not in _read_names(groups)}
@@ -92,9 +92,11 @@ def _each_rule(big: torch.fx.GraphModule, hook: Callable[[Any, torch.fx.Node], N
 
 
 def _average_outputs(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths: dict[int, int],
-                     widened: set[int]) -> None:
+                     widened: set[int], aliases: dict[str, str]) -> None:
     """Graph outputs holding an averaged group (``Group.averaged``) leave the big student as the
-    mean of the teachers' blocks, taken after the non-linear ops that follow the last layer."""
+    mean of the teachers' blocks, taken after the non-linear ops that follow the last layer. An
+    output a rule's widen hook replaced (a final LayerNorm run per teacher block) is found through
+    ``aliases``, the analysed node it stands for."""
     averaged = [g.id for g in groups if g.averaged]
     if not averaged:
         return
@@ -103,7 +105,8 @@ def _average_outputs(big: torch.fx.GraphModule, groups: GroupSet, n: int, widths
 
     def average(value: Any) -> Any:
         nonlocal index
-        dims = groups.layout.nodes.get(value.name) if isinstance(value, torch.fx.Node) else None
+        dims = groups.layout.nodes.get(aliases.get(value.name, value.name)) if isinstance(value, torch.fx.Node) \
+            else None
         if not dims:
             return value
         for d, dim in enumerate(dims):

@@ -83,3 +83,26 @@ def test_widen_knows_no_op() -> None:
     """The one ATen op widen.py names is the gather of the structural channel-permutation rewrite."""
     source = (Path(__file__).resolve().parents[1] / "passes" / "widen.py").read_text()
     assert re.findall(r"aten\.\w+", source) == ["aten.index_select"]
+
+
+class NormedOutput(nn.Module):
+    """A feature extractor whose output is a LayerNorm over channels no layer reads (an averaged
+    output group): the LayerNorm rule's hook replaces the output node, and widen must still average
+    the teachers' blocks at the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(torch.relu(self.fc(x)))
+
+
+def test_an_output_a_hook_replaced_is_still_averaged() -> None:
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    teachers = _teachers(NormedOutput)
+    big = graphmerge.widen(teachers, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), (teachers[0](x) + teachers[1](x)) / 2)
+    graphmerge.certify_pipeline(teachers, (x,))  # the whole merge at toy scale runs, or raises naming the stage
