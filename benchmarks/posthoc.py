@@ -14,6 +14,9 @@ training set). Strategies, each through graphmerge's public API:
   unit (a row of a layer, with the norm entries of its channel) taken whole from the teacher whose
   version of it the next layers weigh most, reading every aligned feature (no block-diagonal split
   as in a selection from the concatenated teachers); BatchNorm re-estimated; fine-tuned on B.
+- **magnitude select + FT**: graphmerge's compress with no gate phase: the channels whose consumers'
+  input weights are largest (``alternatives.magnitude_scores``), block-diagonal like graphmerge's
+  student, fine-tuned on all of B: what the gate phase buys, and what the mosaic's filling buys.
 - **KD ensemble -> best**: the teachers' ensemble (mean logits) distilled into the best teacher.
 - **graphmerge**: ``graphmerge.merge`` (widen, gate phase, compress by the gates) on a share
   ``--gate-share`` of B (default half), fine-tuning on the rest; **graphmerge + KD** fine-tunes by distilling
@@ -71,6 +74,7 @@ from graphmerge.alternatives import (  # noqa: E402
     Plan,
     budget_subset,
     forward_flops_per_sample,
+    magnitude_scores,
     plan_budget,
     spend,
     train_flops_per_sample,
@@ -81,7 +85,7 @@ from graphmerge.examples.mnist1d_cnn import MNIST1DCNN  # noqa: E402
 from graphmerge.examples.tiny_gpt import TinyGPT  # noqa: E402
 
 STRATEGIES = ["best teacher + FT", "weight avg + FT", "re-basin avg + FT", "zipit avg + FT", "zipit mosaic + FT",
-              "KD ensemble -> best", "graphmerge", "graphmerge + KD"]
+              "magnitude select + FT", "KD ensemble -> best", "graphmerge", "graphmerge + KD"]
 REFERENCE = "graphmerge"
 DISTILL_WEIGHT = 0.5
 
@@ -229,6 +233,13 @@ def run_budget(task: Task, teachers: list[nn.Module], budget: float, seed: int,
         p = plan_budget(flops - extra, costs["small"], n)
         scores[name] = task.score(finetune(task, start(), p, seed))
         spent[name] = {"matching": Plan(epochs=1, samples=len(x_train), flops=extra), "finetune": p} if extra else p
+
+    if "magnitude select + FT" in wanted:  # graphmerge's compress without a gate phase: all of B fine-tunes
+        big = graphmerge.widen(teachers, task.example())
+        p = plan_budget(flops, costs["small"], n)
+        scores["magnitude select + FT"] = task.score(finetune(task, graphmerge.compress(big, magnitude_scores(big)),
+                                                              p, seed))
+        spent["magnitude select + FT"] = p
 
     kd_cost = costs["small"] + n_teachers * costs["forward"]
     if "KD ensemble -> best" in wanted:

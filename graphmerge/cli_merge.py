@@ -182,6 +182,10 @@ def merge_command(
                                           help="How a channel group a normalisation spans (a pre-norm transformer's "
                                                "residual stream) is selected: 'block' keeps one teacher's whole "
                                                "block (compression exact), 'mixed' the top channels of any."),
+    selection: str = typer.Option("gates", "--selection",
+                                  help="Which channels compress keeps: 'gates' (learned in the gate phase) or "
+                                       "'magnitude' (those the next layers weigh most; with --gate-epochs 0 "
+                                       "there is no gate phase, and all the training is fine-tuning)."),
     preflight: bool = typer.Option(True, "--preflight/--no-preflight",
                                    help="Before any training, run the whole merge at toy scale on two samples "
                                         "(gates in train mode, compress by the gates, reload) so a model that "
@@ -239,7 +243,7 @@ def merge_command(
         lambda0=lambda0, lambda_schedule=lambda_schedule, **distillation,
         checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, log=_epoch_logger(log_json, resume),
         progress=True, device=device, compile=compile, precision=precision, preflight=preflight,
-        normalised_groups=normalised_groups, strategy=strategy)
+        normalised_groups=normalised_groups, selection=selection, strategy=strategy)
     if _is_main():
         if hf_run is None:
             checkpoint.save_weights(out, result.student, metadata={"model": model, "data": data})

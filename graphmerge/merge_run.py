@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 import graphmerge
 from graphmerge import checkpoint as ckpt
 from graphmerge import sharding
+from graphmerge.alternatives import magnitude_scores
 from graphmerge.data import first_example
 from graphmerge.errors import GraphMergeError
 from graphmerge.gate_phase import GatePhase, PhaseTrace
@@ -299,7 +300,12 @@ class MergeRun:
         self.state["stage"] = "finetune"
         target = 1.0 / gated.n_teachers
         far = {k: v for k, v in report["open"].items() if abs(v - target) > OPEN_FRACTION_TOLERANCE}
-        if far and self.ctx.is_main:
+        if self.s.gate_epochs == 0 and self.s.selection == "gates" and self.ctx.is_main:
+            warnings.warn("gate_epochs=0 with selection='gates': the gates are untrained, so compress keeps "
+                          "channels by their initial values (at random) and folds their eval value (0.78) into "
+                          "the kept ones. Pass selection='magnitude' (--selection magnitude) to keep the channels "
+                          "the next layers weigh most, or train the gates.", stacklevel=2)
+        elif far and self.ctx.is_main and self.s.selection == "gates":  # other selections do not read the gates
             listed = ", ".join(f"group {k}: {v:.2f}" for k, v in list(far.items())[:5])
             warnings.warn(f"after the gate phase {len(far)} group(s) are far from {target:.2f} open "
                           f"({listed}); compression will cut channels the student still uses. Use the "
@@ -311,7 +317,8 @@ class MergeRun:
     def _finetune(self, teachers: list[nn.Module], gated: nn.Module | None) -> nn.Module:
         summary = self.state["summary"]
         if gated is not None:
-            student = graphmerge.compress(gated.eval(), "gates").to(self.ctx.device)
+            keep = "gates" if self.s.selection == "gates" else magnitude_scores(gated)
+            student = graphmerge.compress(gated.eval(), keep).to(self.ctx.device)
         else:  # resumed inside fine-tuning: the student has the teachers' class (compress's contract)
             student = copy.deepcopy(teachers[0])
         if "before_finetune" not in summary:

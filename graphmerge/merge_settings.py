@@ -25,6 +25,7 @@ from graphmerge.run_store import LogSink
 from graphmerge.training import LossFn, check_precision, cross_entropy, distill_term, lambda_schedule, resolve_loss
 
 GATE_BUDGETS = ("projected", "penalty")
+SELECTIONS = ("gates", "magnitude")
 DISTILL_TARGETS = ("big", "teachers")
 #: The distillation settings: fingerprinted only when ``distill`` is on (see MergeSettings.fingerprint).
 DISTILL_SETTINGS = ("distill", "distill_weight", "temperature", "distill_loss")
@@ -82,6 +83,7 @@ class MergeSettings:
     precision: str = "fp32"
     preflight: bool = True
     normalised_groups: str = "block"
+    selection: str = "gates"  # "magnitude": keep the channels the next layers weigh most (no gate learning needed)
     gate_trace: int = 10
     strategy: str = "ddp"  # "fsdp": shard the gate phase's big student and the student (graphmerge/sharding.py)
     teacher_optimizer: Optimizer | None = None
@@ -130,6 +132,10 @@ class MergeSettings:
             raise GraphMergeError(f"unknown normalised_groups {self.normalised_groups!r}: use 'block' (a group a "
                                   "normalisation spans keeps one teacher's whole block; compression is exact) or "
                                   "'mixed' (the top channels of any teachers, as the paper).")
+        if self.selection not in SELECTIONS:
+            raise GraphMergeError(f"unknown selection {self.selection!r}: use 'gates' (the channels the learned gates "
+                                  "keep, the paper's method) or 'magnitude' (the channels whose consumers' input "
+                                  "weights are largest; with gate_epochs=0 there is no gate phase at all).")
         for name in ("compile", "preflight"):
             if not isinstance(getattr(self, name), bool):
                 raise GraphMergeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -189,6 +195,7 @@ class MergeSettings:
         skipped += ("decide_gates",) if not self.decide_gates or self.gate_budget != "projected" else ()
         skipped += ("normalised_groups",) if self.normalised_groups == "mixed" else ()  # the selection before it
         skipped += ("strategy",) if self.strategy == "ddp" else ()  # fsdp checkpoints hold shards, not weights
+        skipped += ("selection",) if self.selection == "gates" else ()  # the only selection before it existed
         skipped += tuple(n for n in OPTIMIZER_SETTINGS if getattr(self, n) is None)  # None: as before they existed
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in skipped}
