@@ -212,7 +212,8 @@ def run_seed(seed: int, b: common.Budget, eq: common.EqualCompute, build: Callab
         f"{out['test']['one model']:.3f}, ensemble {out['test']['ensemble (2x cost)']:.3f} bits/char")
     groups = graphmerge.analyze(teachers[0], (data["train"].tensors[0][:2],))
     for name, combine in (("weight avg", lambda: weight_average(teachers)),
-                          ("re-basin avg", lambda: rebasin_average(teachers, groups))):
+                          ("re-basin avg", lambda: rebasin_average(teachers, groups,
+                                                                     example_inputs=data["train"].tensors[0][:32]))):
         t0 = time.perf_counter()
         model = run.finetune(combine(), b.unit, args.merge_lr)
         out["test"][name], out["val"][name] = bits_per_char(model, test), bits_per_char(model, val)

@@ -389,6 +389,7 @@ class Budget:
     budget_ramp: float = LIBRARY.budget_ramp  # projected: the budget falls from 1 to 1/N over this fraction
     budget_direction: str = LIBRARY.budget_direction  # projected: how the log-alphas move onto the budget
     decide_gates: bool = LIBRARY.decide_gates  # projected: past the ramp, drive the gates to the kept channels
+    gate_init: float = 1.0  # the log-alphas' initial mean (add_gates' init_mean; 2.40 starts every eval gate at 1)
     drop: float = 5 / 6  # where in a phase the learning rate is divided by 10 (sine: 250 of 300)
     milestones: dict[int, int] = field(default_factory=dict)  # per phase length, overriding ``drop``
 
@@ -804,7 +805,7 @@ def gate_phase(bench: Benchmark, teachers: list[list[nn.Module]], tag: str,
         t0 = time.perf_counter()
         bigs.append(graphmerge.widen([t.eval() for t in ts], inputs))
         widen_s.append(time.perf_counter() - t0)
-        gated.append(graphmerge.add_gates(bigs[-1], seed=bench.seed * 7919 + i))
+        gated.append(graphmerge.add_gates(bigs[-1], seed=bench.seed * 7919 + i, init_mean=b.gate_init))
         compile_s.append(time.perf_counter() - t0)
     stack = Stack.of([WithGateLoss(g) for g in gated])
     check_batched_forward(stack, WithGateLoss(gated[0]), bench.data["test"][0][:64])
@@ -1104,6 +1105,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
     parser.add_argument("--budget-direction", choices=("gradient", "uniform"), default=None,
                         help="projected budget: move each group's log-alphas along the mean's gradient "
                              "(default; undecided gates close first) or all by one constant")
+    parser.add_argument("--gate-init", type=float, default=None,
+                        help="the gates' initial log-alpha mean (add_gates' init_mean, default 1.0: eval gates "
+                             "start at 0.78; 2.4 starts them at 1)")
     parser.add_argument("--compare-budgets", action="store_true",
                         help="also merge the same teachers with the other --gate-budget (one more gate phase) and "
                              "report that student beside the others, paired")
@@ -1148,7 +1152,7 @@ def gate_overrides(args: argparse.Namespace) -> dict[str, float | str | bool]:
     """The gate-phase settings given on the command line, as ``Budget`` keyword arguments."""
     given = {"lambda0": args.lambda0, "lambda_growth": args.lambda_growth, "gate_lr": args.gate_lr,
              "gate_budget": args.gate_budget, "budget_direction": args.budget_direction,
-             "decide_gates": args.decide_gates}
+             "decide_gates": args.decide_gates, "gate_init": args.gate_init}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -223,7 +223,7 @@ def run_budget(task: Task, teachers: list[nn.Module], budget: float, seed: int,
     x_train = task.data["train"].tensors[0][:512]
     bn_data = TensorDataset(x_train, task.data["train"].tensors[1][:512])
     starts = {"weight avg + FT": lambda: weight_average(teachers, bn_data=bn_data),
-              "re-basin avg + FT": lambda: rebasin_average(teachers, groups, bn_data),
+              "re-basin avg + FT": lambda: rebasin_average(teachers, groups, bn_data, example_inputs=x_train[:32]),
               "zipit avg + FT": lambda: zipit_average(teachers, groups, x_train),
               "zipit mosaic + FT": lambda: zipit_mosaic(teachers, groups, x_train)}
     for name, start in starts.items():

@@ -29,11 +29,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from graphmerge.alternatives import reestimate_batchnorm, weight_average
-from graphmerge.errors import GraphMergeError
+from graphmerge.errors import CertificateError, GraphMergeError
 from graphmerge.passes.ir import DimLayout, Group, GroupSet
+from graphmerge.passes.util import eval_mode
 
 __all__ = ["channel_choice", "feature_correlations", "feature_matching", "mosaic", "permutable_groups",
-           "permute_channels", "rebasin_average", "weight_matching", "zipit_average"]
+           "permute_channels", "permuted_copy", "rebasin_average", "weight_matching", "zipit_average"]
 
 
 def _need_two(models: Sequence[nn.Module], what: str) -> None:
@@ -72,6 +73,32 @@ def permute_channels(state: dict[str, torch.Tensor], groups: GroupSet,
     return out
 
 
+def permuted_copy(model: nn.Module, groups: GroupSet, perms: dict[int, np.ndarray],
+                  example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:
+    """A copy of ``model`` with ``perms`` applied (``permute_channels``); with ``example_inputs``,
+    checked to compute what ``model`` computes (eval mode, float32, 1e-4 of the output's scale): a
+    permutation within coupling groups is a symmetry of the network, and the check says so."""
+    result = copy.deepcopy(model)
+    result.load_state_dict(permute_channels(model.state_dict(), groups, perms))
+    if example_inputs is None:
+        return result
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with torch.no_grad(), eval_mode(model), eval_mode(result):
+        expected, actual = model(*inputs), result(*inputs)
+    if not isinstance(expected, torch.Tensor) or not isinstance(actual, torch.Tensor):
+        return result  # structured outputs: compared by the caller, if at all
+    error = float((actual.double() - expected.double()).abs().max())
+    scale = max(1.0, float(expected.double().abs().max()))
+    if error > 1e-4 * scale:
+        raise CertificateError(
+            f"permuting the channels of the coupling groups {sorted(perms)[:8]} changed what the model computes "
+            f"(max error {error:.3g} at output scale {scale:.3g}): the groups do not describe a symmetry of this "
+            "model, so its aligned copy would be a different network. This is a gap in graphmerge's op rules; "
+            "please report it with the model. Align without the group named first in the list, or average "
+            "without alignment (align='none').")
+    return result
+
+
 def _channel_rows(tensor: torch.Tensor, dim: int, index_map: np.ndarray) -> torch.Tensor:
     """(width, everything else) view of ``tensor``: row c holds all entries channel c owns."""
     moved = tensor.movedim(dim, 0)
@@ -79,14 +106,16 @@ def _channel_rows(tensor: torch.Tensor, dim: int, index_map: np.ndarray) -> torc
 
 
 def weight_matching(reference: nn.Module, other: nn.Module, groups: GroupSet, *, max_iter: int = 100,
-                    seed: int = 0) -> tuple[nn.Module, dict[int, np.ndarray]]:
+                    seed: int = 0, example_inputs: torch.Tensor | tuple | None = None
+                    ) -> tuple[nn.Module, dict[int, np.ndarray]]:
     """Permute ``other``'s channels, group by group, to best match ``reference``'s weights.
 
     Git Re-Basin's coordinate descent: for one group at a time (random order), with the other
     groups' permutations fixed, maximise Σ <W_ref[c], W_other[perm[c]]> over every parameter the
     group touches, by ``linear_sum_assignment``; stop when a full sweep changes nothing.
     Only parameters enter the objective (BatchNorm statistics are data, not weights), but the
-    permutation is applied to buffers too. Returns the aligned copy and the permutations.
+    permutation is applied to buffers too. Returns the aligned copy and the permutations; with
+    ``example_inputs`` the copy is checked to compute what ``other`` computes (``permuted_copy``).
     """
     params = {name for name, _ in reference.named_parameters()}
     ref_state = reference.state_dict()
@@ -115,17 +144,20 @@ def weight_matching(reference: nn.Module, other: nn.Module, groups: GroupSet, *,
                     changed = True
         if not changed:
             break
-    result = copy.deepcopy(other)
-    result.load_state_dict(permute_channels(other_state, groups, perms))
-    return result, perms
+    return permuted_copy(other, groups, perms, example_inputs), perms
 
 
 def rebasin_average(models: Sequence[nn.Module], groups: GroupSet,
-                    bn_data: Dataset | DataLoader | torch.Tensor | None = None, *, batch_size: int = 256) -> nn.Module:
+                    bn_data: Dataset | DataLoader | torch.Tensor | None = None, *, batch_size: int = 256,
+                    example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:
     """Align every model to ``models[0]`` by weight matching, then average (``weight_average``; with
-    ``bn_data`` the BatchNorm statistics are recomputed on it)."""
+    ``bn_data`` the BatchNorm statistics are recomputed on it). Each alignment is checked on
+    ``example_inputs`` (default: ``bn_data`` when it is a tensor)."""
     _need_two(models, "rebasin_average")
-    aligned = [models[0]] + [weight_matching(models[0], m, groups)[0] for m in models[1:]]
+    if example_inputs is None and isinstance(bn_data, torch.Tensor):
+        example_inputs = bn_data[:32]
+    aligned = [models[0]] + [weight_matching(models[0], m, groups, example_inputs=example_inputs)[0]
+                             for m in models[1:]]
     return weight_average(aligned, bn_data, batch_size)
 
 
@@ -301,13 +333,12 @@ def feature_matching(reference: nn.Module, other: nn.Module, groups: GroupSet, i
     One pass suffices: permuting one group only reorders the other groups' channels, so every
     group's correlations are the same before and after the others are matched. A channel constant
     on ``inputs`` (dead after its ReLU) correlates with nothing, so its partner is arbitrary. Returns
-    the aligned copy and the permutations (aligned channel c is ``other``'s channel ``perms[g][c]``).
+    the aligned copy and the permutations (aligned channel c is ``other``'s channel ``perms[g][c]``),
+    the copy checked on ``inputs`` to compute what ``other`` computes (``permuted_copy``).
     """
     correlations = feature_correlations(reference, other, groups, inputs, batch_size=batch_size)
     perms = {gid: linear_sum_assignment(corr, maximize=True)[1] for gid, corr in correlations.items()}
-    result = copy.deepcopy(other)
-    result.load_state_dict(permute_channels(other.state_dict(), groups, perms))
-    return result, perms
+    return permuted_copy(other, groups, perms, inputs[:32]), perms
 
 
 def zipit_average(models: Sequence[nn.Module], groups: GroupSet, inputs: torch.Tensor, *,

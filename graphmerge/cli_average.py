@@ -12,6 +12,7 @@ import copy
 import time
 from pathlib import Path
 
+import torch
 import typer
 
 from graphmerge.cli_export import check_positional_inputs
@@ -72,8 +73,12 @@ def average_command(
     else:
         groups = graphmerge.analyze(teachers[0], (x[:2],))
         reference = teachers[0]
-        aligned = [reference] + [(alignment.feature_matching(reference, t, groups, x) if align == "features"
-                                  else alignment.weight_matching(reference, t, groups))[0] for t in teachers[1:]]
+        def aligned_to_reference(teacher: torch.nn.Module) -> torch.nn.Module:
+            if align == "features":
+                return alignment.feature_matching(reference, teacher, groups, x)[0]
+            return alignment.weight_matching(reference, teacher, groups, example_inputs=x[:32])[0]
+
+        aligned = [reference] + [aligned_to_reference(t) for t in teachers[1:]]
         result = alignment.mosaic(aligned, groups, bn_data=x) if mosaic else weight_average(aligned, x)
     seconds = time.perf_counter() - start
     loss = loss_for(task)

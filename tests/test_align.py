@@ -397,3 +397,18 @@ def _assert_close_state(a: nn.Module, b: nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], msg=key)
+
+
+def test_a_permutation_that_is_no_symmetry_is_refused() -> None:
+    """Reordering the classifier's outputs (a pinned group: it faces the world) changes what the
+    network computes; within a hidden group the same reordering does not."""
+    torch.manual_seed(14)
+    model, x = MNIST1DCNN().eval(), torch.randn(4, 1, 40)
+    groups = graphmerge.analyze(model, (x[:2],))
+    classes = next(g for g in groups if g.pinned and g.width == 10)
+    with pytest.raises(graphmerge.CertificateError, match="symmetry"):
+        align.permuted_copy(model, groups, {classes.id: np.roll(np.arange(10), 1)}, x)
+    hidden = align.permutable_groups(groups)[0]
+    same = align.permuted_copy(model, groups, {hidden.id: np.roll(np.arange(hidden.width), 1)}, x)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), model(x))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_recipe import hand_finetune
 from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
@@ -18,7 +19,7 @@ from graphmerge.errors import GraphMergeError
 from graphmerge.examples.mlp import build_model as build_mlp
 from graphmerge.optim import LegacySGD, phase_optimizer
 from graphmerge.recipe import MergeSettings, merge, train
-from graphmerge.training import DistContext, PhaseConfig, epoch_batches, fit
+from graphmerge.training import PhaseConfig, fit
 
 Optimizer = graphmerge.Optimizer
 
@@ -178,12 +179,7 @@ def test_adamw_fine_tuning_is_torch_adamw_on_hand_listed_param_groups_bitwise():
     optimizer = torch.optim.AdamW([{"params": [by_name["fc1.weight"], by_name["fc2.weight"]], "weight_decay": 0.1},
                                    {"params": [by_name["fc1.bias"], by_name["fc2.bias"]], "weight_decay": 0.0}],
                                   lr=3e-3, betas=(0.8, 0.99))
-    for epoch in range(2):
-        start.train()
-        for x, y in epoch_batches(train_data, 32, seed=4 + 1, epoch=epoch, ctx=DistContext()):
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(start(x), y).backward()
-            optimizer.step()
+    hand_finetune(start, train_data, optimizer)
     expected, actual = start.state_dict(), student.state_dict()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
