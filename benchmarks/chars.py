@@ -223,7 +223,7 @@ def run_seed(seed: int, b: common.Budget, eq: common.EqualCompute, build: Callab
         t0 = time.perf_counter()
         result = merge([copy.deepcopy(t) for t in teachers], data["train"], val_data=val, loss="cross_entropy",
                        gate_epochs=b.unit, finetune_epochs=b.unit, batch_size=BATCH, weight_lr=args.merge_lr,
-                       finetune_lr=args.merge_lr, seed=seed, distill=distill, **extra)
+                       finetune_lr=args.merge_lr, seed=seed, distill=distill, **extra, **args.overrides)
         out["wall_s"][name] = pair_s + time.perf_counter() - t0
         out["test"][name], out["val"][name] = bits_per_char(result.student, test), bits_per_char(result.student, val)
         out["merge"][name] = {"open_fraction": {str(k): float(v) for k, v in result.open_fraction.items()},
@@ -301,7 +301,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="lr of the gate phase's weights and of every fine-tuning (weight averaging's too)")
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="SETTING=VALUE",
+                        help="merge settings for every merge, e.g. average_kept=false (JSON values)")
     args = parser.parse_args(argv)
+    args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     torch.set_num_threads(args.threads)
     settings = dict(QUICK if args.quick else FULL)
     runs = args.runs or (1 if args.quick else 5)
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "total": b.total, "lr": LR, "merge_lr": args.merge_lr, "batch_size": BATCH,
                    "gate_budget": "projected (graphmerge.merge default)", "distill_weight": args.distill_weight,
                    "temperature": args.temperature, "equal_flops_one_model_epochs": eq.one,
-                   "equal_flops_bo3_epochs_each": eq.bo3},
+                   "equal_flops_bo3_epochs_each": eq.bo3, "merge_overrides": args.overrides},
         "epochs": strategy_epochs(b, eq), "descriptions": DESCRIPTIONS,
         "values": values, "stats": {n: common.summary(values[n]) for n in names},
         "teachers": [r["teachers"] for r in per_seed],

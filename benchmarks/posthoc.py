@@ -237,8 +237,10 @@ def run_budget(task: Task, teachers: list[nn.Module], budget: float, seed: int,
     if "magnitude select + FT" in wanted:  # graphmerge's compress without a gate phase: all of B fine-tunes
         big = graphmerge.widen(teachers, task.example())
         p = plan_budget(flops, costs["small"], n)
-        scores["magnitude select + FT"] = task.score(finetune(task, graphmerge.compress(big, magnitude_scores(big)),
-                                                              p, seed))
+        keep = magnitude_scores(big)
+        student = graphmerge.compress(big, keep)
+        graphmerge.average_kept_teachers(student, big, teachers, keep)
+        scores["magnitude select + FT"] = task.score(finetune(task, student, p, seed))
         spent["magnitude select + FT"] = p
 
     kd_cost = costs["small"] + n_teachers * costs["forward"]

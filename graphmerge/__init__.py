@@ -21,6 +21,7 @@ __all__ = [
     "TraceError",
     "add_gates",
     "analyze",
+    "average_kept_teachers",
     "certify_pipeline",
     "closed_gates_reference",
     "compress",
@@ -51,6 +52,7 @@ _LAZY = {
     "student_certificate": "graphmerge.api",  # the I3 certificate compress recorded for a student
     "closed_gates_reference": "graphmerge.api",  # what compress must equal: the gated model, dropped gates closed
     "kept_channels": "graphmerge.api",  # per group, the big student's channels compress keeps
+    "average_kept_teachers": "graphmerge.passes.rebalance",  # a student's classifier: the mean of the teachers it kept
     "mosaic": "graphmerge.align",  # a student built unit by unit from aligned teachers
     "rebasin_average": "graphmerge.align",  # Git Re-Basin weight matching on the coupling groups, then average
     "zipit_average": "graphmerge.align",  # ZipIt!-style feature matching on the coupling groups, then average

@@ -19,6 +19,7 @@ and buffer dimension the group touches, so there is no per-architecture code.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from graphmerge.alternatives import reestimate_batchnorm, weight_average
 from graphmerge.errors import CertificateError, GraphMergeError
 from graphmerge.passes.ir import DimLayout, Group, GroupSet
-from graphmerge.passes.util import eval_mode
+from graphmerge.passes.util import eval_mode, one_line
 
 __all__ = ["channel_choice", "feature_correlations", "feature_matching", "mosaic", "permutable_groups",
            "permute_channels", "permuted_copy", "rebasin_average", "weight_matching", "zipit_average"]
@@ -75,16 +76,26 @@ def permute_channels(state: dict[str, torch.Tensor], groups: GroupSet,
 
 def permuted_copy(model: nn.Module, groups: GroupSet, perms: dict[int, np.ndarray],
                   example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:
-    """A copy of ``model`` with ``perms`` applied (``permute_channels``); with ``example_inputs``,
-    checked to compute what ``model`` computes (eval mode, float32, 1e-4 of the output's scale): a
-    permutation within coupling groups is a symmetry of the network, and the check says so."""
+    """A copy of ``model`` with ``perms`` applied (``permute_channels``), checked to compute what
+    ``model`` computes (eval mode, float32, 1e-4 of the output's scale): a permutation within coupling
+    groups is a symmetry of the network, and the check says so. Without ``example_inputs`` it runs on
+    inputs drawn in the shapes the analysis captured (random floats, zeros for integer inputs); where
+    the model does not run on those, it warns that the copy is unchecked."""
     result = copy.deepcopy(model)
     result.load_state_dict(permute_channels(model.state_dict(), groups, perms))
-    if example_inputs is None:
+    drawn = example_inputs is None
+    inputs = _captured_shapes(groups) if drawn else \
+        example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with torch.no_grad(), eval_mode(model), eval_mode(result):
+            expected, actual = model(*inputs), result(*inputs)
+    except Exception as error:  # noqa: BLE001 - drawn inputs the model rejects: say so, never guess
+        if not drawn:
+            raise
+        warnings.warn(f"the aligned copy is unchecked: the model does not run on inputs drawn in the captured "
+                      f"shapes ({type(error).__name__}: {one_line(error, 200)}); pass example_inputs to "
+                      "check that the permutation is a symmetry of the model.", stacklevel=2)
         return result
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    with torch.no_grad(), eval_mode(model), eval_mode(result):
-        expected, actual = model(*inputs), result(*inputs)
     if not isinstance(expected, torch.Tensor) or not isinstance(actual, torch.Tensor):
         return result  # structured outputs: compared by the caller, if at all
     error = float((actual.double() - expected.double()).abs().max())
@@ -97,6 +108,19 @@ def permuted_copy(model: nn.Module, groups: GroupSet, perms: dict[int, np.ndarra
             "please report it with the model. Align without the group named first in the list, or average "
             "without alignment (align='none').")
     return result
+
+
+def _captured_shapes(groups: GroupSet) -> tuple[torch.Tensor, ...]:
+    """One input per placeholder of the analysed graph, in its captured shape and dtype."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for node in groups.graph_module.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            shape = tuple(int(d) for d in value.shape)
+            inputs.append(torch.randn(shape, generator=generator).to(value.dtype) if value.is_floating_point()
+                          else torch.zeros(shape, dtype=value.dtype))
+    return tuple(inputs)
 
 
 def _channel_rows(tensor: torch.Tensor, dim: int, index_map: np.ndarray) -> torch.Tensor:

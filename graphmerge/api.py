@@ -240,7 +240,8 @@ def kept_channels(big: nn.Module, keep: Any = "gates") -> dict[int, np.ndarray]:
                               "graphmerge.add_gates(big) and train its gates first, or pass keep='teacher:0' "
                               "or per-group scores.")
     scores = big.gate_scores() if from_gates else keep
-    return {gid: np.sort(np.asarray(k)) for gid, k in select_channels(info, scores).items()}
+    kept = select_channels(info, scores, replace_dead=False if from_gates else None)
+    return {gid: np.sort(np.asarray(k)) for gid, k in kept.items()}
 
 
 def closed_gates_reference(gated: nn.Module, keep: Any = "gates") -> nn.Module:
@@ -284,7 +285,7 @@ def _closed_gates_reference(big: nn.Module, info: WidenInfo, keep: Any, scales: 
     if ratio is not None:
         counts = {g.id: max(1, round(ratio * info.n_teachers * g.width / g.unit)) * g.unit
                   for g in info.groups.gated}
-    kept = select_channels(info, scores, counts=counts)
+    kept = select_channels(info, scores, counts=counts, replace_dead=False if from_gates else None)
     mixed = [gid for gid, k in kept.items()
              if len(set((np.asarray(k) // info.widths[gid]).tolist())) > 1]
     normalised = [gid for gid in mixed if gid in info.groups.layout.across_norm]

@@ -182,6 +182,14 @@ def merge_command(
                                           help="How a channel group a normalisation spans (a pre-norm transformer's "
                                                "residual stream) is selected: 'block' keeps one teacher's whole "
                                                "block (compression exact), 'mixed' the top channels of any."),
+    dead_channels: str = typer.Option("replace", "--dead-channels",
+                                      help="Kept channels that cannot reach the output (a transformer's heads that "
+                                           "read a residual stream compress dropped): 'replace' them by the best "
+                                           "channels that can, or 'keep' them."),
+    average_kept: bool = typer.Option(True, "--average-kept/--average-all",
+                                      help="Where the teachers meet (the classifier), average the teachers whose "
+                                           "channels the student kept (a student of one teacher's channels is that "
+                                           "teacher), or all N as the big student does."),
     selection: str = typer.Option("gates", "--selection",
                                   help="Which channels compress keeps: 'gates' (learned in the gate phase) or "
                                        "'magnitude' (those the next layers weigh most; with --gate-epochs 0 "
@@ -243,7 +251,9 @@ def merge_command(
         lambda0=lambda0, lambda_schedule=lambda_schedule, **distillation,
         checkpoint_dir=checkpoint_dir, resume=resume, seed=seed, log=_epoch_logger(log_json, resume),
         progress=True, device=device, compile=compile, precision=precision, preflight=preflight,
-        normalised_groups=normalised_groups, selection=selection, strategy=strategy)
+        normalised_groups=normalised_groups, dead_channels=dead_channels, average_kept=average_kept,
+        selection=selection,
+        strategy=strategy)
     if _is_main():
         if hf_run is None:
             checkpoint.save_weights(out, result.student, metadata={"model": model, "data": data})

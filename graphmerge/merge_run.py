@@ -29,6 +29,7 @@ from graphmerge.gate_phase import GatePhase, PhaseTrace
 from graphmerge.merge_settings import MergeSettings
 from graphmerge.optim import LegacySGD, Optimizer, PhaseOptimizer, phase_optimizer, steps_per_epoch
 from graphmerge.passes.ir import widen_info
+from graphmerge.passes.rebalance import average_kept_teachers
 from graphmerge.passes.util import check_teacher_count, eval_mode
 from graphmerge.pipeline import certify_pipeline
 from graphmerge.results import MergeResult
@@ -235,6 +236,7 @@ class MergeRun:
         inputs, kwargs = self._example()
         big = graphmerge.widen([t.eval() for t in teachers], inputs, example_kwargs=kwargs)
         widen_info(big)[1].normalised_selection = self.s.normalised_groups
+        widen_info(big)[1].dead_channels = self.s.dead_channels
         seed_everything(self.s.seed)
         gated = graphmerge.add_gates(big, **(self.s.gate_options or {}))
         return big.to(self.ctx.device), gated.to(self.ctx.device)
@@ -319,6 +321,8 @@ class MergeRun:
         if gated is not None:
             keep = "gates" if self.s.selection == "gates" else magnitude_scores(gated)
             student = graphmerge.compress(gated.eval(), keep).to(self.ctx.device)
+            if self.s.average_kept:
+                summary["averaged_layers"] = average_kept_teachers(student, gated, teachers, keep)
         else:  # resumed inside fine-tuning: the student has the teachers' class (compress's contract)
             student = copy.deepcopy(teachers[0])
         if "before_finetune" not in summary:

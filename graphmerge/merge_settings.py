@@ -20,6 +20,7 @@ import torch
 from graphmerge import sharding
 from graphmerge.errors import GraphMergeError
 from graphmerge.optim import Optimizer, check_superseded
+from graphmerge.passes.liveness import DEAD_CHANNEL_POLICIES
 from graphmerge.passes.selection import NORMALISED_SELECTIONS
 from graphmerge.run_store import LogSink
 from graphmerge.training import LossFn, check_precision, cross_entropy, distill_term, lambda_schedule, resolve_loss
@@ -83,6 +84,10 @@ class MergeSettings:
     precision: str = "fp32"
     preflight: bool = True
     normalised_groups: str = "block"
+    dead_channels: str = "replace"  # "keep": a selection may keep channels that cannot reach the output
+    # where the teachers meet (a classifier), average the teachers whose channels the student kept instead
+    # of all N (passes/rebalance.py)
+    average_kept: bool = True
     selection: str = "gates"  # "magnitude": keep the channels the next layers weigh most (no gate learning needed)
     gate_trace: int = 10
     strategy: str = "ddp"  # "fsdp": shard the gate phase's big student and the student (graphmerge/sharding.py)
@@ -132,10 +137,16 @@ class MergeSettings:
             raise GraphMergeError(f"unknown normalised_groups {self.normalised_groups!r}: use 'block' (a group a "
                                   "normalisation spans keeps one teacher's whole block; compression is exact) or "
                                   "'mixed' (the top channels of any teachers, as the paper).")
+        if self.dead_channels not in DEAD_CHANNEL_POLICIES:
+            raise GraphMergeError(f"unknown dead_channels {self.dead_channels!r}: use 'replace' (a kept channel that "
+                                  "cannot reach the output is swapped for the best channel of a teacher that can) or "
+                                  "'keep' (the selection as the scores have it).")
         if self.selection not in SELECTIONS:
             raise GraphMergeError(f"unknown selection {self.selection!r}: use 'gates' (the channels the learned gates "
                                   "keep, the paper's method) or 'magnitude' (the channels whose consumers' input "
                                   "weights are largest; with gate_epochs=0 there is no gate phase at all).")
+        if not isinstance(self.average_kept, bool):
+            raise GraphMergeError(f"average_kept must be True or False, got {self.average_kept!r}.")
         for name in ("compile", "preflight"):
             if not isinstance(getattr(self, name), bool):
                 raise GraphMergeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -196,6 +207,9 @@ class MergeSettings:
         skipped += ("normalised_groups",) if self.normalised_groups == "mixed" else ()  # the selection before it
         skipped += ("strategy",) if self.strategy == "ddp" else ()  # fsdp checkpoints hold shards, not weights
         skipped += ("selection",) if self.selection == "gates" else ()  # the only selection before it existed
+        # the behaviour before each existed: checkpoints written before them resume
+        skipped += ("dead_channels",) if self.dead_channels == "keep" else ()
+        skipped += ("average_kept",) if not self.average_kept else ()
         skipped += tuple(n for n in OPTIMIZER_SETTINGS if getattr(self, n) is None)  # None: as before they existed
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in skipped}

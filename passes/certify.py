@@ -38,6 +38,7 @@ import torch.fx
 from graphmerge.passes.compress import student_state
 from graphmerge.passes.errors import CertificateError
 from graphmerge.passes.ir import GroupSet, widen_info
+from graphmerge.passes.rebalance import averaging_heads
 from graphmerge.passes.registry import describe
 from graphmerge.passes.stream import Meter, NodeFailed, Streamed, flat_inputs, give_back_freed_memory, run_outputs
 from graphmerge.passes.util import getattr_path, one_line
@@ -394,18 +395,7 @@ def certify_recovery(big: torch.fx.GraphModule, teachers: Sequence[nn.Module]) -
 
 def _averaging_head_tensors(info: Any) -> set[str]:
     """Tensors whose output dim lies in a pinned group at the graph's output (the averaging head)."""
-    layout, groups = info.groups.layout, info.groups
-    internal = {g.id for g in groups.internal_pinned}
-    boundary = ({g.id for g in groups.pinned} - internal) | {g.id for g in groups if g.averaged}
-    heads = set()
-    for name, dims in layout.params.items():
-        out = layout.out_dims.get(name)
-        dim = dims[out] if out is not None and out < len(dims) else None
-        if dim is None:
-            continue
-        ids = set(dim.group[dim.group >= 0].tolist())
-        if ids and ids <= boundary:
-            heads.add(name)
+    heads = averaging_heads(info, include_averaged=True)
     tied = tied_names(info.groups)
     return heads | {alias for alias, canonical in tied.items() if canonical in heads}
 

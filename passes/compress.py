@@ -37,7 +37,8 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
     group's N × width channels) the result is a GraphModule of that width instead.
     """
     graph_module, info = widen_info(big)
-    if isinstance(keep, str) and keep == "gates":
+    from_gates = isinstance(keep, str) and keep == "gates"
+    if from_gates:
         if not isinstance(big, GatedStudent):
             raise GraphMergeError("keep='gates' needs a gated big student (graphmerge.add_gates(big)); for a "
                                   "plain big student pass keep='teacher:K' or per-group scores.")
@@ -45,8 +46,8 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
         if scales is None:
             scales = big.eval_gate_values()
     if ratio is not None:
-        return _compress_to_ratio(graph_module, info, keep, scales, ratio)
-    state = student_state(graph_module, info, keep, scales)
+        return _compress_to_ratio(graph_module, info, keep, scales, ratio, replace_dead=False if from_gates else None)
+    state = student_state(graph_module, info, keep, scales, replace_dead=False if from_gates else None)
     student = copy_structure(info.teacher)
     state = _keep_plain_attributes(state, student)
     state = _with_metadata(state, student)
@@ -60,11 +61,11 @@ def compress(big: nn.Module, keep: Keep = "gates", *, scales: dict[int, Any] | N
 
 
 def student_state(graph_module: torch.fx.GraphModule, info: WidenInfo, keep: Keep, scales: dict[int, Any] | None,
-                  *, copy: bool = True) -> dict[str, torch.Tensor]:
+                  *, copy: bool = True, replace_dead: bool | None = None) -> dict[str, torch.Tensor]:
     """The student's state_dict that ``compress`` loads into the teachers' class. ``copy=False``:
     tensors kept whole or one teacher's block of them are views of the big student's (to compare
-    them, as the I2 certificate does, without a copy)."""
-    kept = select_channels(info, keep)
+    them, as the I2 certificate does, without a copy). ``replace_dead``: see ``select_channels``."""
+    kept = select_channels(info, keep, replace_dead=replace_dead)
     with torch.no_grad():
         state = _gather_state(graph_module.state_dict(), info, kept, scales, copy=copy)
     # Tensors the traced graph never reads (an aux classifier skipped in eval mode) come from the
@@ -88,7 +89,8 @@ def _retie(student: nn.Module, teacher: nn.Module) -> None:
 
 
 def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep: Keep,
-                       scales: dict[int, Any] | None, ratio: float) -> torch.fx.GraphModule:
+                       scales: dict[int, Any] | None, ratio: float, *,
+                       replace_dead: bool | None = None) -> torch.fx.GraphModule:
     if not 0 < ratio <= 1:
         raise GraphMergeError(f"ratio must be in (0, 1] (a fraction of the big student's width); got {ratio}.")
     if isinstance(keep, str):
@@ -99,7 +101,7 @@ def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep
     for group in info.groups.gated:
         units = max(1, round(ratio * n * group.width / group.unit))
         counts[group.id] = units * group.unit
-    kept = select_channels(info, keep, counts=counts)
+    kept = select_channels(info, keep, counts=counts, replace_dead=replace_dead)
     widths, widened = info.widths, info.widened
     student = copy_structure(info.groups.graph_module)
     if any(counts[g] != info.widths[g] for g in counts) and _has_permuted_dims(info):

@@ -178,7 +178,7 @@ class GatedStudent(nn.Module):
     def teacher_share(self) -> dict[int, list[int]]:
         """How many of each group's top-``width`` channels (by gate score) come from each teacher."""
         _, info = widen_info(self)
-        kept = select_channels(info, self.gate_scores())
+        kept = select_channels(info, self.gate_scores(), replace_dead=False)
         return {gid: np.bincount(k // info.widths[gid], minlength=self.n_teachers).tolist()
                 for gid, k in kept.items()}
 

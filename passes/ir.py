@@ -304,6 +304,9 @@ class WidenInfo:
     # teacher's whole block (the student normalises over what the big student normalised over, so
     # I3 holds), or "mixed", the top channels of any teachers
     normalised_selection: str = "block"
+    # what a selection does with kept channels that cannot reach the output (see passes.liveness):
+    # "replace" them by the best-scored channels that can, or "keep" them
+    dead_channels: str = "replace"
 
     @property
     def widths(self) -> dict[int, int]:

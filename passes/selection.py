@@ -2,8 +2,10 @@
 
 ``select_channels`` turns ``"teacher:K"`` or per-group scores (gate log-alphas, or any other
 ranking) into the kept big-channel indices, in whole units where a group is selected in units
-and in whole teacher blocks where a normalisation spans a group (so the student normalises over
-the same channels the big student did, invariant I3).
+in whole teacher blocks where a normalisation spans a group (so the student normalises over
+the same channels the big student did, invariant I3), and never channels that cannot reach the
+output under the rest of the selection (``passes.liveness``) while a teacher's channels that can
+are left over.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import numpy as np
 import torch
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.ir import WidenInfo
+from graphmerge.passes.liveness import DEAD_CHANNEL_POLICIES, dead_teachers, reachable_teachers
 
 Keep = str | dict[int, Any]
 #: how groups a normalisation spans are selected: one teacher's whole block, or the top channels of any
 NORMALISED_SELECTIONS = ("block", "mixed")
 
 
-def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | None = None,
+                    replace_dead: bool | None = None) -> dict[int, np.ndarray]:
     """Which big channels each widened group keeps, in ascending order.
 
     ``keep`` is ``"teacher:K"`` or ``{group_id: scores}`` (N × width scores; the top ``width``
@@ -32,6 +36,12 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
     keeps its width: the big student normalises each teacher's block over that block, so the
     student's normalisation over the kept channels is the same one (I3 holds), and every layer
     reading the stream reads one network's features, not a mix of two.
+
+    ``replace_dead`` (default: ``info.dead_channels == "replace"``) swaps kept channels that cannot
+    carry information to the output for the best-scored ones of teachers whose can. ``compress``
+    passes False for a gated big student's own gates: the student must compute what the gated big
+    student computes (I3), and the gate phase's decision step has already steered the gates to the
+    replaced selection.
     """
     n = info.n_teachers
     kept: dict[int, np.ndarray] = {}
@@ -51,8 +61,12 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
     if info.normalised_selection not in NORMALISED_SELECTIONS:
         raise GraphMergeError(f"normalised_selection must be one of {', '.join(NORMALISED_SELECTIONS)}, got "
                               f"{info.normalised_selection!r}.")
+    if info.dead_channels not in DEAD_CHANNEL_POLICIES:
+        raise GraphMergeError(f"dead_channels must be one of {', '.join(DEAD_CHANNEL_POLICIES)}, got "
+                              f"{info.dead_channels!r}.")
     whole_blocks = set(info.groups.layout.across_norm) if info.normalised_selection == "block" else set()
     blocks = _teacher_blocks(info, keep, whole_blocks, counts)
+    all_scores: dict[int, np.ndarray] = {}
     for group in info.groups.gated:
         if group.id not in keep:
             raise GraphMergeError(f"no scores for widened group {group.id} (width {group.width}): give a "
@@ -61,12 +75,46 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
         if scores.size != n * group.width:
             raise GraphMergeError(f"group {group.id} has {n * group.width} big channels but {scores.size} "
                                   "scores were given.")
+        all_scores[group.id] = scores
         count = (counts or {}).get(group.id, group.width)
         if group.id in blocks:
             kept[group.id] = blocks[group.id] * group.width + np.arange(group.width)
         else:
             kept[group.id] = _top(scores, count, group.unit)
+    if info.dead_channels == "replace" if replace_dead is None else replace_dead:
+        _replace_dead(info, kept, all_scores, set(blocks))
     return kept
+
+
+def _replace_dead(info: WidenInfo, kept: dict[int, np.ndarray], scores: dict[int, np.ndarray],
+                  fixed: set[int]) -> None:
+    """Swap kept channels that cannot reach the output (``liveness.dead_teachers``) for the best-scored
+    channels of teachers that can, in place, until no group changes. Later groups are mended first,
+    so a layer follows the teachers its inputs kept (a filter reading only dropped maps is replaced,
+    not the maps it reads), and each group is checked again just before it changes."""
+    n = info.n_teachers
+    for _ in range(n * len(kept) + 1):
+        changed = False
+        for gid, dead in dead_teachers(info, kept).items():
+            if gid in fixed:
+                continue
+            if changed:
+                dead = dead_teachers(info, kept, only={gid}).get(gid, set())
+                if not dead:
+                    continue
+            group = info.groups[gid]
+            owner = np.arange(n * group.width) // group.width
+            present = set(np.unique(owner[kept[gid]]).tolist())
+            usable = (present - dead) | reachable_teachers(info, kept, gid, set(range(n)) - present)
+            if not usable:
+                continue
+            shift = float(np.ptp(scores[gid])) + 1.0
+            adjusted = np.where(np.isin(owner, sorted(usable)), scores[gid], scores[gid] - shift)
+            new = _top(adjusted, len(kept[gid]), group.unit)
+            if not np.array_equal(new, kept[gid]):
+                kept[gid], changed = new, True
+        if not changed:
+            return
 
 
 def _teacher_blocks(info: WidenInfo, keep: dict[int, Any], whole: set[int],

@@ -103,6 +103,23 @@ class DenseBlockNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class PreNormBlock(nn.Module):
+    """A pre-norm residual block (``embed -> x + down(relu(up(norm(x)))) -> norm -> head``): the
+    smallest model whose residual stream a normalisation spans."""
+
+    def __init__(self, d: int = 6, hidden: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.down(torch.relu(self.up(self.norm1(h))))
+        return self.head(self.norm2(h)).mean(1)
+
+
 def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,
             act: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [

@@ -412,3 +412,29 @@ def test_a_permutation_that_is_no_symmetry_is_refused() -> None:
     same = align.permuted_copy(model, groups, {hidden.id: np.roll(np.arange(hidden.width), 1)}, x)
     with torch.no_grad():
         torch.testing.assert_close(same(x), model(x))
+
+
+def test_without_inputs_the_check_runs_on_inputs_in_the_captured_shapes() -> None:
+    torch.manual_seed(14)
+    model, x = MNIST1DCNN().eval(), torch.randn(4, 1, 40)
+    groups = graphmerge.analyze(model, (x[:2],))
+    classes = next(g for g in groups if g.pinned and g.width == 10)
+    with pytest.raises(graphmerge.CertificateError, match="symmetry"):
+        align.permuted_copy(model, groups, {classes.id: np.roll(np.arange(10), 1)})
+
+
+def test_a_model_that_rejects_drawn_inputs_is_left_unchecked_with_a_warning() -> None:
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    groups = graphmerge.analyze(model, (torch.ones(2, 3),))
+    hidden = align.permutable_groups(groups)[0]
+    captured = model.forward
+
+    def ones_only(x: torch.Tensor) -> torch.Tensor:  # a model with an input check torch.export never saw
+        if not bool((x == 1).all()):
+            raise ValueError("this model runs on ones only")
+        return captured(x)
+
+    model.forward = ones_only
+    with pytest.warns(UserWarning, match="unchecked"):
+        align.permuted_copy(model, groups, {hidden.id: np.roll(np.arange(hidden.width), 1)})

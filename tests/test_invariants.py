@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from graphmerge.passes.ir import GroupSet
+from graphmerge.passes.liveness import dead_teachers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -144,8 +145,21 @@ def check_i3(big: nn.Module, groups: GroupSet, n: int, inputs: tuple, seed: int,
     expected = gated.eval()(*inputs)
     student = graphmerge.compress(gated, "gates")
     assert_close_scaled(student.eval()(*inputs), expected, "I3 compress(gated)(x) vs gated(x)")
-    by_scores = graphmerge.compress(big, {gid: mask.float() for gid, mask in masks.items()})
+    info = graphmerge.widen_info(big)[1]
+    info.dead_channels = "keep"  # the masks as given: scores alone would swap channels no path uses
+    try:
+        by_scores = graphmerge.compress(big, {gid: mask.float() for gid, mask in masks.items()})
+    finally:
+        info.dead_channels = "replace"
     assert_close_scaled(by_scores.eval()(*inputs), expected, "I3 compress(big, scores)(x) vs gated(x)")
+    # by default the same scores swap channels no path uses for live ones: compress certifies the
+    # swapped selection against its own closed-gates reference (CertificateError otherwise), and a
+    # swap happens only where the masks kept a dead channel
+    swapped = graphmerge.kept_channels(big, {gid: mask.float() for gid, mask in masks.items()})
+    graphmerge.compress(big, {gid: mask.float() for gid, mask in masks.items()})
+    dead = dead_teachers(info, {gid: np.flatnonzero(mask.numpy()) for gid, mask in masks.items()})
+    changed = {gid for gid, k in swapped.items() if k.tolist() != np.flatnonzero(masks[gid].numpy()).tolist()}
+    assert changed <= set(dead), f"groups {sorted(changed - set(dead))} changed without a dead channel"
 
 
 @torch.no_grad()
