@@ -84,7 +84,7 @@ def permuted_copy(model: nn.Module, groups: GroupSet, perms: dict[int, np.ndarra
     result = copy.deepcopy(model)
     result.load_state_dict(permute_channels(model.state_dict(), groups, perms))
     drawn = example_inputs is None
-    inputs = _captured_shapes(groups) if drawn else \
+    inputs = _captured_shapes(groups, next(iter(model.parameters()), torch.empty(0)).device) if drawn else \
         example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad(), eval_mode(model), eval_mode(result):
@@ -110,16 +110,16 @@ def permuted_copy(model: nn.Module, groups: GroupSet, perms: dict[int, np.ndarra
     return result
 
 
-def _captured_shapes(groups: GroupSet) -> tuple[torch.Tensor, ...]:
-    """One input per placeholder of the analysed graph, in its captured shape and dtype."""
+def _captured_shapes(groups: GroupSet, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One input per placeholder of the analysed graph, in its captured shape and dtype, on ``device``."""
     generator = torch.Generator().manual_seed(0)
     inputs = []
     for node in groups.graph_module.graph.nodes:
         value = node.meta.get("val") if node.op == "placeholder" else None
         if isinstance(value, torch.Tensor):
             shape = tuple(int(d) for d in value.shape)
-            inputs.append(torch.randn(shape, generator=generator).to(value.dtype) if value.is_floating_point()
-                          else torch.zeros(shape, dtype=value.dtype))
+            drawn = torch.randn(shape, generator=generator) if value.is_floating_point() else torch.zeros(shape)
+            inputs.append(drawn.to(device, value.dtype))
     return tuple(inputs)
 
 

@@ -186,10 +186,11 @@ def merge_command(
                                       help="Kept channels that cannot reach the output (a transformer's heads that "
                                            "read a residual stream compress dropped): 'replace' them by the best "
                                            "channels that can, or 'keep' them."),
-    average_kept: bool = typer.Option(True, "--average-kept/--average-all",
-                                      help="Where the teachers meet (the classifier), average the teachers whose "
-                                           "channels the student kept (a student of one teacher's channels is that "
-                                           "teacher), or all N as the big student does."),
+    average_kept: bool | None = typer.Option(None, "--average-kept/--average-all",
+                                             help="Where the teachers meet (the classifier), average the teachers "
+                                                  "whose channels the student kept (a student of one teacher's "
+                                                  "channels is that teacher), or all N as the big student does. "
+                                                  "Default: kept teachers unless a gate phase trained the weights."),
     selection: str = typer.Option("gates", "--selection",
                                   help="Which channels compress keeps: 'gates' (learned in the gate phase) or "
                                        "'magnitude' (those the next layers weigh most; with --gate-epochs 0 "

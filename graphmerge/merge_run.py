@@ -321,7 +321,7 @@ class MergeRun:
         if gated is not None:
             keep = "gates" if self.s.selection == "gates" else magnitude_scores(gated)
             student = graphmerge.compress(gated.eval(), keep).to(self.ctx.device)
-            if self.s.average_kept:
+            if self.s.averages_kept:
                 summary["averaged_layers"] = average_kept_teachers(student, gated, teachers, keep)
         else:  # resumed inside fine-tuning: the student has the teachers' class (compress's contract)
             student = copy.deepcopy(teachers[0])

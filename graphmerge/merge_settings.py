@@ -86,8 +86,8 @@ class MergeSettings:
     normalised_groups: str = "block"
     dead_channels: str = "replace"  # "keep": a selection may keep channels that cannot reach the output
     # where the teachers meet (a classifier), average the teachers whose channels the student kept instead
-    # of all N (passes/rebalance.py)
-    average_kept: bool = True
+    # of all N (passes/rebalance.py); None: where no gate phase trained the big student at its 1/N scale
+    average_kept: bool | None = None
     selection: str = "gates"  # "magnitude": keep the channels the next layers weigh most (no gate learning needed)
     gate_trace: int = 10
     strategy: str = "ddp"  # "fsdp": shard the gate phase's big student and the student (graphmerge/sharding.py)
@@ -145,8 +145,9 @@ class MergeSettings:
             raise GraphMergeError(f"unknown selection {self.selection!r}: use 'gates' (the channels the learned gates "
                                   "keep, the paper's method) or 'magnitude' (the channels whose consumers' input "
                                   "weights are largest; with gate_epochs=0 there is no gate phase at all).")
-        if not isinstance(self.average_kept, bool):
-            raise GraphMergeError(f"average_kept must be True or False, got {self.average_kept!r}.")
+        if self.average_kept is not None and not isinstance(self.average_kept, bool):
+            raise GraphMergeError(f"average_kept must be True, False or None (where no gate phase trained the big "
+                                  f"student), got {self.average_kept!r}.")
         for name in ("compile", "preflight"):
             if not isinstance(getattr(self, name), bool):
                 raise GraphMergeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -196,6 +197,14 @@ class MergeSettings:
                                   f"at 1 (--temperature 1).")
         distill_term(self.loss, self.temperature, self.distill_loss)  # a custom loss needs distill_loss
 
+    @property
+    def averages_kept(self) -> bool:
+        """Whether compress's student gets ``average_kept_teachers``: as set, else where no gate phase
+        trained the big student's weights (a phase that did learned its 1/N scale at the classifier)."""
+        if self.average_kept is not None:
+            return self.average_kept
+        return self.gate_epochs == 0
+
     def fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint records (callables by name); resuming compares them. The
         distillation settings are left out while ``distill`` is None, so checkpoints written
@@ -209,7 +218,7 @@ class MergeSettings:
         skipped += ("selection",) if self.selection == "gates" else ()  # the only selection before it existed
         # the behaviour before each existed: checkpoints written before them resume
         skipped += ("dead_channels",) if self.dead_channels == "keep" else ()
-        skipped += ("average_kept",) if not self.average_kept else ()
+        skipped += ("average_kept",) if self.average_kept is None else ()
         skipped += tuple(n for n in OPTIMIZER_SETTINGS if getattr(self, n) is None)  # None: as before they existed
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name not in skipped}

@@ -12,7 +12,9 @@ writes only channels that are gone.
 
 The analysis runs on the teacher graph the coupling analysis labelled (``Layout.nodes``: per node,
 per dimension, each position's group and channel), once per teacher, backwards from the output.
-It is conservative: a node it cannot read (no layout, a node no other reads, such as a buffer update)
+Edges into a shape read (``sym_size`` and kin) carry no values, so a tensor whose size a reshape
+uses is not thereby informed or reaching. It is otherwise conservative: a node it cannot read (no
+layout, a node no other reads, such as a buffer update)
 counts as kept and as reaching the output, and every placeholder (an input, or a parameter where
 the graph holds them as inputs) as informed, so a channel is only called dead when no path can
 carry information through it.
@@ -24,6 +26,7 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from graphmerge.passes.ir import GroupSet, WidenInfo
 
 #: the choices for channels a selection keeps that cannot reach the output
@@ -48,8 +51,11 @@ class _Structure:
     inputs: list[list[int]]
     is_output: np.ndarray
     is_input: np.ndarray
+    shared: np.ndarray  # a pinned group's channels and no widened group's: one tensor all teachers share
     carriers: dict[int, list[int]]  # group -> the nodes with a dimension holding its channels
+    first_computed: dict[int, int]  # group -> the first op (not a parameter) that holds its channels
     closable: list[_Dim]  # the distinct dimensions a selection can empty (no open position)
+    node_closable: list[tuple[int, ...]]  # per node, its dimensions' indices in ``closable``
 
 
 _STRUCTURES: weakref.WeakKeyDictionary[GroupSet, _Structure] = weakref.WeakKeyDictionary()
@@ -60,17 +66,22 @@ def _structure(info: WidenInfo) -> _Structure:
     if cached is not None:
         return cached
     gated = {g.id: g.width for g in info.groups.gated}
+    widened = {g.id for g in info.groups.widened}
     layout = info.groups.layout
     nodes = list(info.groups.graph_module.graph.nodes)
     index = {node: i for i, node in enumerate(nodes)}
     dims: list[tuple[_Dim, ...]] = []
     carriers: dict[int, list[int]] = {}
+    pinned = {g.id for g in info.groups.pinned}
+    shared = np.zeros(len(nodes), dtype=bool)
     for i, node in enumerate(nodes):
-        node_dims = []
+        node_dims, widened_here, pinned_here = [], False, False
         for dim in (layout.nodes.get(node.name) or []) if layout is not None else []:
             if dim is None or len(dim.group) == 0:
                 continue
             groups, channels = np.asarray(dim.group), np.asarray(dim.channel)
+            widened_here |= bool(np.isin(groups, list(widened)).any())
+            pinned_here |= bool(np.isin(groups, list(pinned)).any())
             open_positions = ~np.isin(groups, list(gated))
             parts = []
             for gid in np.unique(groups[~open_positions]).tolist():
@@ -80,16 +91,35 @@ def _structure(info: WidenInfo) -> _Structure:
                 carriers.setdefault(gid, []).append(i)
             node_dims.append(_Dim(tuple(parts), bool(open_positions.any())))
         dims.append(tuple(node_dims))
-    users = [[index[u] for u in node.users if u in index] for node in nodes]
-    inputs = [[index[a] for a in node.all_input_nodes if a in index] for node in nodes]
+        shared[i] = pinned_here and not widened_here
+    shape_reads = {node for node in nodes if _reads_only_a_shape(node)}
+    users = [[index[u] for u in node.users if u in index and u not in shape_reads] for node in nodes]
+    inputs = [[] if node in shape_reads else [index[a] for a in node.all_input_nodes if a in index]
+              for node in nodes]
     is_output = np.array([node.op == "output" for node in nodes])
     is_input = np.array([node.op == "placeholder" for node in nodes])
-    closable = {tuple((gid, None if held is None else tuple(held.tolist())) for gid, held in dim.parts): dim
-                for node_dims in dims for dim in node_dims if not dim.open}
-    structure = _Structure(dims, users, inputs, is_output, is_input,
-                           {g: sorted(set(c)) for g, c in carriers.items()}, list(closable.values()))
+    def key(dim: _Dim) -> tuple:
+        return tuple((gid, None if held is None else tuple(held.tolist())) for gid, held in dim.parts)
+
+    closable = {key(dim): dim for node_dims in dims for dim in node_dims if not dim.open}
+    position = {k: j for j, k in enumerate(closable)}
+    node_closable = [tuple(sorted({position[key(dim)] for dim in node_dims if not dim.open})) for node_dims in dims]
+    carriers = {g: sorted(set(c)) for g, c in carriers.items()}
+    computed = {g: next((i for i in c if nodes[i].op not in ("placeholder", "get_attr")), c[0])
+                for g, c in carriers.items()}
+    structure = _Structure(dims, users, inputs, is_output, is_input, shared, carriers, computed,
+                           list(closable.values()), node_closable)
     _STRUCTURES[info.groups] = structure
     return structure
+
+
+#: ops whose result is a tensor's shape, not its values: no information flows along their input edge
+_SHAPE_OPS = {"aten.sym_size.int", "aten.sym_size.default", "aten.sym_numel.default", "aten.sym_stride.int",
+              "aten.sym_storage_offset.default", "size", "dim"}
+
+
+def _reads_only_a_shape(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and str(node.target) in _SHAPE_OPS
 
 
 def _masks(info: WidenInfo, kept: dict[int, np.ndarray], teacher: int) -> dict[int, np.ndarray]:
@@ -114,46 +144,76 @@ def _emptied(dim: _Dim, masks: dict[int, np.ndarray]) -> bool:
     return True
 
 
-def _live_nodes(structure: _Structure, masks: dict[int, np.ndarray]) -> np.ndarray:
-    """Per node: the teacher's part of it is kept, depends on a graph input and reaches the output."""
-    count = len(structure.dims)
-    kept = np.array([not any(_emptied(dim, masks) for dim in dims) for dims in structure.dims], dtype=bool)
-    informed = np.zeros(count, dtype=bool)
+def _live_nodes(structure: _Structure, masks: list[dict[int, np.ndarray]]) -> list[int]:
+    """Per node, a bit per teacher: the teacher's part of the node is kept, depends on a graph input
+    and reaches the output. A node that holds a pinned group's channels and no widened group's (a
+    pinned group inside the network: widen averages the teachers into it) is one tensor every
+    teacher reads and writes, so it is informed, and reaches the output, for all teachers as soon as
+    it does for one. A node without labels is followed per teacher."""
+    everyone = (1 << len(masks)) - 1
+    dim_bits = [sum(1 << t for t, m in enumerate(masks) if not _emptied(dim, m)) for dim in structure.closable]
+    kept = []
+    for dims in structure.node_closable:
+        bits = everyone
+        for j in dims:
+            bits &= dim_bits[j]
+        kept.append(bits)
+    count = len(kept)
+    informed = [0] * count
     for i in range(count):
-        informed[i] = kept[i] and (structure.is_input[i] or any(informed[a] for a in structure.inputs[i]))
-    reaches = np.zeros(count, dtype=bool)
+        if structure.is_input[i]:
+            bits = kept[i]
+        else:
+            bits = 0
+            for a in structure.inputs[i]:
+                bits |= informed[a]
+            bits &= kept[i]
+        informed[i] = everyone if bits and structure.shared[i] else bits
+    reaches = [0] * count
     for i in range(count - 1, -1, -1):
-        reaches[i] = kept[i] and (structure.is_output[i] or not structure.users[i]
-                                  or any(reaches[u] for u in structure.users[i]))
-    return informed & reaches
+        users = structure.users[i]
+        if structure.is_output[i] or not users:
+            bits = kept[i]
+        else:
+            bits = 0
+            for u in users:
+                bits |= reaches[u]
+            bits &= kept[i]
+        reaches[i] = everyone if bits and structure.shared[i] else bits
+    return [f & r for f, r in zip(informed, reaches, strict=True)]
 
 
-def _reaches(structure: _Structure, masks: dict[int, np.ndarray], gid: int) -> bool:
-    live = _live_nodes(structure, masks)
-    return any(live[i] for i in structure.carriers.get(gid, ()))
+def _all_masks(info: WidenInfo, kept: dict[int, np.ndarray],
+               forced: tuple[int, int] | None = None) -> list[dict[int, np.ndarray]]:
+    masks = [_masks(info, kept, t) for t in range(info.n_teachers)]
+    if forced is not None:
+        gid, teacher = forced
+        masks[teacher][gid] = np.ones(info.widths[gid], dtype=bool)
+    return masks
 
 
 def dead_teachers(info: WidenInfo, kept: dict[int, np.ndarray],
                   only: set[int] | None = None) -> dict[int, set[int]]:
     """Per gated group (of ``only``, default all), the teachers some of whose channels ``kept`` keeps
     there but none of which can carry information to the graph output (groups with none are left
-    out), the groups that first appear latest in the graph first."""
+    out), the groups whose first computing op comes latest in the graph first."""
     structure = _structure(info)
     widths = info.widths
+    masks = _all_masks(info, kept)
+    if not any(_emptied(dim, m) for m in masks for dim in structure.closable):
+        return {}  # the selection removes no teacher's part of any tensor: every kept channel is live
+    live = _live_nodes(structure, masks)
     dead: dict[int, set[int]] = {}
-    for teacher in range(info.n_teachers):
-        masks = _masks(info, kept, teacher)
-        if not any(_emptied(dim, masks) for dim in structure.closable):
-            continue  # the selection removes no part of this teacher anywhere: every kept channel is live
-        live = _live_nodes(structure, masks)
-        for gid, channels in kept.items():
-            if only is not None and gid not in only:
-                continue
-            if gid not in structure.carriers or not np.any(np.asarray(channels) // widths[gid] == teacher):
-                continue
-            if not any(live[i] for i in structure.carriers[gid]):
+    for gid, channels in kept.items():
+        if gid not in structure.carriers or (only is not None and gid not in only):
+            continue
+        carried = 0
+        for i in structure.carriers[gid]:
+            carried |= live[i]
+        for teacher in sorted(set((np.asarray(channels) // widths[gid]).tolist())):
+            if not carried >> teacher & 1:
                 dead.setdefault(gid, set()).add(teacher)
-    return dict(sorted(dead.items(), key=lambda item: -structure.carriers[item[0]][0]))
+    return dict(sorted(dead.items(), key=lambda item: -structure.first_computed[item[0]]))
 
 
 def reachable_teachers(info: WidenInfo, kept: dict[int, np.ndarray], gid: int,
@@ -163,8 +223,7 @@ def reachable_teachers(info: WidenInfo, kept: dict[int, np.ndarray], gid: int,
     structure = _structure(info)
     reachable = set()
     for teacher in sorted(range(info.n_teachers) if teachers is None else teachers):
-        masks = _masks(info, kept, teacher)
-        masks[gid] = np.ones(info.widths[gid], dtype=bool)
-        if _reaches(structure, masks, gid):
+        live = _live_nodes(structure, _all_masks(info, kept, forced=(gid, teacher)))
+        if any(live[i] >> teacher & 1 for i in structure.carriers.get(gid, [])):
             reachable.add(teacher)
     return reachable

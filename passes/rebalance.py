@@ -11,10 +11,12 @@ scale (a language model at temperature N). Fine-tuning has to learn the scale ba
 ``average_kept_teachers`` rewrites each such layer of a compressed student into the mean over S:
 its widened inputs' weights times ``N / |S|`` and its bias the mean of S's own biases, taken from
 the teachers. A selection of one teacher's channels throughout then gives that teacher exactly
-(up to the rounding of ``N · (w / N)``). The student no longer computes what the gated big student
-computes (I3 is certified on compress's result, before this step), so it is a separate step the
-merge recipe takes by default (``MergeSettings.average_kept``): measured on the character LM,
-where a gate phase short enough for a post-hoc budget cannot learn the lost scale back.
+(up to the rounding of ``N · (w / N)``). An averaged output (``Group.averaged``: a non-linear op
+after the last layer, averaged over the teachers' blocks by compress) is left as compress made it.
+The student no longer computes what the gated big student computes (I3 is certified on compress's
+result, before this step), so it is a separate step the merge recipe takes where no gate phase
+trained the big student (``MergeSettings.average_kept``): a gate phase trains the weights at the
+1/N scale as the other teacher's channels close.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.fx
 from graphmerge.passes.compress import student_slots
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.ir import WidenInfo, widen_info
@@ -77,6 +80,11 @@ def average_kept_teachers(student: nn.Module, big: nn.Module, teachers: Sequence
     many teachers it now averages (layers reading every teacher are left as they are)."""
     _, info = widen_info(big)
     n = info.n_teachers
+    if isinstance(student, torch.fx.GraphModule) or not isinstance(student, type(info.teacher)):
+        raise GraphMergeError(f"average_kept_teachers takes a student of the teachers' class "
+                              f"({type(info.teacher).__name__}) that compress(big, keep) returned, got a "
+                              f"{type(student).__name__}; a student compressed with a width ratio has other shapes: "
+                              "rewrite its classifier by hand or compress without ratio.")
     if isinstance(keep, str) and keep == "gates":
         if not hasattr(big, "gate_scores"):
             raise GraphMergeError("keep='gates' needs the gated big student the student was compressed from "
@@ -89,6 +97,7 @@ def average_kept_teachers(student: nn.Module, big: nn.Module, teachers: Sequence
     skipped = set(info.tied_heads) | {alias.rpartition(".")[0] for alias, c in tied.items() if alias != c}
     layout, widened = info.groups.layout, info.widened
     rewritten: dict[str, int] = {}
+    updates: list[tuple[torch.Tensor, torch.Tensor]] = []  # applied once all are computed: none or all
     for name in sorted(averaging_heads(info)):
         layer = name.rpartition(".")[0]
         present = readers.get(layer, set())
@@ -98,15 +107,19 @@ def average_kept_teachers(student: nn.Module, big: nn.Module, teachers: Sequence
         dims, out = layout.params[name], layout.out_dims.get(name)
         widened_dims = [d for d, dim in enumerate(dims) if d != out and dim is not None
                         and np.isin(dim.group, list(widened)).any()]
+        value = tensor.detach()
         if widened_dims:
             for d in widened_dims:
                 groups, _ = student_slots(dims[d], info, kept)
-                factor = torch.where(torch.as_tensor(groups >= 0), n / len(present), 1.0).to(tensor.dtype)
+                factor = torch.where(torch.as_tensor(groups >= 0), n / len(present), 1.0)
                 shape = [1] * tensor.ndim
                 shape[d] = -1
-                tensor.mul_(factor.view(shape))
+                value = value * factor.to(tensor.device, tensor.dtype).view(shape)
         else:
-            own = [getattr_path(teachers[t], name).double() for t in sorted(present)]
-            tensor.copy_(torch.stack(own).mean(0).to(tensor.dtype))
+            own = [getattr_path(teachers[t], name).detach().double().cpu() for t in sorted(present)]
+            value = torch.stack(own).mean(0).to(tensor.device, tensor.dtype)
+        updates.append((tensor, value))
         rewritten[layer] = len(present)
+    for tensor, value in updates:
+        tensor.copy_(value)
     return rewritten

@@ -91,14 +91,16 @@ def _replace_dead(info: WidenInfo, kept: dict[int, np.ndarray], scores: dict[int
     """Swap kept channels that cannot reach the output (``liveness.dead_teachers``) for the best-scored
     channels of teachers that can, in place, until no group changes. Later groups are mended first,
     so a layer follows the teachers its inputs kept (a filter reading only dropped maps is replaced,
-    not the maps it reads), and each group is checked again just before it changes."""
+    not the maps it reads). Dropping a dead channel never makes a live one dead; adding a teacher's
+    channels to a group can revive that teacher elsewhere, so a group whose dead teachers gained
+    channels earlier in the round is checked again before it changes."""
     n = info.n_teachers
     for _ in range(n * len(kept) + 1):
-        changed = False
+        changed, grown = False, set()
         for gid, dead in dead_teachers(info, kept).items():
             if gid in fixed:
                 continue
-            if changed:
+            if dead & grown:
                 dead = dead_teachers(info, kept, only={gid}).get(gid, set())
                 if not dead:
                     continue
@@ -112,7 +114,9 @@ def _replace_dead(info: WidenInfo, kept: dict[int, np.ndarray], scores: dict[int
             adjusted = np.where(np.isin(owner, sorted(usable)), scores[gid], scores[gid] - shift)
             new = _top(adjusted, len(kept[gid]), group.unit)
             if not np.array_equal(new, kept[gid]):
+                before = np.bincount(owner[kept[gid]], minlength=n)
                 kept[gid], changed = new, True
+                grown |= set(np.flatnonzero(np.bincount(owner[new], minlength=n) > before).tolist())
         if not changed:
             return
 

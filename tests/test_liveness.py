@@ -139,3 +139,78 @@ def test_an_unknown_policy_is_refused() -> None:
         select_channels(info, _prenorm_scores(info))
     with pytest.raises(graphmerge.GraphMergeError, match="unknown dead_channels 'sometimes'"):
         MergeSettings(dead_channels="sometimes")
+
+
+class _Opaque(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+
+class PinnedInside(nn.Module):
+    """4 -> A (7) -> P (6, pinned inside: a leaf module the analysis cannot read) -> B (5) -> 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.opaque = nn.Linear(4, 7), nn.Linear(7, 6), _Opaque()
+        self.fc3, self.fc4 = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc4(torch.relu(self.fc3(self.opaque(self.fc2(torch.relu(self.fc1(x)))))))
+
+
+def test_a_group_pinned_inside_is_shared_by_every_teacher() -> None:
+    """Widen averages the teachers into a pinned group, so teacher 1's B reads what teacher 0's A
+    wrote: both stay, and in the student B's channels vary with the input."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    teachers = [PinnedInside().eval() for _ in range(2)]
+    big = graphmerge.widen(teachers, (x,), leaf_modules=("opaque",))
+    info = widen_info(big)[1]
+    assert [g.width for g in info.groups.internal_pinned] == [6]
+    a, b = _group(info, 7), _group(info, 5)
+    scores = {a.id: torch.tensor([1.0] * 7 + [0.0] * 7), b.id: torch.tensor([0.0] * 5 + [1.0] * 5)}
+    kept = select_channels(info, scores)
+    assert kept[a.id].tolist() == list(range(7)) and kept[b.id].tolist() == list(range(5, 10))
+    student = graphmerge.compress(big, scores)
+    with torch.no_grad():
+        hidden = student.fc3(student.opaque(student.fc2(torch.relu(student.fc1(x)))))
+    assert float(hidden.std(0).min()) > 1e-3
+
+
+def test_a_gpt2_student_by_magnitude_is_one_of_its_teachers_exactly() -> None:
+    transformers = pytest.importorskip("transformers")
+    from graphmerge.alternatives import magnitude_scores
+
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    teachers = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        teachers.append(transformers.GPT2LMHeadModel(config).eval())
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    big = graphmerge.widen(teachers, (), example_kwargs={"input_ids": ids})
+    scores = magnitude_scores(big)
+    student = graphmerge.compress(big, scores)
+    assert average_kept_teachers(student, big, teachers, scores) == {}  # a tied head keeps the teacher's scale
+    with torch.no_grad():
+        gaps = [float((student(input_ids=ids).logits - t(input_ids=ids).logits).abs().max()) for t in teachers]
+    assert min(gaps) <= 1e-5 < max(gaps), gaps
+
+
+def test_the_project_tiny_gpt_student_by_magnitude_is_one_of_its_teachers_exactly() -> None:
+    """The chars benchmark's model (RMSNorm stream, rotary attention, untied head): the stream keeps
+    one teacher's block, every other kept channel must be that teacher's, and the head its own."""
+    from graphmerge.alternatives import magnitude_scores
+    from graphmerge.examples.tiny_gpt import TinyGPT
+
+    teachers = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        teachers.append(TinyGPT(vocab_size=20, d_model=16, n_heads=2, n_layers=2, context=8).eval())
+    ids = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(3))
+    big = graphmerge.widen(teachers, (ids,))
+    scores = magnitude_scores(big)
+    student = graphmerge.compress(big, scores)
+    average_kept_teachers(student, big, teachers, scores)
+    with torch.no_grad():
+        gaps = [float((student(ids) - t(ids)).abs().max()) for t in teachers]
+    assert min(gaps) <= 1e-5 < max(gaps), gaps

@@ -7,6 +7,7 @@ Checked against the teachers' own forward and a hand-written two-teacher mean.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -68,3 +69,35 @@ def test_a_selection_reading_every_teacher_is_left_alone() -> None:
     before = {k: v.clone() for k, v in student.state_dict().items()}
     assert average_kept_teachers(student, big, teachers, scores) == {}
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_the_merge_averages_the_kept_teachers_only_where_no_gate_phase_trained_the_weights() -> None:
+    from torch.utils.data import TensorDataset
+
+    from graphmerge.recipe import MergeSettings, merge
+    from tests.models import PreNormBlock
+
+    assert MergeSettings(gate_epochs=0).averages_kept and not MergeSettings(gate_epochs=2).averages_kept
+    assert MergeSettings(gate_epochs=2, average_kept=True).averages_kept
+    assert not MergeSettings(gate_epochs=0, average_kept=False).averages_kept
+    torch.manual_seed(0)
+    teachers = [PreNormBlock().eval() for _ in range(2)]
+    x = torch.randn(16, 5, 4, generator=torch.Generator().manual_seed(1))
+    data = TensorDataset(x, torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2)))
+    result = merge([t for t in teachers], data, selection="magnitude", gate_epochs=0, finetune_epochs=0,
+                   batch_size=8, example_inputs=x[:2], preflight=False)
+    # the stream keeps one teacher's block, its dead heads are replaced, the head averages that teacher only:
+    # the student is one of the teachers, exactly
+    with torch.no_grad():
+        gaps = [float((result.student.eval()(x) - t(x)).abs().max()) for t in teachers]
+    assert min(gaps) <= 1e-6 < max(gaps), gaps
+
+
+def test_a_student_of_another_width_is_refused() -> None:
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    teachers = _teachers(2)
+    big = graphmerge.widen(teachers, x)
+    scores = {g.id: torch.arange(12.0) for g in graphmerge.widen_info(big)[1].groups.gated}
+    narrow = graphmerge.compress(big, scores, ratio=0.75)
+    with pytest.raises(graphmerge.GraphMergeError, match="width ratio"):
+        average_kept_teachers(narrow, big, teachers, scores)

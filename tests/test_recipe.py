@@ -182,7 +182,7 @@ def test_merge_settings_fingerprint_is_the_checkpoint_format():
     """The keys and values a checkpoint records (unchanged since settings were a dict of merge's keyword
     arguments, so older checkpoints still resume; decide_gates, which changed the default gate phase,
     is recorded while it acts, so a checkpoint of the old default is refused rather than continued
-    differently, and so are normalised_groups="block", dead_channels="replace" and average_kept=True);
+    differently, and so are normalised_groups="block" and dead_channels="replace");
     callables by name; run-only settings left out."""
     def my_loss(output, target):
         return (output - target).abs().mean()
@@ -199,7 +199,7 @@ def test_merge_settings_fingerprint_is_the_checkpoint_format():
         "lambda_growth": 0.05, "gate_options": None, "finetune_lr": 0.01, "finetune_momentum": 0.9,
         "finetune_milestones": (3, 4), "finetune_gamma": 0.1, "teacher_epochs": None, "teacher_seeds": None,
         "n_teachers": 2, "teacher_lr": 0.01, "teacher_milestones": None, "seed": 0, "normalised_groups": "block",
-        "dead_channels": "replace", "average_kept": True}
+        "dead_channels": "replace"}
     assert "normalised_groups" not in MergeSettings(normalised_groups="mixed").fingerprint()  # the old selection
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.seed = 3  # type: ignore[misc]
