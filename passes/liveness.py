@@ -11,13 +11,14 @@ teacher's whole block: every attention head and MLP unit kept from the other tea
 writes only channels that are gone.
 
 The analysis runs on the teacher graph the coupling analysis labelled (``Layout.nodes``: per node,
-per dimension, each position's group and channel), once per teacher, backwards from the output.
-Edges into a shape read (``sym_size`` and kin) carry no values, so a tensor whose size a reshape
-uses is not thereby informed or reaching. It is otherwise conservative: a node it cannot read (no
-layout, a node no other reads, such as a buffer update)
-counts as kept and as reaching the output, and every placeholder (an input, or a parameter where
-the graph holds them as inputs) as informed, so a channel is only called dead when no path can
-carry information through it.
+per dimension, each position's group and channel), for all teachers at once (a bit each), forwards
+from the inputs and backwards from the output. Edges into a shape read (``sym_size`` and kin) carry
+no values, so a tensor whose size a reshape uses is not thereby informed or reaching; a tensor an
+in-place op writes (``buf[:] = a``), and the views it is written through, count as informed, since
+their readers see the written values. It is otherwise conservative: a node it cannot read (no
+layout, a node no other reads, such as a buffer update) counts as kept and as reaching the output,
+and every placeholder (an input, or a parameter where the graph holds them as inputs) as informed,
+so a channel is only called dead when no path can carry information through it.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def _structure(info: WidenInfo) -> _Structure:
     inputs = [[] if node in shape_reads else [index[a] for a in node.all_input_nodes if a in index]
               for node in nodes]
     is_output = np.array([node.op == "output" for node in nodes])
-    is_input = np.array([node.op == "placeholder" for node in nodes])
+    written = {base for node in nodes for value in _written_arguments(node) for base in _view_chain(value)}
+    is_input = np.array([node.op == "placeholder" or node in written for node in nodes])
     def key(dim: _Dim) -> tuple:
         return tuple((gid, None if held is None else tuple(held.tolist())) for gid, held in dim.parts)
 
@@ -120,6 +122,32 @@ _SHAPE_OPS = {"aten.sym_size.int", "aten.sym_size.default", "aten.sym_numel.defa
 
 def _reads_only_a_shape(node: torch.fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and str(node.target) in _SHAPE_OPS
+
+
+def _written_arguments(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors an in-place op writes (``copy_``, ``index_put_``, a method ending in ``_``)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op == "call_function" and schema is not None:
+        return [value for argument, value in zip(schema.arguments, node.args, strict=False)
+                if argument.alias_info is not None and argument.alias_info.is_write
+                and isinstance(value, torch.fx.Node)]
+    if node.op == "call_method" and str(node.target).endswith("_") and node.args \
+            and isinstance(node.args[0], torch.fx.Node):
+        return [node.args[0]]
+    return []
+
+
+def _view_chain(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """``node`` and every tensor it is a view of, back to the base (``slice`` of ``zeros``: both)."""
+    chain = [node]
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node):
+        schema = getattr(node.target, "_schema", None)
+        first = schema.arguments[0] if schema is not None and schema.arguments else None
+        if first is None or first.alias_info is None or first.alias_info.is_write:
+            break
+        node = node.args[0]
+        chain.append(node)
+    return chain
 
 
 def _masks(info: WidenInfo, kept: dict[int, np.ndarray], teacher: int) -> dict[int, np.ndarray]:

@@ -214,3 +214,35 @@ def test_the_project_tiny_gpt_student_by_magnitude_is_one_of_its_teachers_exactl
     with torch.no_grad():
         gaps = [float((student(ids) - t(ids)).abs().max()) for t in teachers]
     assert min(gaps) <= 1e-5 < max(gaps), gaps
+
+
+class FilledInPlace(nn.Module):
+    """``buf[:, :] = a`` then a layer reads ``buf``: the data reaches it through an in-place write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa, self.fz, self.fb = nn.Linear(4, 6), nn.Linear(4, 7), nn.Linear(6, 5)
+        self.gz, self.fo = nn.Linear(7, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buf = torch.zeros(x.shape[0], 6)
+        buf[:, :] = torch.relu(self.fa(x))
+        return self.fo(torch.relu(self.fb(buf) + self.gz(torch.relu(self.fz(x)))))
+
+
+def test_a_tensor_filled_in_place_carries_what_was_written() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    teachers = [FilledInPlace().eval() for _ in range(2)]
+    big = graphmerge.widen(teachers, (x,))
+    info = widen_info(big)[1]
+    z, b = _group(info, 7), _group(info, 5)
+    scores = {z.id: torch.tensor([1.0] * 7 + [0.0] * 7), b.id: torch.tensor([0.0] * 5 + [1.0] * 5)}
+    info.dead_channels = "keep"
+    kept = select_channels(info, scores)
+    # teacher 1's fb reads buf, which holds relu(fa(x)): live; teacher 0's z writes only into teacher
+    # 0's part of b, which is dropped: dead
+    assert dead_teachers(info, kept) == {z.id: {0}}
+    info.dead_channels = "replace"
+    kept = select_channels(info, scores)
+    assert kept[b.id].tolist() == list(range(5, 10)) and kept[z.id].tolist() == list(range(7, 14))
