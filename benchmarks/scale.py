@@ -125,25 +125,23 @@ def reset_peak() -> bool:
         return False
 
 
+def _status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in bytes (None where there is no such file or field)."""
+    try:
+        match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
 def peak_rss() -> int:
     """Peak RSS in bytes since the last reset (or since start)."""
-    try:
-        match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss() -> int:
-    try:
-        match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_kb("VmRSS") or 0
 
 
 def state_bytes(module: Any) -> int:
