@@ -26,7 +26,7 @@ from graphmerge.passes.couple import couple
 from graphmerge.passes.gate import GATES, GatedStudent, add_gates
 from graphmerge.passes.ir import GroupSet, WidenInfo, attach_widen_info, widen_info
 from graphmerge.passes.layout import LayoutError
-from graphmerge.passes.selection import select_channels
+from graphmerge.passes.selection import compressed_selection
 from graphmerge.passes.stream import Streamed
 from graphmerge.passes.util import check_teacher_count, getattr_path
 from graphmerge.passes.widen import copy_structure, locate_divergence
@@ -233,15 +233,11 @@ def student_certificate(student: nn.Module) -> Certificate | None:
 def kept_channels(big: nn.Module, keep: Any = "gates") -> dict[int, np.ndarray]:
     """Per widened group, the big student's channels ``compress(big, keep)`` keeps (teacher-major:
     channel ``c`` of teacher ``t`` is ``t * width + c``), sorted; ``keep`` as compress takes it."""
-    _, info = widen_info(big)
-    from_gates = isinstance(keep, str) and keep == "gates"
-    if from_gates and not isinstance(big, GatedStudent):
+    if isinstance(keep, str) and keep == "gates" and not isinstance(big, GatedStudent):
         raise GraphMergeError("kept_channels(big, 'gates') needs a gated big student: call "
                               "graphmerge.add_gates(big) and train its gates first, or pass keep='teacher:0' "
                               "or per-group scores.")
-    scores = big.gate_scores() if from_gates else keep
-    kept = select_channels(info, scores, replace_dead=False if from_gates else None)
-    return {gid: np.sort(np.asarray(k)) for gid, k in kept.items()}
+    return {gid: np.sort(np.asarray(k)) for gid, k in compressed_selection(big, keep).items()}
 
 
 def closed_gates_reference(gated: nn.Module, keep: Any = "gates") -> nn.Module:
@@ -280,12 +276,7 @@ def _closed_gates_reference(big: nn.Module, info: WidenInfo, keep: Any, scales: 
     if averaged:
         return None, (f"group {averaged[0].id} is a graph output after a non-linear op ({averaged[0].reason}); "
                       "the student's last layer averages the teachers before that op, the big student after it")
-    scores = big.gate_scores() if from_gates else keep
-    counts = None
-    if ratio is not None:
-        counts = {g.id: max(1, round(ratio * info.n_teachers * g.width / g.unit)) * g.unit
-                  for g in info.groups.gated}
-    kept = select_channels(info, scores, counts=counts, replace_dead=False if from_gates else None)
+    kept = compressed_selection(big, keep, ratio=ratio)
     mixed = [gid for gid, k in kept.items()
              if len(set((np.asarray(k) // info.widths[gid]).tolist())) > 1]
     normalised = [gid for gid in mixed if gid in info.groups.layout.across_norm]

@@ -20,7 +20,7 @@ from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.gate import GatedStudent
 from graphmerge.passes.ir import DimLayout, WidenInfo, widen_info
 from graphmerge.passes.layout import LayoutError, pieces, student_map, teacher_maps
-from graphmerge.passes.selection import Keep, select_channels
+from graphmerge.passes.selection import Keep, ratio_counts, select_channels
 from graphmerge.passes.util import getattr_path
 from graphmerge.passes.widen import copy_structure, rewrite_aten_sizes, set_tensor, tied_names
 from torch import nn
@@ -97,10 +97,7 @@ def _compress_to_ratio(graph_module: torch.fx.GraphModule, info: WidenInfo, keep
         raise GraphMergeError("a width ratio needs channel scores (a gated big student or per-group scores); "
                               f"keep='{keep}' keeps exactly one teacher's width.")
     n = info.n_teachers
-    counts = {}
-    for group in info.groups.gated:
-        units = max(1, round(ratio * n * group.width / group.unit))
-        counts[group.id] = units * group.unit
+    counts = ratio_counts(info, ratio)
     kept = select_channels(info, keep, counts=counts, replace_dead=replace_dead)
     widths, widened = info.widths, info.widened
     student = copy_structure(info.groups.graph_module)

@@ -47,8 +47,7 @@ class _Dim:
 
 @dataclass(frozen=True)
 class _Structure:
-    dims: list[tuple[_Dim, ...]]  # per node, in topological order
-    users: list[list[int]]
+    users: list[list[int]]  # per node, in topological order
     inputs: list[list[int]]
     is_output: np.ndarray
     is_input: np.ndarray
@@ -100,28 +99,29 @@ def _structure(info: WidenInfo) -> _Structure:
     is_output = np.array([node.op == "output" for node in nodes])
     written = {base for node in nodes for value in _written_arguments(node) for base in _view_chain(value)}
     is_input = np.array([node.op == "placeholder" or node in written for node in nodes])
-    def key(dim: _Dim) -> tuple:
-        return tuple((gid, None if held is None else tuple(held.tolist())) for gid, held in dim.parts)
-
-    closable = {key(dim): dim for node_dims in dims for dim in node_dims if not dim.open}
+    closable = {_dim_key(dim): dim for node_dims in dims for dim in node_dims if not dim.open}
     position = {k: j for j, k in enumerate(closable)}
-    node_closable = [tuple(sorted({position[key(dim)] for dim in node_dims if not dim.open})) for node_dims in dims]
+    node_closable = [tuple(sorted({position[_dim_key(dim)] for dim in node_dims if not dim.open}))
+                     for node_dims in dims]
     carriers = {g: sorted(set(c)) for g, c in carriers.items()}
     computed = {g: next((i for i in c if nodes[i].op not in ("placeholder", "get_attr")), c[0])
                 for g, c in carriers.items()}
-    structure = _Structure(dims, users, inputs, is_output, is_input, shared, carriers, computed,
+    structure = _Structure(users, inputs, is_output, is_input, shared, carriers, computed,
                            list(closable.values()), node_closable)
     _STRUCTURES[info.groups] = structure
     return structure
 
 
-#: ops whose result is a tensor's shape, not its values: no information flows along their input edge
-_SHAPE_OPS = {"aten.sym_size.int", "aten.sym_size.default", "aten.sym_numel.default", "aten.sym_stride.int",
-              "aten.sym_storage_offset.default", "size", "dim"}
+def _dim_key(dim: _Dim) -> tuple:
+    return tuple((gid, None if held is None else tuple(held.tolist())) for gid, held in dim.parts)
 
 
 def _reads_only_a_shape(node: torch.fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and str(node.target) in _SHAPE_OPS
+    """A computed value that is no tensor (``sym_size`` of a tensor, arithmetic on sizes): the analysis
+    gives it no labels either (``registry.propagate_node``). Without a recorded value it counts as data."""
+    value = node.meta.get("val", node)
+    return node.op in ("call_function", "call_method") and value is not node \
+        and not isinstance(value, (torch.Tensor, list, tuple))
 
 
 def _written_arguments(node: torch.fx.Node) -> list[torch.fx.Node]:

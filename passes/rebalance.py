@@ -29,7 +29,7 @@ import torch.fx
 from graphmerge.passes.compress import student_slots
 from graphmerge.passes.errors import GraphMergeError
 from graphmerge.passes.ir import WidenInfo, widen_info
-from graphmerge.passes.selection import Keep, select_channels
+from graphmerge.passes.selection import Keep, compressed_selection
 from graphmerge.passes.util import getattr_path
 from graphmerge.passes.widen import tied_names
 from torch import nn
@@ -55,7 +55,7 @@ def averaging_heads(info: WidenInfo, *, include_averaged: bool = False) -> set[s
     return heads
 
 
-def kept_teachers_by_layer(info: WidenInfo, kept: dict[int, np.ndarray]) -> dict[str, set[int]]:
+def _kept_teachers_by_layer(info: WidenInfo, kept: dict[int, np.ndarray]) -> dict[str, set[int]]:
     """Per averaging layer (its module path): the teachers whose kept channels it reads."""
     layout, widths, widened = info.groups.layout, info.widths, info.widened
     readers: dict[str, set[int]] = {}
@@ -85,14 +85,11 @@ def average_kept_teachers(student: nn.Module, big: nn.Module, teachers: Sequence
                               f"({type(info.teacher).__name__}) that compress(big, keep) returned, got a "
                               f"{type(student).__name__}; a student compressed with a width ratio has other shapes: "
                               "rewrite its classifier by hand or compress without ratio.")
-    if isinstance(keep, str) and keep == "gates":
-        if not hasattr(big, "gate_scores"):
-            raise GraphMergeError("keep='gates' needs the gated big student the student was compressed from "
-                                  "(graphmerge.add_gates(big)); pass that, or the scores compress kept by.")
-        kept = select_channels(info, big.gate_scores(), replace_dead=False)
-    else:
-        kept = select_channels(info, keep)
-    readers = kept_teachers_by_layer(info, kept)
+    if len(teachers) != n:
+        raise GraphMergeError(f"average_kept_teachers needs the {n} teachers the big student was widened from, in "
+                              f"the same order (their biases are averaged); got {len(teachers)}.")
+    kept = compressed_selection(big, keep)
+    readers = _kept_teachers_by_layer(info, kept)
     tied = tied_names(info.groups)
     skipped = set(info.tied_heads) | {alias.rpartition(".")[0] for alias, c in tied.items() if alias != c}
     layout, widened = info.groups.layout, info.widened

@@ -16,7 +16,7 @@ import networkx as nx
 import numpy as np
 import torch
 from graphmerge.passes.errors import GraphMergeError
-from graphmerge.passes.ir import WidenInfo
+from graphmerge.passes.ir import WidenInfo, widen_info
 from graphmerge.passes.liveness import DEAD_CHANNEL_POLICIES, dead_teachers, reachable_teachers
 
 Keep = str | dict[int, Any]
@@ -84,6 +84,26 @@ def select_channels(info: WidenInfo, keep: Keep, *, counts: dict[int, int] | Non
     if info.dead_channels == "replace" if replace_dead is None else replace_dead:
         _replace_dead(info, kept, all_scores, set(blocks))
     return kept
+
+
+def ratio_counts(info: WidenInfo, ratio: float) -> dict[int, int]:
+    """Per gated group, how many big channels a width ``ratio`` of the big student keeps (whole units)."""
+    return {g.id: max(1, round(ratio * info.n_teachers * g.width / g.unit)) * g.unit for g in info.groups.gated}
+
+
+def compressed_selection(big: Any, keep: Keep, *, ratio: float | None = None) -> dict[int, np.ndarray]:
+    """The big channels ``compress(big, keep, ratio=ratio)`` keeps. ``keep="gates"`` reads a gated big
+    student's own gate scores and swaps no dead channel (the student must compute what the gated big
+    student computes, I3); other ``keep`` follow ``WidenInfo.dead_channels``."""
+    _, info = widen_info(big)
+    from_gates = isinstance(keep, str) and keep == "gates"
+    if from_gates:
+        if not hasattr(big, "gate_scores"):
+            raise GraphMergeError("keep='gates' needs a gated big student (graphmerge.add_gates(big)); for a "
+                                  "plain big student pass keep='teacher:K' or per-group scores.")
+        keep = big.gate_scores()
+    counts = None if ratio is None else ratio_counts(info, ratio)
+    return select_channels(info, keep, counts=counts, replace_dead=False if from_gates else None)
 
 
 def _replace_dead(info: WidenInfo, kept: dict[int, np.ndarray], scores: dict[int, np.ndarray],

@@ -101,3 +101,12 @@ def test_a_student_of_another_width_is_refused() -> None:
     narrow = graphmerge.compress(big, scores, ratio=0.75)
     with pytest.raises(graphmerge.GraphMergeError, match="width ratio"):
         average_kept_teachers(narrow, big, teachers, scores)
+
+
+def test_the_wrong_number_of_teachers_is_refused() -> None:
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    teachers = _teachers(2)
+    big = graphmerge.widen(teachers, x)
+    student = graphmerge.compress(big, "teacher:0")
+    with pytest.raises(graphmerge.GraphMergeError, match="needs the 2 teachers"):
+        average_kept_teachers(student, big, teachers[:1], "teacher:0")
